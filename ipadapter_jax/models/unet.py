@@ -1,0 +1,428 @@
+"""UNet2DConditionModel (SD1.x, SD2.x and SDXL topologies) with decoupled image cross-attention.
+
+Built from a diffusers `unet/config.json`; module names follow diffusers so that weight conversion
+is a mechanical table. Activations are NHWC inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
+from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
+from ipadapter_jax.models.image_proj import AdapterConfig, ImageProjection
+from ipadapter_jax.models.layers import Conv2d, GroupNorm, ParamKeys
+from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# diffusers config keys this model does not implement, with the only value it accepts for each.
+_FIXED_KEYS = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "time_embedding_type": "positional",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+}
+# Keys read for information only (they do not change the computation).
+_IGNORED_KEYS = ("sample_size", "addition_embed_type_num_heads")
+
+
+def _per_block(value, n: int, key: str) -> tuple:
+  if isinstance(value, (list, tuple)):
+    if len(value) != n:
+      raise ValueError(f"unet config: '{key}' has {len(value)} entries for {n} down blocks")
+    if any(isinstance(v, (list, tuple)) for v in value):
+      raise ValueError(f"unet config: '{key}' with nested per-layer lists is not supported")
+    return tuple(value)
+  return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The architecture of a UNet2DConditionModel; field names are diffusers' config keys.
+
+  Per-block fields are normalised to tuples with one entry per down block; `num_attention_heads`
+  holds the head count per block (diffusers' legacy `attention_head_dim` means the same thing).
+  """
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
+  transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
+  reverse_transformer_layers_per_block: tuple[int, ...] | None = None
+  num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+  cross_attention_dim: tuple[int, ...] = (768, 768, 768, 768)
+  in_channels: int = 4
+  out_channels: int = 4
+  center_input_sample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1.0
+  resnet_out_scale_factor: float = 1.0
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  use_linear_projection: bool = False
+  upcast_attention: bool = False  # attention logits are always float32 here
+  time_embedding_dim: int | None = None
+  conv_in_kernel: int = 3
+  conv_out_kernel: int = 3
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
+
+  def __post_init__(self):
+    n = len(self.block_out_channels)
+    for key in ("down_block_types", "up_block_types", "layers_per_block",
+                "transformer_layers_per_block", "num_attention_heads", "cross_attention_dim"):
+      if len(getattr(self, key)) != n:
+        raise ValueError(f"unet config: '{key}' needs {n} entries, one per block, "
+                         f"got {getattr(self, key)}")
+    for t in self.down_block_types:
+      if t not in DOWN_BLOCK_TYPES:
+        raise ValueError(f"unet config: 'down_block_types' entry {t!r} is not supported "
+                         f"(supported: {DOWN_BLOCK_TYPES})")
+    for t in self.up_block_types:
+      if t not in UP_BLOCK_TYPES:
+        raise ValueError(f"unet config: 'up_block_types' entry {t!r} is not supported "
+                         f"(supported: {UP_BLOCK_TYPES})")
+    for channels, heads in zip(self.block_out_channels, self.num_attention_heads):
+      if channels % heads:
+        raise ValueError(f"unet config: {channels} channels do not split into {heads} heads "
+                         "('attention_head_dim' / 'num_attention_heads')")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise ValueError(f"unet config: 'addition_embed_type'={self.addition_embed_type!r} is not "
+                       "supported (None or 'text_time')")
+    if self.addition_embed_type == "text_time" and not (
+        self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+      raise ValueError("unet config: 'addition_embed_type'='text_time' needs "
+                       "'addition_time_embed_dim' and 'projection_class_embeddings_input_dim'")
+    if (self.reverse_transformer_layers_per_block is not None
+        and len(self.reverse_transformer_layers_per_block) != n):
+      raise ValueError(f"unet config: 'reverse_transformer_layers_per_block' needs {n} entries")
+    for key in ("conv_in_kernel", "conv_out_kernel"):
+      if getattr(self, key) % 2 != 1:
+        raise ValueError(f"unet config: '{key}' must be odd, got {getattr(self, key)}")
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any]) -> "UNetConfig":
+    """Parses a diffusers `unet/config.json` dict; unknown or unsupported settings raise."""
+    raw = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _IGNORED_KEYS}
+    for key, allowed in _FIXED_KEYS.items():
+      value = raw.pop(key, allowed)
+      if isinstance(allowed, bool) and isinstance(value, (list, tuple)):
+        value = allowed if not any(value) else value
+      if value != allowed:
+        raise ValueError(f"unet config: '{key}'={value!r} is not supported (only {allowed!r})")
+    if "down_block_types" not in raw or "block_out_channels" not in raw:
+      raise ValueError("unet config: 'down_block_types' and 'block_out_channels' are required")
+    n = len(raw["down_block_types"])
+    heads = raw.pop("num_attention_heads", None)
+    head_dim = raw.pop("attention_head_dim", 8)
+    # diffusers' legacy naming: attention_head_dim gives the number of heads when
+    # num_attention_heads is absent (SD1.5's "attention_head_dim": 8 means 8 heads).
+    raw["num_attention_heads"] = heads if heads is not None else head_dim
+    raw["upcast_attention"] = bool(raw.get("upcast_attention"))  # SDXL writes null
+    raw.setdefault("cross_attention_dim", 1280)
+    raw.setdefault("layers_per_block", 2)
+    raw.setdefault("transformer_layers_per_block", 1)
+    for key in ("num_attention_heads", "cross_attention_dim", "layers_per_block",
+                "transformer_layers_per_block"):
+      raw[key] = _per_block(raw[key], n, key)
+    for key in ("block_out_channels", "down_block_types", "up_block_types",
+                "reverse_transformer_layers_per_block"):
+      if raw.get(key) is not None:
+        raw[key] = _per_block(raw[key], n, key)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+      raise ValueError(f"unet config: unknown key '{unknown[0]}'"
+                       + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return cls(**raw)
+
+  def to_diffusers(self) -> dict[str, Any]:
+    """A diffusers `config.json` dict describing this architecture."""
+    out = {"_class_name": "UNet2DConditionModel", **_FIXED_KEYS}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      out[field.name] = list(value) if isinstance(value, tuple) else value
+    out["attention_head_dim"] = out.pop("num_attention_heads")  # diffusers refuses the new name
+    return out
+
+  @property
+  def time_embed_dim(self) -> int:
+    return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+
+class DownBlock(nnx.Module):
+  """diffusers' CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, attention: dict | None,
+               add_downsample: bool, downsample_padding: int, resnet: dict, rngs: nnx.Rngs):
+    self.resnets = nnx.List([
+        ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, rngs=rngs, **resnet)
+        for j in range(num_layers)])
+    self.attentions = None if attention is None else nnx.List([
+        Transformer2DModel(out_channels, rngs=rngs, **attention) for _ in range(num_layers)])
+    self.downsamplers = nnx.List([Downsample2D(
+        out_channels, padding=downsample_padding, dtype=resnet["dtype"],
+        param_dtype=resnet["param_dtype"], rngs=rngs)]) if add_downsample else None
+
+  def __call__(self, x_BHWC, temb_BE, context_BSD, image_prompt):
+    skips = []
+    for j, resnet in enumerate(self.resnets):
+      x_BHWC = resnet(x_BHWC, temb_BE)
+      if self.attentions is not None:
+        x_BHWC = self.attentions[j](x_BHWC, context_BSD, image_prompt)
+      skips.append(x_BHWC)
+    if self.downsamplers is not None:
+      x_BHWC = self.downsamplers[0](x_BHWC)
+      skips.append(x_BHWC)
+    return x_BHWC, skips
+
+
+class MidBlock(nnx.Module):
+  """diffusers' UNetMidBlock2DCrossAttn: resnet, then (attention, resnet) pairs."""
+
+  def __init__(self, channels: int, *, attention: dict, resnet: dict, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, rngs=rngs, **resnet)
+                             for _ in range(2)])
+    self.attentions = nnx.List([Transformer2DModel(channels, rngs=rngs, **attention)])
+
+  def __call__(self, x_BHWC, temb_BE, context_BSD, image_prompt):
+    x_BHWC = self.resnets[0](x_BHWC, temb_BE)
+    for attention, resnet in zip(self.attentions, self.resnets[1:]):
+      x_BHWC = resnet(attention(x_BHWC, context_BSD, image_prompt), temb_BE)
+    return x_BHWC
+
+
+class UpBlock(nnx.Module):
+  """diffusers' CrossAttnUpBlock2D (with `attentions`) or UpBlock2D; each resnet eats one skip."""
+
+  def __init__(self, in_channels: int, prev_channels: int, out_channels: int, *, num_layers: int,
+               attention: dict | None, add_upsample: bool, resnet: dict, rngs: nnx.Rngs):
+    def resnet_in(j):
+      skip = in_channels if j == num_layers - 1 else out_channels
+      return (prev_channels if j == 0 else out_channels) + skip
+    self.resnets = nnx.List([ResnetBlock2D(resnet_in(j), out_channels, rngs=rngs, **resnet)
+                             for j in range(num_layers)])
+    self.attentions = None if attention is None else nnx.List([
+        Transformer2DModel(out_channels, rngs=rngs, **attention) for _ in range(num_layers)])
+    self.upsamplers = nnx.List([Upsample2D(
+        out_channels, dtype=resnet["dtype"], param_dtype=resnet["param_dtype"],
+        rngs=rngs)]) if add_upsample else None
+
+  def __call__(self, x_BHWC, skips, temb_BE, context_BSD, image_prompt, upsample_size=None):
+    for j, resnet in enumerate(self.resnets):
+      x_BHWC = resnet(jnp.concatenate([x_BHWC, skips[-1 - j]], axis=-1), temb_BE)
+      if self.attentions is not None:
+        x_BHWC = self.attentions[j](x_BHWC, context_BSD, image_prompt)
+    if self.upsamplers is not None:
+      x_BHWC = self.upsamplers[0](x_BHWC, upsample_size)
+    return x_BHWC
+
+
+class UNet2DConditionModel(nnx.Module):
+  """The Stable Diffusion noise predictor; with `adapter` it also owns the IP-Adapter weights.
+
+  The adapter (image projection plus to_k_ip/to_v_ip in every cross-attention layer) is stored as
+  `AdapterParam`, the rest as `nnx.Param`. `dtype` is the compute dtype, `param_dtype` that of the
+  base weights; adapter weights are always float32.
+  """
+
+  def __init__(self, config: UNetConfig, *, adapter: AdapterConfig | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_implementation: str | None = None, rngs: nnx.Rngs):
+    cfg = config
+    rngs = ParamKeys(rngs)
+    self.config = cfg
+    self.adapter_config = adapter
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    c0, n = cfg.block_out_channels[0], len(cfg.block_out_channels)
+    image_context_dim = None
+    if adapter is not None:
+      if len(set(cfg.cross_attention_dim)) != 1:
+        raise ValueError("an IP-Adapter needs one cross_attention_dim for every block, "
+                         f"got {cfg.cross_attention_dim}")
+      image_context_dim = cfg.cross_attention_dim[0]
+    resnet = dict(temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                  output_scale_factor=cfg.resnet_out_scale_factor, **kw)
+
+    def attention(block: int, channels: int, layers: int) -> dict:
+      heads = cfg.num_attention_heads[block]
+      return dict(heads=heads, head_dim=channels // heads,
+                  context_dim=cfg.cross_attention_dim[block], num_layers=layers,
+                  norm_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
+                  image_context_dim=image_context_dim, implementation=attention_implementation,
+                  **kw)
+
+    self.conv_in = Conv2d(cfg.in_channels, c0, cfg.conv_in_kernel,
+                          padding=cfg.conv_in_kernel // 2, rngs=rngs, **kw)
+    self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, rngs=rngs, **kw)
+    self.add_embedding = TimestepEmbedding(
+        cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim, rngs=rngs,
+        **kw) if cfg.addition_embed_type == "text_time" else None
+
+    down_blocks, out_ch = [], c0
+    for i, block_type in enumerate(cfg.down_block_types):
+      in_ch, out_ch = out_ch, cfg.block_out_channels[i]
+      attn = (attention(i, out_ch, cfg.transformer_layers_per_block[i])
+              if block_type == "CrossAttnDownBlock2D" else None)
+      down_blocks.append(DownBlock(
+          in_ch, out_ch, num_layers=cfg.layers_per_block[i], attention=attn,
+          add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding, resnet=resnet,
+          rngs=rngs))
+    self.down_blocks = nnx.List(down_blocks)
+
+    mid_resnet = dict(resnet, output_scale_factor=cfg.mid_block_scale_factor)
+    self.mid_block = MidBlock(
+        cfg.block_out_channels[-1],
+        attention=attention(n - 1, cfg.block_out_channels[-1], cfg.transformer_layers_per_block[-1]),
+        resnet=mid_resnet, rngs=rngs)
+
+    rev_channels = cfg.block_out_channels[::-1]
+    rev_transformer_layers = (cfg.reverse_transformer_layers_per_block
+                              or cfg.transformer_layers_per_block[::-1])
+    up_blocks, out_ch = [], rev_channels[0]
+    for i, block_type in enumerate(cfg.up_block_types):
+      prev_ch, out_ch = out_ch, rev_channels[i]
+      in_ch = rev_channels[min(i + 1, n - 1)]
+      block = n - 1 - i  # the down block at the same resolution (for per-block settings)
+      attn = (attention(block, out_ch, rev_transformer_layers[i])
+              if block_type == "CrossAttnUpBlock2D" else None)
+      up_blocks.append(UpBlock(
+          in_ch, prev_ch, out_ch, num_layers=cfg.layers_per_block[block] + 1, attention=attn,
+          add_upsample=i < n - 1, resnet=resnet, rngs=rngs))
+    self.up_blocks = nnx.List(up_blocks)
+
+    self.conv_norm_out = GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps, **kw)
+    self.conv_out = Conv2d(c0, cfg.out_channels, cfg.conv_out_kernel,
+                           padding=cfg.conv_out_kernel // 2, rngs=rngs, **kw)
+
+    self.image_proj = ImageProjection(
+        adapter.embed_dim, image_context_dim, adapter.num_tokens, dtype=dtype,
+        rngs=rngs) if adapter is not None else None
+    for index, layer in enumerate(self.decoupled_layers()):
+      layer.ip_index = index
+    self.dtype = dtype
+
+  def reset_adapter(self, rngs: nnx.Rngs):
+    """The training initialisation: a fresh projection; to_k_ip/to_v_ip copy each to_k/to_v."""
+    if self.image_proj is None:
+      raise ValueError("this UNet was built without an adapter")
+    fresh = ImageProjection(self.adapter_config.embed_dim, self.config.cross_attention_dim[0],
+                            self.adapter_config.num_tokens, dtype=self.dtype, rngs=rngs)
+    nnx.update(self.image_proj, nnx.state(fresh))
+    for layer in self.decoupled_layers():
+      layer.to_k_ip.kernel.set_value(jnp.asarray(layer.to_k.kernel[...], jnp.float32))
+      layer.to_v_ip.kernel.set_value(jnp.asarray(layer.to_v.kernel[...], jnp.float32))
+
+  def cross_attention_layers(self) -> list[Attention]:
+    """Every attn2, in the official checkpoint's order: down blocks, then up blocks, then mid."""
+    blocks = [*self.down_blocks, *self.up_blocks, self.mid_block]
+    return [transformer.attn2
+            for block in blocks if block.attentions is not None
+            for attention in block.attentions
+            for transformer in attention.transformer_blocks]
+
+  def decoupled_layers(self) -> list[Attention]:
+    """The cross-attention layers that carry to_k_ip/to_v_ip (all of them, with an adapter)."""
+    return [layer for layer in self.cross_attention_layers() if layer.to_k_ip is not None]
+
+  def encode_image_prompt(self, image_embeds_BE, scale=1.0) -> ImagePrompt:
+    """Image embeddings -> image tokens -> every layer's keys/values; once per generation.
+
+    `scale` is a scalar or one value per decoupled layer (checkpoint order).
+    """
+    if self.image_proj is None:
+      raise ValueError("this UNet was built without an adapter: no image prompt can be used")
+    tokens_BNC = self.image_proj(image_embeds_BE.astype(self.dtype))
+    layers = self.decoupled_layers()
+    return ImagePrompt(kv=tuple(layer.image_kv(tokens_BNC) for layer in layers),
+                       scale=self._layer_scales(scale, len(layers)))
+
+  @staticmethod
+  def _layer_scales(scale, num_layers: int):
+    scale = jnp.asarray(scale, jnp.float32)
+    if scale.shape not in ((), (num_layers,)):
+      raise ValueError(f"adapter scale must be a scalar or have {num_layers} entries "
+                       f"(one per cross-attention layer), got shape {scale.shape}")
+    return jnp.broadcast_to(scale, (num_layers,))
+
+  def __call__(self, sample, timesteps, encoder_hidden_states, *, image_embeds=None,
+               ip_scale=1.0, image_prompt: ImagePrompt | None = None, text_embeds=None,
+               time_ids=None, layout: str = "NHWC"):
+    """Predicts the noise (or v) for `sample` at `timesteps`.
+
+    Args:
+      sample: latents [B, H, W, C], or [B, C, H, W] (diffusers' layout) with layout="NCHW";
+        the output has the same layout.
+      timesteps: a scalar or [B], integer or fractional.
+      encoder_hidden_states: text tokens [B, S, D].
+      image_embeds: CLIP image embeddings [B, E] for the adapter (the image tokens the official
+        implementation appends after the text tokens), or None for the base model.
+      ip_scale: adapter scale, a scalar or one value per cross-attention layer in checkpoint
+        order; traced, so changing it never recompiles.
+      image_prompt: precomputed `encode_image_prompt(...)` output, instead of image_embeds.
+      text_embeds, time_ids: SDXL's pooled text embedding [B, P] and size/crop ids [B, 6].
+    """
+    if layout not in ("NHWC", "NCHW"):
+      raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    if image_embeds is not None:
+      if image_prompt is not None:
+        raise ValueError("pass either image_embeds or image_prompt, not both")
+      image_prompt = self.encode_image_prompt(image_embeds, ip_scale)
+    cfg = self.config
+    x_BHWC = jnp.transpose(sample, (0, 2, 3, 1)) if layout == "NCHW" else sample
+    B = x_BHWC.shape[0]
+    context_BSD = encoder_hidden_states.astype(self.dtype)
+
+    t_B = jnp.broadcast_to(jnp.asarray(timesteps), (B,))
+    feats_BF = timestep_features(t_B, cfg.block_out_channels[0],
+                                 flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    temb_BE = self.time_embedding(feats_BF.astype(self.dtype))
+    if self.add_embedding is not None:
+      if text_embeds is None or time_ids is None:
+        raise ValueError("this UNet uses SDXL conditioning: pass text_embeds and time_ids")
+      time_feats = timestep_features(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     freq_shift=cfg.freq_shift).reshape(B, -1)
+      added = jnp.concatenate([text_embeds.astype(self.dtype), time_feats.astype(self.dtype)], -1)
+      temb_BE = temb_BE + self.add_embedding(added)
+
+    if cfg.center_input_sample:
+      x_BHWC = 2 * x_BHWC - 1.0
+    x_BHWC = self.conv_in(x_BHWC.astype(self.dtype))
+    skips = [x_BHWC]
+    for block in self.down_blocks:
+      x_BHWC, block_skips = block(x_BHWC, temb_BE, context_BSD, image_prompt)
+      skips += block_skips
+    x_BHWC = self.mid_block(x_BHWC, temb_BE, context_BSD, image_prompt)
+    for block in self.up_blocks:
+      used = len(block.resnets)
+      block_skips, skips = skips[-used:], skips[:-used]
+      size = skips[-1].shape[1:3] if skips else None  # the next resolution up, even for odd sizes
+      x_BHWC = block(x_BHWC, block_skips, temb_BE, context_BSD, image_prompt, size)
+    out = self.conv_out(jax.nn.silu(self.conv_norm_out(x_BHWC)))
+    return jnp.transpose(out, (0, 3, 1, 2)) if layout == "NCHW" else out

@@ -1,0 +1,149 @@
+"""Reading weight files and strict, table-driven loading of diffusers UNet folders."""
+
+import copy
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import jax.numpy as jnp
+import pytest
+import torch
+from flax import nnx
+from safetensors.torch import save_file
+
+from ipadapter_jax.models import AdapterConfig
+from ipadapter_jax.weights import (CheckpointError, adapter_config_of, ip_adapter_state_dict,
+                                   load_ip_adapter, load_unet, read_ip_adapter)
+from ipadapter_jax.weights.diffusers import unet_torch_name
+from ipadapter_jax.weights.files import read_safetensors
+from tests import torch_reference as ref
+
+KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _params(model):
+  return {unet_torch_name(path): np.asarray(v.get_value())
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _edited_folder(tmp_path, source, edit):
+  folder = tmp_path / "unet"
+  shutil.copytree(source, folder)
+  path = folder / "diffusion_pytorch_model.safetensors"
+  state = {k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(str(path)).items()}
+  edit(state)
+  save_file(state, str(path))
+  return str(folder)
+
+
+def test_missing_key_is_named(unet_folders, tmp_path):
+  folder = _edited_folder(tmp_path, unet_folders["sd15"][1], lambda s: s.pop(KEY))
+  with pytest.raises(CheckpointError, match=f"missing key '{KEY}'.*expected shape"):
+    load_unet(folder)
+
+
+def test_unexpected_key_is_named(unet_folders, tmp_path):
+  extra = "down_blocks.0.attentions.0.something_new.weight"
+  folder = _edited_folder(tmp_path, unet_folders["sd15"][1],
+                          lambda s: s.__setitem__(extra, torch.zeros(3)))
+  with pytest.raises(CheckpointError, match=f"unexpected key '{extra}'"):
+    load_unet(folder)
+
+
+def test_wrong_shape_is_named(unet_folders, tmp_path):
+  folder = _edited_folder(tmp_path, unet_folders["sd15"][1],
+                          lambda s: s.__setitem__(KEY, torch.zeros(32, 31)))
+  with pytest.raises(CheckpointError, match=rf"key '{KEY}' has shape \[32, 31\], expected \[32, 32\]"):
+    load_unet(folder)
+
+
+def test_truncated_file_is_reported(unet_folders, tmp_path):
+  folder = tmp_path / "unet"
+  shutil.copytree(unet_folders["sd15"][1], folder)
+  path = folder / "diffusion_pytorch_model.safetensors"
+  os.truncate(path, os.path.getsize(path) - 100)
+  with pytest.raises(CheckpointError, match="truncated file"):
+    load_unet(str(folder))
+
+
+def test_missing_weights_are_reported(unet_folders, tmp_path):
+  folder = tmp_path / "unet"
+  folder.mkdir()
+  shutil.copy(os.path.join(unet_folders["sd15"][1], "config.json"), folder)
+  with pytest.raises(CheckpointError, match="no weights found"):
+    load_unet(str(folder))
+
+
+@pytest.mark.parametrize("save_kwargs", [
+    dict(variant="fp16"), dict(max_shard_size="40KB"), dict(safe_serialization=False),
+    dict(safe_serialization=False, max_shard_size="40KB")])
+def test_variants_shards_and_bin_files(unet_folders, tmp_path, save_kwargs):
+  torch_unet = unet_folders["sd15"][0]
+  source = copy.deepcopy(torch_unet).half() if "variant" in save_kwargs else torch_unet
+  source.save_pretrained(tmp_path, **save_kwargs)
+  files = os.listdir(tmp_path)
+  if "max_shard_size" in save_kwargs:
+    assert any(f.endswith(".index.json") for f in files), files
+  model = load_unet(str(tmp_path), variant=save_kwargs.get("variant"))
+  expected = _params(load_unet(unet_folders["sd15"][1]))
+  for name, value in _params(model).items():
+    tol = 1e-3 * max(1.0, np.abs(expected[name]).max()) if "variant" in save_kwargs else 0
+    np.testing.assert_allclose(value, expected[name], atol=tol, err_msg=name)
+
+
+def test_whole_pipeline_folder_and_dtype(unet_folders, tmp_path):
+  pipeline = tmp_path / "pipeline"
+  shutil.copytree(unet_folders["sd15"][1], pipeline / "unet")
+  (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+  model = load_unet(str(pipeline), param_dtype=jnp.bfloat16)
+  dtypes = {v.dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  out = model(jnp.ones((1, 8, 8, 4)), 5, jnp.ones((1, 3, 32)))
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+def test_bfloat16_safetensors_read_without_torch_conversion(tmp_path):
+  value = torch.randn(5, 3, dtype=torch.bfloat16)
+  save_file({"w": value, "i": torch.arange(4)}, str(tmp_path / "x.safetensors"))
+  loaded = read_safetensors(str(tmp_path / "x.safetensors"))
+  assert loaded["w"].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(loaded["w"].astype(np.float32), value.float().numpy())
+  np.testing.assert_array_equal(loaded["i"], np.arange(4))
+
+
+def test_official_adapter_files_round_trip(unet_folders, tmp_path):
+  torch_unet, folder = unet_folders["sd15"]
+  official = ref.official_adapter(torch_unet, 4, 24, seed=1)
+  torch.save(official, tmp_path / "ip.bin")
+  flat = {f"{s}.{k}": v for s, d in official.items() for k, v in d.items()}
+  save_file(flat, str(tmp_path / "ip.safetensors"))
+  numpy_flat = ref.to_numpy(flat)
+  assert adapter_config_of(numpy_flat, 32) == AdapterConfig(num_tokens=4, embed_dim=24)
+  for name in ("ip.bin", "ip.safetensors"):
+    model = load_unet(folder, adapter=AdapterConfig(4, 24))
+    load_ip_adapter(model, str(tmp_path / name))
+    exported = ip_adapter_state_dict(model)
+    assert exported.keys() == numpy_flat.keys()
+    for key, value in numpy_flat.items():
+      np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  assert read_ip_adapter(str(tmp_path / "ip.bin")).keys() == numpy_flat.keys()
+
+
+def test_adapter_that_does_not_fit_names_the_key(unet_folders):
+  torch_unet, folder = unet_folders["sd15"]
+  official = ref.to_numpy(ref.official_adapter(torch_unet, 4, 24, seed=1))
+  model = load_unet(folder, adapter=AdapterConfig(4, 24))
+  extra = {**official, "ip_adapter": {**official["ip_adapter"], "99.to_k_ip.weight": np.zeros((2, 2))}}
+  with pytest.raises(CheckpointError, match="unexpected key 'ip_adapter.99.to_k_ip.weight'"):
+    load_ip_adapter(model, extra)
+  missing = {**official, "ip_adapter": dict(official["ip_adapter"])}
+  del missing["ip_adapter"]["3.to_v_ip.weight"]
+  with pytest.raises(CheckpointError, match="missing key 'ip_adapter.3.to_v_ip.weight'"):
+    load_ip_adapter(model, missing)
+  wrong_c = load_unet(folder, adapter=AdapterConfig(4, 25))
+  with pytest.raises(CheckpointError, match="key 'image_proj.proj.weight' has shape"):
+    load_ip_adapter(wrong_c, official)
+  with pytest.raises(CheckpointError, match="unexpected key 'text_encoder.x'"):
+    load_ip_adapter(model, {"text_encoder.x": np.zeros(1)})

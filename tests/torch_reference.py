@@ -44,7 +44,7 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
       owner, _, leaf = name.rpartition(".")
       if owner in norms and leaf == "weight":
         p.copy_(1.0 + 0.1 * noise)
-      elif p.ndim == 1:
+      elif p.ndim <= 1:
         p.copy_(0.1 * noise)
       else:
         p.copy_(noise / math.sqrt(p[0].numel()))
@@ -101,3 +101,14 @@ def assert_close(actual, expected, *, rel: float = 2e-5, atol_cap: float = 1e-4)
   scale = float(np.max(np.abs(expected)))
   assert err <= min(rel * max(scale, 1.0), atol_cap), f"max abs error {err:.3g} (output scale {scale:.3g})"
   return err
+
+
+TEXT_LIKE = dict(vocab_size=140, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                 eos_token_id=1, pad_token_id=1, projection_dim=20)
+VISION_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=30, patch_size=6, projection_dim=24, hidden_act="gelu")
+VAE_LIKE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                latent_channels=4)
+WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "background", "photo", "of"]

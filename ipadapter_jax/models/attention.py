@@ -26,13 +26,15 @@ class ImagePrompt(NamedTuple):
   scale: jax.Array
 
 
-def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None):
+def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, *,
+                          is_causal: bool = False):
   """softmax(q k^T / sqrt(K)) v; logits and softmax are float32 whatever the input dtype.
 
   Every attention of the project goes through here, so switching to the cuDNN kernel
   (`implementation="cudnn"`, bf16/fp16 on NVIDIA GPUs) is one argument.
   """
-  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation=implementation)
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=is_causal,
+                                     implementation=implementation)
 
 
 class Attention(nnx.Module):

@@ -60,10 +60,11 @@ class Conv2d(nnx.Module):
   """2-D convolution over NHWC inputs with an HWIO kernel and symmetric zero padding."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               padding: int = 0, use_bias: bool = True, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = nnx.Param(_torch_default_init(rngs.params(), shape, param_dtype))
-    self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
     self.stride = stride
     self.padding = padding
     self.dtype = dtype
@@ -74,7 +75,20 @@ class Conv2d(nnx.Module):
         window_strides=(self.stride, self.stride),
         padding=((self.padding, self.padding), (self.padding, self.padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.bias[...].astype(self.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table [num_embeddings, features] (PyTorch's nn.Embedding, same layout)."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features),
+                                                 param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 def _normalise(x, axes, eps):

@@ -10,23 +10,28 @@ from ipadapter_jax.models.layers import Conv2d, GroupNorm, Linear
 
 
 class ResnetBlock2D(nnx.Module):
-  """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-conv, + (shortcut) input."""
+  """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-conv, + (shortcut) input.
 
-  def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int,
+  With `temb_channels=None` (the VAE) there is no time embedding.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
                eps: float, output_scale_factor: float = 1.0, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, rngs=rngs, **kw)
-    self.time_emb_proj = Linear(temb_channels, out_channels, rngs=rngs, **kw)
+    self.time_emb_proj = (Linear(temb_channels, out_channels, rngs=rngs, **kw)
+                          if temb_channels is not None else None)
     self.norm2 = GroupNorm(groups, out_channels, eps=eps, **kw)
     self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, rngs=rngs, **kw)
     self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, rngs=rngs, **kw)
                           if in_channels != out_channels else None)
     self.output_scale_factor = output_scale_factor
 
-  def __call__(self, x_BHWC, temb_BE):
+  def __call__(self, x_BHWC, temb_BE=None):
     h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
-    h = h + self.time_emb_proj(jax.nn.silu(temb_BE))[:, None, None, :]
+    if self.time_emb_proj is not None:
+      h = h + self.time_emb_proj(jax.nn.silu(temb_BE))[:, None, None, :]
     h = self.conv2(jax.nn.silu(self.norm2(h)))
     skip = x_BHWC if self.conv_shortcut is None else self.conv_shortcut(x_BHWC)
     out = skip + h

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.image_proj import AdapterConfig, ImageProjection
@@ -48,12 +49,12 @@ _FIXED_KEYS = {
 _IGNORED_KEYS = ("sample_size", "addition_embed_type_num_heads")
 
 
-def _per_block(value, n: int, key: str) -> tuple:
+def _per_block(value, n: int, key: str, source: str) -> tuple:
   if isinstance(value, (list, tuple)):
     if len(value) != n:
-      raise ValueError(f"unet config: '{key}' has {len(value)} entries for {n} down blocks")
+      raise ValueError(f"{source}: '{key}' has {len(value)} entries for {n} down blocks")
     if any(isinstance(v, (list, tuple)) for v in value):
-      raise ValueError(f"unet config: '{key}' with nested per-layer lists is not supported")
+      raise ValueError(f"{source}: '{key}' with nested per-layer lists is not supported")
     return tuple(value)
   return (value,) * n
 
@@ -97,46 +98,40 @@ class UNetConfig:
     for key in ("down_block_types", "up_block_types", "layers_per_block",
                 "transformer_layers_per_block", "num_attention_heads", "cross_attention_dim"):
       if len(getattr(self, key)) != n:
-        raise ValueError(f"unet config: '{key}' needs {n} entries, one per block, "
+        raise ValueError(f"'{key}' needs {n} entries, one per block, "
                          f"got {getattr(self, key)}")
     for t in self.down_block_types:
       if t not in DOWN_BLOCK_TYPES:
-        raise ValueError(f"unet config: 'down_block_types' entry {t!r} is not supported "
+        raise ValueError(f"'down_block_types' entry {t!r} is not supported "
                          f"(supported: {DOWN_BLOCK_TYPES})")
     for t in self.up_block_types:
       if t not in UP_BLOCK_TYPES:
-        raise ValueError(f"unet config: 'up_block_types' entry {t!r} is not supported "
+        raise ValueError(f"'up_block_types' entry {t!r} is not supported "
                          f"(supported: {UP_BLOCK_TYPES})")
     for channels, heads in zip(self.block_out_channels, self.num_attention_heads):
       if channels % heads:
-        raise ValueError(f"unet config: {channels} channels do not split into {heads} heads "
+        raise ValueError(f"{channels} channels do not split into {heads} heads "
                          "('attention_head_dim' / 'num_attention_heads')")
     if self.addition_embed_type not in (None, "text_time"):
-      raise ValueError(f"unet config: 'addition_embed_type'={self.addition_embed_type!r} is not "
+      raise ValueError(f"'addition_embed_type'={self.addition_embed_type!r} is not "
                        "supported (None or 'text_time')")
     if self.addition_embed_type == "text_time" and not (
         self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
-      raise ValueError("unet config: 'addition_embed_type'='text_time' needs "
+      raise ValueError("'addition_embed_type'='text_time' needs "
                        "'addition_time_embed_dim' and 'projection_class_embeddings_input_dim'")
     if (self.reverse_transformer_layers_per_block is not None
         and len(self.reverse_transformer_layers_per_block) != n):
-      raise ValueError(f"unet config: 'reverse_transformer_layers_per_block' needs {n} entries")
+      raise ValueError(f"'reverse_transformer_layers_per_block' needs {n} entries")
     for key in ("conv_in_kernel", "conv_out_kernel"):
       if getattr(self, key) % 2 != 1:
-        raise ValueError(f"unet config: '{key}' must be odd, got {getattr(self, key)}")
+        raise ValueError(f"'{key}' must be odd, got {getattr(self, key)}")
 
   @classmethod
-  def from_diffusers(cls, raw: dict[str, Any]) -> "UNetConfig":
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "unet config") -> "UNetConfig":
     """Parses a diffusers `unet/config.json` dict; unknown or unsupported settings raise."""
     raw = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _IGNORED_KEYS}
-    for key, allowed in _FIXED_KEYS.items():
-      value = raw.pop(key, allowed)
-      if isinstance(allowed, bool) and isinstance(value, (list, tuple)):
-        value = allowed if not any(value) else value
-      if value != allowed:
-        raise ValueError(f"unet config: '{key}'={value!r} is not supported (only {allowed!r})")
-    if "down_block_types" not in raw or "block_out_channels" not in raw:
-      raise ValueError("unet config: 'down_block_types' and 'block_out_channels' are required")
+    check_fixed(raw, _FIXED_KEYS, source)
+    require(raw, ("down_block_types", "block_out_channels"), source)
     n = len(raw["down_block_types"])
     heads = raw.pop("num_attention_heads", None)
     head_dim = raw.pop("attention_head_dim", 8)
@@ -149,17 +144,16 @@ class UNetConfig:
     raw.setdefault("transformer_layers_per_block", 1)
     for key in ("num_attention_heads", "cross_attention_dim", "layers_per_block",
                 "transformer_layers_per_block"):
-      raw[key] = _per_block(raw[key], n, key)
+      raw[key] = _per_block(raw[key], n, key, source)
     for key in ("block_out_channels", "down_block_types", "up_block_types",
                 "reverse_transformer_layers_per_block"):
       if raw.get(key) is not None:
-        raw[key] = _per_block(raw[key], n, key)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-      raise ValueError(f"unet config: unknown key '{unknown[0]}'"
-                       + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    return cls(**raw)
+        raw[key] = _per_block(raw[key], n, key, source)
+    reject_unknown(raw, cls, source)
+    try:
+      return cls(**raw)
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
 
   def to_diffusers(self) -> dict[str, Any]:
     """A diffusers `config.json` dict describing this architecture."""

@@ -106,8 +106,9 @@ def _with_variant(filename: str, variant: str | None) -> str:
   return f"{stem}.{variant}.{ext}"
 
 
-def read_model_folder(folder: str, weights_name: str, variant: str | None = None) -> dict:
-  """The state dict of a diffusers/transformers model folder.
+def read_model_folder(folder: str, weights_name: str,
+                      variant: str | None = None) -> tuple[dict, str]:
+  """The state dict of a diffusers/transformers model folder, and the file it came from.
 
   Looks for `{weights_name}.safetensors`, its sharded index, then `{weights_name}.bin` and its
   index, each with the variant inserted before the extension (`.fp16.safetensors`).
@@ -119,7 +120,7 @@ def read_model_folder(folder: str, weights_name: str, variant: str | None = None
     if not os.path.isfile(path):
       continue
     if not path.endswith(".json"):
-      return read_weight_file(path)
+      return read_weight_file(path), path
     with open(path) as f:
       weight_map = json.load(f)["weight_map"]
     state = {}
@@ -128,6 +129,6 @@ def read_model_folder(folder: str, weights_name: str, variant: str | None = None
     missing = sorted(set(weight_map) - set(state))
     if missing:
       raise CheckpointError(f"{path}: key '{missing[0]}' listed in the index is in no shard")
-    return state
+    return state, path
   tried = ", ".join(_with_variant(c, variant) for c in candidates)
   raise CheckpointError(f"{folder}: no weights found (looked for {tried})")

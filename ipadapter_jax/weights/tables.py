@@ -2,7 +2,7 @@
 
 A model's key table is a function from a Flax parameter path to the PyTorch name; the layout of
 each tensor follows from its Flax leaf name and rank: Linear kernels [in, out] <-> weight
-[out, in]; convolution kernels HWIO <-> OIHW; LayerNorm/GroupNorm `scale` <-> `weight`.
+[out, in]; convolution kernels HWIO <-> OIHW; LayerNorm/GroupNorm `scale` and Embed `embedding` <-> `weight`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from flax import nnx
 
 from ipadapter_jax.weights.files import CheckpointError
 
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight"}
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def torch_name(path: tuple, renames: Iterable[tuple[str, str]] = ()) -> str:
@@ -54,24 +54,24 @@ def _fmt_list(names: list[str]) -> str:
   return first if len(names) == 1 else f"{first} (and {len(names) - 1} more)"
 
 
-def assign(variables: dict[str, nnx.Variable], state_dict: dict[str, np.ndarray], *, source: str,
-           allow_unused: bool = False):
-  """Sets each Variable from the PyTorch tensor of the same name, strictly.
+def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarray], *,
+           source: str, ignore: Iterable[str] = ()):
+  """Sets each variable from the PyTorch tensor of the same name, strictly.
 
-  `variables` maps PyTorch names to the model's Variables (whose leaf names say the layout).
-  Missing names, unused tensors (unless `allow_unused`) and shape mismatches raise a
-  CheckpointError naming the first offending key; nothing is assigned unless all fit.
+  `variables` maps PyTorch names to the model's variables (whose leaf names say the layout).
+  Missing names, unused tensors (other than those named in `ignore`, such as buffers older
+  checkpoints stored) and shape mismatches raise a CheckpointError naming the first offending
+  key; nothing is assigned unless everything fits.
   """
   missing = sorted(name for name in variables if name not in state_dict)
   if missing:
     name = missing[0]
     raise CheckpointError(f"{source}: missing key {_fmt_list(missing)} "
                           f"(expected shape {_torch_shape(variables[name], name)})")
-  if not allow_unused:
-    unused = sorted(set(state_dict) - set(variables))
-    if unused:
-      raise CheckpointError(f"{source}: unexpected key {_fmt_list(unused)} "
-                            f"(shape {list(state_dict[unused[0]].shape)}); it has no place in the model")
+  unused = sorted(set(state_dict) - set(variables) - set(ignore))
+  if unused:
+    raise CheckpointError(f"{source}: unexpected key {_fmt_list(unused)} "
+                          f"(shape {list(state_dict[unused[0]].shape)}); it has no place in the model")
   converted = {}
   for name, variable in variables.items():
     array = to_flax_layout(variable.leaf, np.asarray(state_dict[name]))

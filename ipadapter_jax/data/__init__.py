@@ -1,0 +1,1 @@
+"""Input data: preprocessing for the frozen encoders (and, later, datasets and pipelines)."""

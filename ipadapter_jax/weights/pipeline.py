@@ -1,0 +1,95 @@
+"""One call that opens a whole Stable Diffusion folder (and an image encoder) as JAX models."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from ipadapter_jax.data.preprocessing import CLIPImageConfig
+from ipadapter_jax.data.tokenizer import load_tokenizer
+from ipadapter_jax.models.clip import CLIPTextModel, CLIPVisionModelWithProjection
+from ipadapter_jax.models.image_proj import AdapterConfig
+from ipadapter_jax.models.unet import UNet2DConditionModel
+from ipadapter_jax.models.vae import AutoencoderKL
+from ipadapter_jax.weights.diffusers import load_unet, load_vae
+from ipadapter_jax.weights.files import CheckpointError
+from ipadapter_jax.weights.folders import local_path, read_config
+from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONAL = ("text_encoder_2", "tokenizer_2")
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """The frozen parts around an IP-Adapter, as loaded from a diffusers pipeline folder."""
+  unet: UNet2DConditionModel
+  vae: AutoencoderKL
+  text_encoder: CLIPTextModel
+  tokenizer: Any
+  scheduler_config: dict
+  text_encoder_2: CLIPTextModel | None = None
+  tokenizer_2: Any = None
+  image_encoder: CLIPVisionModelWithProjection | None = None
+  image_processor: CLIPImageConfig | None = None
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+
+def _hub_patterns(variant: str | None) -> list[str]:
+  weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+  return ["*.json", "*.txt", weights, "*.safetensors.index*.json"]
+
+
+def _listed(index: dict, name: str) -> bool:
+  entry = index.get(name)
+  return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+def _component(root: str, name: str) -> str:
+  folder = os.path.join(root, name)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{root}/model_index.json lists '{name}' but the folder {folder} "
+                          "is missing")
+  return folder
+
+
+def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
+                          adapter: AdapterConfig | None = None, dtype=jnp.float32,
+                          param_dtype=None, variant: str | None = None,
+                          revision: str | None = None) -> StableDiffusion:
+  """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
+  Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
+  ("h94/IP-Adapter/models/image_encoder").
+
+  `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
+  """
+  root = local_path(path_or_id, revision=revision, allow_patterns=_hub_patterns(variant))
+  index = read_config(root, "model_index.json")
+  for name in REQUIRED:
+    if not _listed(index, name):
+      raise CheckpointError(f"{root}/model_index.json: required component '{name}' is missing")
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  parts = dict(
+      unet=load_unet(_component(root, "unet"), adapter=adapter, variant=variant, **kw),
+      vae=load_vae(_component(root, "vae"), variant=variant, **kw),
+      text_encoder=load_clip_text(_component(root, "text_encoder"), variant=variant, **kw),
+      tokenizer=load_tokenizer(_component(root, "tokenizer")),
+      scheduler_config=read_config(_component(root, "scheduler"), "scheduler_config.json"),
+  )
+  if _listed(index, "text_encoder_2"):
+    parts["text_encoder_2"] = load_clip_text(_component(root, "text_encoder_2"),
+                                             variant=variant, **kw)
+  if _listed(index, "tokenizer_2"):
+    parts["tokenizer_2"] = load_tokenizer(_component(root, "tokenizer_2"))
+  if image_encoder is not None:
+    encoder_dir = local_path(image_encoder, revision=None,
+                             allow_patterns=["*.json", "*.safetensors"])
+    parts["image_encoder"] = load_clip_vision(encoder_dir, **kw)
+    parts["image_processor"] = CLIPImageConfig.from_folder(encoder_dir)
+  return StableDiffusion(**parts)

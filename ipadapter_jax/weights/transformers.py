@@ -1,0 +1,63 @@
+"""Loading transformers CLIP folders (text encoders, the IP-Adapter image encoder)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                                       CLIPVisionModelWithProjection)
+from ipadapter_jax.weights.files import read_model_folder
+from ipadapter_jax.weights.folders import read_config
+from ipadapter_jax.weights.tables import assign, named_variables, torch_name
+
+# Buffers that older transformers versions saved with the weights; they carry no parameters.
+LEGACY_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+
+def _canonical_text_keys(state: dict) -> dict:
+  """transformers 5 saves a bare CLIPTextModel without the `text_model.` prefix that every
+  earlier checkpoint (and CLIPTextModelWithProjection) has; both forms are accepted."""
+  out = {}
+  for key, value in state.items():
+    if not key.startswith(("text_model.", "text_projection.")):
+      key = "text_model." + key
+    out[key] = value
+  return out
+
+
+def load_clip_text(folder: str, *, with_projection: bool | None = None, dtype=jnp.float32,
+                   param_dtype=None, variant: str | None = None) -> CLIPTextModel:
+  """A CLIPTextModel / CLIPTextModelWithProjection from a transformers folder.
+
+  `with_projection=None` decides from the config's `architectures`.
+  """
+  raw = read_config(folder)
+  if with_projection is None:
+    with_projection = "CLIPTextModelWithProjection" in raw.get("architectures", [])
+  config = CLIPTextConfig.from_transformers(raw, with_projection=with_projection,
+                                            source=f"{folder}/config.json")
+  model = nnx.eval_shape(lambda: CLIPTextModel(config, dtype=dtype,
+                                               param_dtype=param_dtype or dtype,
+                                               rngs=nnx.Rngs(0)))
+  state, source = read_model_folder(folder, "model", variant)
+  state = _canonical_text_keys(state)
+  if "text_config" in raw:  # a whole CLIPModel folder: take the text tower only
+    state = {k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection."))}
+  assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
+  return model
+
+
+def load_clip_vision(folder: str, *, dtype=jnp.float32, param_dtype=None,
+                     variant: str | None = None) -> CLIPVisionModelWithProjection:
+  """A CLIPVisionModelWithProjection (e.g. IP-Adapter's `image_encoder/`) from a folder."""
+  raw = read_config(folder)
+  config = CLIPVisionConfig.from_transformers(raw, source=f"{folder}/config.json")
+  model = nnx.eval_shape(lambda: CLIPVisionModelWithProjection(
+      config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0)))
+  state, source = read_model_folder(folder, "model", variant)
+  if "vision_config" in raw:  # a whole CLIPModel folder: take the vision tower only
+    state = {k: v for k, v in state.items()
+             if k.startswith(("vision_model.", "visual_projection."))}
+  assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
+  return model

@@ -57,26 +57,13 @@ def tiny_unet(config: dict, seed: int = 0):
   return randomize_(UNet2DConditionModel(**config), seed)
 
 
-def official_adapter(unet, num_tokens: int, embed_dim: int, seed: int) -> dict:
-  """Random IP-Adapter weights in the official nested layout for a diffusers `unet`.
-
-  The i of `{i}.to_k_ip.weight` counts diffusers' attention processors (attn1 and attn2 alike).
-  """
-  g = torch.Generator().manual_seed(seed)
+def official_adapter(unet, num_tokens: int, embed_dim: int, seed: int, kind: str = "basic",
+                     **image_proj_kw) -> dict:
+  """Random IP-Adapter weights in the official nested layout for a diffusers `unet`."""
   C = unet.config.cross_attention_dim
-  image_proj = {
-      "proj.weight": torch.randn(num_tokens * C, embed_dim, generator=g) / math.sqrt(embed_dim),
-      "proj.bias": 0.1 * torch.randn(num_tokens * C, generator=g),
-      "norm.weight": 1.0 + 0.1 * torch.randn(C, generator=g),
-      "norm.bias": 0.1 * torch.randn(C, generator=g),
-  }
-  ip_adapter = {}
-  for i, name in enumerate(unet.attn_processors):
-    if name.endswith("attn2.processor"):
-      hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
-      for proj in ("to_k_ip", "to_v_ip"):
-        ip_adapter[f"{i}.{proj}.weight"] = torch.randn(hidden, C, generator=g) / math.sqrt(C)
-  return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+  return {"image_proj": official_image_proj(kind, embed_dim, C, num_tokens=num_tokens, seed=seed,
+                                            **image_proj_kw),
+          "ip_adapter": official_ip_layers(unet, C, seed + 1)}
 
 
 def to_numpy(tree):
@@ -112,3 +99,63 @@ VAE_LIKE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                 latent_channels=4)
 WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "background", "photo", "of"]
+
+
+def official_image_proj(kind: str, embed_dim: int, context_dim: int, *, num_tokens: int = 4,
+                        resampler_dim: int = 64, heads: int = 1, seed: int = 0) -> dict:
+  """Random `image_proj` weights of an official basic / plus / full_face file (PyTorch layout)."""
+  g = torch.Generator().manual_seed(seed)
+  def weight(*shape):
+    return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+  def vec(n, centre=0.0):
+    return centre + 0.1 * torch.randn(n, generator=g)
+  E, C, D = embed_dim, context_dim, resampler_dim
+  if kind == "basic":
+    return {"proj.weight": weight(num_tokens * C, E), "proj.bias": vec(num_tokens * C),
+            "norm.weight": vec(C, 1.0), "norm.bias": vec(C)}
+  if kind == "full_face":
+    return {"proj.0.weight": weight(E, E), "proj.0.bias": vec(E), "proj.2.weight": weight(C, E),
+            "proj.2.bias": vec(C), "proj.3.weight": vec(C, 1.0), "proj.3.bias": vec(C)}
+  inner = 64 * heads  # the official head size
+  out = {"latents": torch.randn(1, num_tokens, D, generator=g) / math.sqrt(D),
+         "proj_in.weight": weight(D, E), "proj_in.bias": vec(D),
+         "proj_out.weight": weight(C, D), "proj_out.bias": vec(C),
+         "norm_out.weight": vec(C, 1.0), "norm_out.bias": vec(C)}
+  for j in range(4):  # diffusers' converter knows depth 4 only, as released
+    out.update({
+        f"layers.{j}.0.norm1.weight": vec(D, 1.0), f"layers.{j}.0.norm1.bias": vec(D),
+        f"layers.{j}.0.norm2.weight": vec(D, 1.0), f"layers.{j}.0.norm2.bias": vec(D),
+        f"layers.{j}.0.to_q.weight": weight(inner, D), f"layers.{j}.0.to_kv.weight": weight(2 * inner, D),
+        f"layers.{j}.0.to_out.weight": weight(D, inner),
+        f"layers.{j}.1.0.weight": vec(D, 1.0), f"layers.{j}.1.0.bias": vec(D),
+        f"layers.{j}.1.1.weight": weight(4 * D, D), f"layers.{j}.1.3.weight": weight(D, 4 * D)})
+  return out
+
+
+def official_ip_layers(unet, context_dim: int, seed: int) -> dict:
+  """Random `ip_adapter` weights for every cross-attention processor of a diffusers `unet`.
+
+  The i of `{i}.to_k_ip.weight` counts diffusers' attention processors (attn1 and attn2 alike).
+  """
+  g = torch.Generator().manual_seed(seed)
+  out = {}
+  for i, name in enumerate(unet.attn_processors):
+    if name.endswith("attn2.processor"):
+      hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
+      for proj in ("to_k_ip", "to_v_ip"):
+        out[f"{i}.{proj}.weight"] = torch.randn(hidden, context_dim, generator=g) / math.sqrt(context_dim)
+  return out
+
+
+def jit_call(model, *args, **kwargs):
+  """model(*args, **kwargs) compiled: far faster than op-by-op dispatch for a whole UNet.
+
+  String keyword arguments (layouts) are static; everything else is traced.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(model)
+  static = {k: v for k, v in kwargs.items() if isinstance(v, str)}
+  traced = {k: v for k, v in kwargs.items() if not isinstance(v, str)}
+  run = jax.jit(lambda state, args, traced: nnx.merge(graphdef, state)(*args, **traced, **static))
+  return run(state, args, traced)

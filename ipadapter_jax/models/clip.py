@@ -40,7 +40,9 @@ class CLIPTextConfig:
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
+  bos_token_id: int = 0
   eos_token_id: int = 2
+  pad_token_id: int = 1
   projection_dim: int | None = None  # set for CLIPTextModelWithProjection
 
   @classmethod
@@ -57,6 +59,15 @@ class CLIPTextConfig:
     values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
     values["projection_dim"] = raw["projection_dim"] if with_projection else None
     return cls(**values)
+
+  def to_transformers(self) -> dict[str, Any]:
+    """A transformers config.json dict for this tower."""
+    out = dataclasses.asdict(self)
+    with_projection = out["projection_dim"] is not None
+    if not with_projection:
+      del out["projection_dim"]
+    arch = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+    return {"architectures": [arch], "model_type": "clip_text_model", **out}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +94,11 @@ class CLIPVisionConfig:
                   "image_size", "patch_size", "projection_dim"), source)
     _check_activation(raw, source)
     return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+  def to_transformers(self) -> dict[str, Any]:
+    """A transformers config.json dict for this tower."""
+    return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            **dataclasses.asdict(self)}
 
   @property
   def num_positions(self) -> int:

@@ -16,7 +16,7 @@ from flax import nnx
 from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
-from ipadapter_jax.models.image_proj import AdapterConfig, ImageProjection
+from ipadapter_jax.models.image_proj import AdapterConfig, make_image_projection
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, ParamKeys
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -314,9 +314,8 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_out = Conv2d(c0, cfg.out_channels, cfg.conv_out_kernel,
                            padding=cfg.conv_out_kernel // 2, rngs=rngs, **kw)
 
-    self.image_proj = ImageProjection(
-        adapter.embed_dim, image_context_dim, adapter.num_tokens, dtype=dtype,
-        rngs=rngs) if adapter is not None else None
+    self.image_proj = make_image_projection(
+        adapter, image_context_dim, dtype=dtype, rngs=rngs) if adapter is not None else None
     for index, layer in enumerate(self.decoupled_layers()):
       layer.ip_index = index
     self.dtype = dtype
@@ -325,8 +324,8 @@ class UNet2DConditionModel(nnx.Module):
     """The training initialisation: a fresh projection; to_k_ip/to_v_ip copy each to_k/to_v."""
     if self.image_proj is None:
       raise ValueError("this UNet was built without an adapter")
-    fresh = ImageProjection(self.adapter_config.embed_dim, self.config.cross_attention_dim[0],
-                            self.adapter_config.num_tokens, dtype=self.dtype, rngs=rngs)
+    fresh = make_image_projection(self.adapter_config, self.config.cross_attention_dim[0],
+                                  dtype=self.dtype, rngs=rngs)
     nnx.update(self.image_proj, nnx.state(fresh))
     for layer in self.decoupled_layers():
       layer.to_k_ip.kernel.set_value(jnp.asarray(layer.to_k.kernel[...], jnp.float32))
@@ -344,14 +343,16 @@ class UNet2DConditionModel(nnx.Module):
     """The cross-attention layers that carry to_k_ip/to_v_ip (all of them, with an adapter)."""
     return [layer for layer in self.cross_attention_layers() if layer.to_k_ip is not None]
 
-  def encode_image_prompt(self, image_embeds_BE, scale=1.0) -> ImagePrompt:
-    """Image embeddings -> image tokens -> every layer's keys/values; once per generation.
+  def encode_image_prompt(self, image_features, scale=1.0) -> ImagePrompt:
+    """Image features -> image tokens -> every layer's keys/values; once per generation.
 
-    `scale` is a scalar or one value per decoupled layer (checkpoint order).
+    `image_features` are CLIP `image_embeds` [B, E] for the basic adapter, the vision tower's
+    `hidden_states[-2]` [B, T, E] for plus and full_face. `scale` is a scalar or one value per
+    decoupled layer (checkpoint order).
     """
     if self.image_proj is None:
       raise ValueError("this UNet was built without an adapter: no image prompt can be used")
-    tokens_BNC = self.image_proj(image_embeds_BE.astype(self.dtype))
+    tokens_BNC = self.image_proj(image_features.astype(self.dtype))
     layers = self.decoupled_layers()
     return ImagePrompt(kv=tuple(layer.image_kv(tokens_BNC) for layer in layers),
                        scale=self._layer_scales(scale, len(layers)))
@@ -374,8 +375,9 @@ class UNet2DConditionModel(nnx.Module):
         the output has the same layout.
       timesteps: a scalar or [B], integer or fractional.
       encoder_hidden_states: text tokens [B, S, D].
-      image_embeds: CLIP image embeddings [B, E] for the adapter (the image tokens the official
-        implementation appends after the text tokens), or None for the base model.
+      image_embeds: the adapter's image features (CLIP image_embeds [B, E], or hidden_states[-2]
+        [B, T, E] for plus/full_face), or None for the base model. Their tokens play the role
+        of the image tokens the official implementation appends after the text tokens.
       ip_scale: adapter scale, a scalar or one value per cross-attention layer in checkpoint
         order; traced, so changing it never recompiles.
       image_prompt: precomputed `encode_image_prompt(...)` output, instead of image_embeds.

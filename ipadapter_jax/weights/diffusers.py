@@ -1,6 +1,9 @@
-"""Loading diffusers model folders (config.json + weights) into this project's models."""
+"""diffusers model folders (config.json + weights) <-> this project's models."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax.numpy as jnp
 from flax import nnx
@@ -9,9 +12,10 @@ from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.weights.files import read_model_folder
+from ipadapter_jax.weights.files import atomic_path, read_model_folder, write_safetensors
 from ipadapter_jax.weights.folders import read_config, resolve_subfolder
-from ipadapter_jax.weights.tables import assign, named_variables, torch_name
+from ipadapter_jax.weights.ip_adapter import describe, load_ip_adapter, read_ip_adapter
+from ipadapter_jax.weights.tables import assign, export_named, named_variables, torch_name
 
 # Where this project's module names differ from diffusers' (everything else is identical).
 UNET_RENAMES = (
@@ -28,16 +32,24 @@ def unet_torch_name(path: tuple) -> str:
   return torch_name(path, UNET_RENAMES)
 
 
-def load_unet(path: str, *, adapter: AdapterConfig | None = None, dtype=jnp.float32,
-              param_dtype=None, variant: str | None = None,
+def load_unet(path: str, *, adapter: AdapterConfig | None = None, ip_adapter: str | None = None,
+              dtype=jnp.float32, param_dtype=None, variant: str | None = None,
               attention_implementation: str | None = None, seed: int = 0) -> UNet2DConditionModel:
   """A UNet from a diffusers `unet/` folder (or a pipeline folder holding one).
 
   The model is created abstractly, so no memory is spent on a random initialisation; every base
-  weight must come from the folder (strict). With `adapter`, the adapter is initialised for
-  training (`reset_adapter`); load released adapter weights with `weights.load_ip_adapter`.
+  weight must come from the folder (strict). `ip_adapter` names an official adapter file to
+  build and load the adapter from (its variant and sizes are read from the file). With only
+  `adapter`, the adapter gets the training initialisation (`reset_adapter`).
   `dtype` is the compute dtype, `param_dtype` (default: `dtype`) that of the base weights.
   """
+  ip_state = None
+  if ip_adapter is not None:
+    ip_state = read_ip_adapter(ip_adapter)
+    detected = describe(ip_state, ip_adapter).adapter
+    if adapter is not None and adapter != detected:
+      raise ValueError(f"{ip_adapter}: holds {detected}, but adapter={adapter} was asked for")
+    adapter = detected
   folder = resolve_subfolder(path, "unet")
   config = UNetConfig.from_diffusers(read_config(folder), source=f"{folder}/config.json")
   model = nnx.eval_shape(lambda: UNet2DConditionModel(
@@ -45,9 +57,17 @@ def load_unet(path: str, *, adapter: AdapterConfig | None = None, dtype=jnp.floa
       attention_implementation=attention_implementation, rngs=nnx.Rngs(seed)))
   state_dict, source = read_model_folder(folder, "diffusion_pytorch_model", variant)
   assign(named_variables(model, unet_torch_name, BASE_PARAMS), state_dict, source=source)
-  if adapter is not None:
+  if ip_state is not None:
+    load_ip_adapter(model, ip_state, source=ip_adapter)
+  elif adapter is not None:
     model.reset_adapter(nnx.Rngs(seed))
   return model
+
+
+def save_unet(model: UNet2DConditionModel, folder: str, *, dtype=None) -> None:
+  """Writes the base UNet (no adapter) as a diffusers folder: config.json + safetensors."""
+  _save_diffusers(folder, model.config.to_diffusers(),
+                  export_named(named_variables(model, unet_torch_name, BASE_PARAMS), dtype))
 
 
 # Names diffusers used for the VAE's attention before 0.14; released VAEs still carry them.
@@ -78,3 +98,17 @@ def load_vae(path: str, *, dtype=jnp.float32, param_dtype=None,
   state_dict, source = read_model_folder(folder, "diffusion_pytorch_model", variant)
   assign(named_variables(model, unet_torch_name), _modern_vae_keys(state_dict), source=source)
   return model
+
+
+def save_vae(model: AutoencoderKL, folder: str, *, dtype=None) -> None:
+  """Writes the VAE as a diffusers folder: config.json + safetensors."""
+  _save_diffusers(folder, model.config.to_diffusers(),
+                  export_named(named_variables(model, unet_torch_name), dtype))
+
+
+def _save_diffusers(folder: str, config: dict, state: dict) -> None:
+  with atomic_path(folder) as tmp:
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    write_safetensors(os.path.join(tmp, "diffusion_pytorch_model.safetensors"), state)

@@ -7,9 +7,12 @@ with `torch.load(weights_only=True)`, only when torch is installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +22,9 @@ SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -132,3 +138,74 @@ def read_model_folder(folder: str, weights_name: str,
     return state, path
   tried = ", ".join(_with_variant(c, variant) for c in candidates)
   raise CheckpointError(f"{folder}: no weights found (looked for {tried})")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path beside `path` (a file or a folder); it replaces `path` only when the
+  block succeeds, so a failed conversion never leaves a half-written or clobbered result."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp_dir = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+  tmp = os.path.join(tmp_dir, os.path.basename(path))
+  try:
+    yield tmp
+    if os.path.isdir(path):  # os.replace cannot overwrite a folder: move the old one aside
+      old = os.path.join(tmp_dir, ".previous")
+      os.replace(path, old)
+      try:
+        os.replace(tmp, path)
+      except OSError:
+        os.replace(old, path)
+        raise
+    else:
+      os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
+  """Writes numpy arrays (bfloat16 included) as a .safetensors file, atomically."""
+  header, offset, arrays = {}, 0, []
+  for name, array in tensors.items():
+    array = np.ascontiguousarray(array)
+    if array.dtype not in _DTYPE_NAMES:
+      raise CheckpointError(f"{path}: tensor '{name}' has dtype {array.dtype}, which "
+                            "safetensors cannot store")
+    header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+    arrays.append(array)
+  header["__metadata__"] = {"format": "pt", **(metadata or {})}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for array in arrays:
+        f.write(array.tobytes())
+
+
+def numpy_to_torch(array: np.ndarray):
+  """A numpy array (bfloat16 through ml_dtypes) as a torch tensor."""
+  import torch  # pylint: disable=import-outside-toplevel
+  array = np.ascontiguousarray(array)
+  if array.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(array)
+
+
+def write_torch_pickle(path: str, nested: dict):
+  """Writes a (nested) dict of numpy arrays with torch.save, atomically."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise CheckpointError(f"{path}: writing .bin files needs torch; write .safetensors "
+                          "instead") from None
+
+  def convert(value):
+    return ({k: convert(v) for k, v in value.items()} if isinstance(value, dict)
+            else numpy_to_torch(value))
+  with atomic_path(path) as tmp:
+    torch.save(convert(nested), tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -14,10 +15,10 @@ from ipadapter_jax.models.clip import CLIPTextModel, CLIPVisionModelWithProjecti
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.vae import AutoencoderKL
-from ipadapter_jax.weights.diffusers import load_unet, load_vae
-from ipadapter_jax.weights.files import CheckpointError
+from ipadapter_jax.weights.diffusers import load_unet, load_vae, save_unet, save_vae
+from ipadapter_jax.weights.files import CheckpointError, atomic_path
 from ipadapter_jax.weights.folders import local_path, read_config
-from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision
+from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("text_encoder_2", "tokenizer_2")
@@ -35,6 +36,7 @@ class StableDiffusion:
   tokenizer_2: Any = None
   image_encoder: CLIPVisionModelWithProjection | None = None
   image_processor: CLIPImageConfig | None = None
+  model_index: dict = dataclasses.field(default_factory=dict)
 
   @property
   def is_sdxl(self) -> bool:
@@ -60,12 +62,14 @@ def _component(root: str, name: str) -> str:
 
 
 def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
-                          adapter: AdapterConfig | None = None, dtype=jnp.float32,
+                          adapter: AdapterConfig | None = None, ip_adapter: str | None = None,
+                          dtype=jnp.float32,
                           param_dtype=None, variant: str | None = None,
                           revision: str | None = None) -> StableDiffusion:
   """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
   Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
-  ("h94/IP-Adapter/models/image_encoder").
+  ("h94/IP-Adapter/models/image_encoder"). `ip_adapter` (an official file) or `adapter` (a
+  shape, for training) builds the UNet with an adapter.
 
   `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
   """
@@ -76,11 +80,13 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
       raise CheckpointError(f"{root}/model_index.json: required component '{name}' is missing")
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   parts = dict(
-      unet=load_unet(_component(root, "unet"), adapter=adapter, variant=variant, **kw),
+      unet=load_unet(_component(root, "unet"), adapter=adapter, ip_adapter=ip_adapter,
+                     variant=variant, **kw),
       vae=load_vae(_component(root, "vae"), variant=variant, **kw),
       text_encoder=load_clip_text(_component(root, "text_encoder"), variant=variant, **kw),
       tokenizer=load_tokenizer(_component(root, "tokenizer")),
       scheduler_config=read_config(_component(root, "scheduler"), "scheduler_config.json"),
+      model_index=index,
   )
   if _listed(index, "text_encoder_2"):
     parts["text_encoder_2"] = load_clip_text(_component(root, "text_encoder_2"),
@@ -93,3 +99,31 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
     parts["image_encoder"] = load_clip_vision(encoder_dir, **kw)
     parts["image_processor"] = CLIPImageConfig.from_folder(encoder_dir)
   return StableDiffusion(**parts)
+
+
+def save_stable_diffusion(sd: StableDiffusion, folder: str, *, dtype=None) -> None:
+  """Writes the base models, tokenizers and scheduler as a diffusers pipeline folder (the adapter
+  is not part of it: see `save_ip_adapter`). `dtype` casts the weights (e.g. np.float16)."""
+  with atomic_path(folder) as tmp:
+    os.makedirs(tmp)
+    save_unet(sd.unet, os.path.join(tmp, "unet"), dtype=dtype)
+    save_vae(sd.vae, os.path.join(tmp, "vae"), dtype=dtype)
+    encoders = [("text_encoder", sd.text_encoder, sd.tokenizer),
+                ("text_encoder_2", sd.text_encoder_2, sd.tokenizer_2)]
+    for name, encoder, tokenizer in encoders:
+      if encoder is not None:
+        save_clip(encoder, os.path.join(tmp, name), dtype=dtype)
+        tokenizer.save_pretrained(os.path.join(tmp, name.replace("text_encoder", "tokenizer")))
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump(sd.scheduler_config, f, indent=2)
+    index = dict(sd.model_index) or {
+        "_class_name": "StableDiffusionXLPipeline" if sd.is_sdxl else "StableDiffusionPipeline"}
+    index.update(unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
+                 scheduler=["diffusers", sd.scheduler_config.get("_class_name", "DDIMScheduler")])
+    for name, encoder, _ in encoders:
+      if encoder is not None:
+        index[name] = ["transformers", encoder.config.to_transformers()["architectures"][0]]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+      json.dump(index, f, indent=2)

@@ -1,15 +1,18 @@
-"""Loading transformers CLIP folders (text encoders, the IP-Adapter image encoder)."""
+"""transformers CLIP folders (text encoders, the IP-Adapter image encoder) <-> this project."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
-from ipadapter_jax.weights.files import read_model_folder
+from ipadapter_jax.weights.files import atomic_path, read_model_folder, write_safetensors
 from ipadapter_jax.weights.folders import read_config
-from ipadapter_jax.weights.tables import assign, named_variables, torch_name
+from ipadapter_jax.weights.tables import assign, export_named, named_variables, torch_name
 
 # Buffers that older transformers versions saved with the weights; they carry no parameters.
 LEGACY_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
@@ -61,3 +64,15 @@ def load_clip_vision(folder: str, *, dtype=jnp.float32, param_dtype=None,
              if k.startswith(("vision_model.", "visual_projection."))}
   assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
   return model
+
+
+def save_clip(model: CLIPTextModel | CLIPVisionModelWithProjection, folder: str, *,
+              dtype=None) -> None:
+  """Writes a CLIP tower as a transformers folder: config.json + model.safetensors
+  (keys with the `text_model.` / `vision_model.` prefixes every transformers version reads)."""
+  state = export_named(named_variables(model, torch_name), dtype)
+  with atomic_path(folder) as tmp:
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(model.config.to_transformers(), f, indent=2)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), state)

@@ -1,0 +1,242 @@
+"""IP-Adapter weights both ways (official files <-> JAX), the Plus and Full-face projections, base
+model export, and the conversion CLI."""
+
+import copy
+import os
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from diffusers.models.embeddings import IPAdapterFullImageProjection, IPAdapterPlusImageProjection
+from flax import nnx
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ipadapter_jax import convert
+from ipadapter_jax.data.tokenizer import write_word_tokenizer
+from ipadapter_jax.models import AdapterConfig, AdapterParam, UNet2DConditionModel, UNetConfig
+from ipadapter_jax.models.image_proj import make_image_projection
+from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
+from ipadapter_jax.weights import (CheckpointError, describe, load_ip_adapter,
+                                   load_stable_diffusion, load_unet, read_ip_adapter,
+                                   save_ip_adapter, save_stable_diffusion)
+from ipadapter_jax.weights.tables import assign, named_variables, torch_name
+from tests import torch_reference as ref
+
+E = 40          # CLIP embedding width (basic) or hidden width (plus, full_face) in the tiny tests
+PLUS = dict(num_tokens=16, resampler_dim=64, heads=1)
+
+
+def _official(torch_unet, kind, seed=7):
+  kw = dict(PLUS) if kind == "plus" else {}
+  return ref.official_adapter(torch_unet, kw.pop("num_tokens", 4), E, seed, kind=kind, **kw)
+
+
+def _flat(nested):
+  return {f"{s}.{k}": v for s, d in nested.items() for k, v in d.items()}
+
+
+def _projection_parity(unet_folders, kind, adapter, state, inputs):
+  """Our projection vs diffusers' (built by its own converter from the official weights)."""
+  torch_proj = unet_folders["sd15"][0]._convert_ip_adapter_image_proj_to_diffusers(
+      state, low_cpu_mem_usage=False).eval()
+  model = make_image_projection(adapter, 32, rngs=nnx.Rngs(0))
+  assign(named_variables(model, torch_name, AdapterParam), ref.to_numpy(state), source=kind)
+  with torch.no_grad():
+    expected = torch_proj(inputs).numpy()
+  return torch_proj, ref.assert_close(model(jnp.asarray(inputs.numpy())), expected, rel=1e-5)
+
+
+def test_resampler_matches_diffusers(unet_folders):
+  state = ref.official_image_proj("plus", E, 32, **PLUS, seed=1)
+  adapter = AdapterConfig(num_tokens=16, embed_dim=E, kind="plus", resampler_dim=64)
+  torch_proj, err = _projection_parity(unet_folders, "plus", adapter, state, torch.randn(2, 9, E))
+  assert isinstance(torch_proj, IPAdapterPlusImageProjection)
+  print(f"resampler: max abs error {err:.1e}")
+
+
+def test_full_face_projection_matches_diffusers(unet_folders):
+  state = ref.official_image_proj("full_face", E, 32, seed=2)
+  adapter = AdapterConfig(embed_dim=E, kind="full_face")
+  torch_proj, err = _projection_parity(unet_folders, "full_face", adapter, state,
+                                       torch.randn(2, 9, E))
+  assert isinstance(torch_proj, IPAdapterFullImageProjection)
+  print(f"full-face projection: max abs error {err:.1e}")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("kind", ["basic", "plus", "full_face"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_official_round_trip_is_bit_exact(unet_folders, tmp_path, family, kind, suffix):
+  torch_unet, folder = unet_folders[family]
+  nested = {s: {k: v.half() for k, v in d.items()} for s, d in _official(torch_unet, kind).items()}
+  source = str(tmp_path / f"in{suffix}")
+  if suffix == ".bin":
+    torch.save(nested, source)
+  else:
+    save_file(_flat(nested), source)
+  model = load_unet(folder, ip_adapter=source)
+  out = str(tmp_path / f"out{suffix}")
+  save_ip_adapter(model, out, dtype=np.float16)
+  original, written = read_ip_adapter(source), read_ip_adapter(out)
+  assert set(written) == set(original)
+  for key, value in original.items():
+    assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  if suffix == ".bin":  # the nested layout the official IPAdapter classes read
+    raw = torch.load(out, weights_only=True)
+    assert set(raw) == {"image_proj", "ip_adapter"} and "1.to_k_ip.weight" in raw["ip_adapter"]
+
+
+def _tiny_pipeline(tmp_path, unet):
+  write_word_tokenizer(str(tmp_path / "words"), ref.WORDS, model_max_length=16)
+  return StableDiffusionPipeline(
+      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
+      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
+      tokenizer=CLIPTokenizer.from_pretrained(str(tmp_path / "words")), unet=unet,
+      scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("kind", ["basic", "plus"])
+def test_export_loads_in_diffusers_load_ip_adapter(unet_folders, tmp_path, kind):
+  torch_unet, folder = unet_folders["sd15"]
+  adapter = (AdapterConfig(num_tokens=16, embed_dim=E, kind="plus", resampler_dim=64)
+             if kind == "plus" else AdapterConfig(num_tokens=4, embed_dim=E))
+  model = load_unet(folder, adapter=adapter)
+  for _, variable in nnx.to_flat_state(nnx.state(model, AdapterParam)):  # move off the init
+    value = variable.get_value()
+    variable.set_value(value + 0.05 * jnp.sin(jnp.arange(value.size).reshape(value.shape)))
+  save_ip_adapter(model, str(tmp_path / "adapter.safetensors"), dtype=np.float32)
+
+  pipe = _tiny_pipeline(tmp_path, copy.deepcopy(torch_unet))
+  pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="adapter.safetensors",
+                       image_encoder_folder=None)
+  g = torch.Generator().manual_seed(0)
+  x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([900, 20])
+  ctx = torch.randn(2, 77, 32, generator=g)
+  features = torch.randn(*((2, E) if kind == "basic" else (2, 9, E)), generator=g)
+  with torch.no_grad():
+    expected = pipe.unet(x, t, ctx, added_cond_kwargs={"image_embeds": [features[:, None]]}
+                         ).sample.numpy()
+  actual = ref.jit_call(model, jnp.asarray(x.numpy()), jnp.asarray(t.numpy()),
+                        jnp.asarray(ctx.numpy()), image_embeds=jnp.asarray(features.numpy()),
+                        layout="NCHW")
+  err = ref.assert_close(actual, expected)
+  print(f"{kind} adapter exported and loaded by diffusers: max abs error {err:.1e}")
+
+
+def test_real_sizes_by_shape():
+  def adapter_params(raw, adapter):
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_diffusers(raw),
+                                                        adapter=adapter, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, AdapterParam)))
+  plus = AdapterConfig(num_tokens=16, embed_dim=1280, kind="plus", resampler_dim=768)
+  assert adapter_params(SD15_UNET, plus) == 49_087_488
+  assert adapter_params(SDXL_UNET, AdapterConfig(num_tokens=4, embed_dim=1024)) == 349_188_096
+
+
+def _write(tmp_path, name, flat):
+  path = str(tmp_path / name)
+  save_file({k: v.contiguous() for k, v in flat.items()}, path)
+  return path
+
+
+def test_bad_files_name_the_offending_key(unet_folders, tmp_path):
+  torch_unet, folder = unet_folders["sd15"]
+  good = _flat(_official(torch_unet, "basic"))
+  model = load_unet(folder, adapter=AdapterConfig(4, E))
+
+  fewer = {k: v for k, v in good.items() if not k.startswith("ip_adapter.21.")}
+  with pytest.raises(CheckpointError, match=r"10 cross-attention layers for a UNet with 11 "
+                                            r"\(first offending key 'ip_adapter.21.to_k_ip.weight'\)"):
+    load_ip_adapter(model, _write(tmp_path, "fewer.safetensors", fewer))
+  wrong_c = {**good, "image_proj.norm.weight": torch.ones(24), "image_proj.norm.bias": torch.ones(24),
+             "image_proj.proj.weight": torch.ones(96, E), "image_proj.proj.bias": torch.ones(96)}
+  with pytest.raises(CheckpointError, match=r"C=24 for a UNet with cross_attention_dim 32"):
+    load_ip_adapter(model, _write(tmp_path, "c.safetensors", wrong_c))
+  with pytest.raises(CheckpointError, match=r"unexpected key 'image_proj.extra'"):
+    load_ip_adapter(model, _write(tmp_path, "x.safetensors", {**good, "image_proj.extra": torch.ones(1)}))
+  with pytest.raises(CheckpointError, match=r"unexpected key 'text_encoder.x'"):
+    load_ip_adapter(model, _write(tmp_path, "t.safetensors", {**good, "text_encoder.x": torch.ones(1)}))
+  missing = {k: v for k, v in good.items() if k != "ip_adapter.3.to_v_ip.weight"}
+  with pytest.raises(CheckpointError, match=r"missing key 'ip_adapter.3.to_v_ip.weight' "
+                                            r"\(expected shape \[32, 32\]\)"):
+    load_ip_adapter(model, _write(tmp_path, "m.safetensors", missing))
+  wrong_e = load_unet(folder, adapter=AdapterConfig(4, E + 1))
+  good_path = _write(tmp_path, "good.safetensors", good)
+  with pytest.raises(CheckpointError, match=r"key 'image_proj.proj.weight' has shape \[128, 40\], "
+                                            r"expected \[128, 41\]"):
+    load_ip_adapter(wrong_e, good_path)
+  path = _write(tmp_path, "trunc.safetensors", good)
+  os.truncate(path, os.path.getsize(path) - 64)
+  with pytest.raises(CheckpointError, match=r"trunc.safetensors: truncated file: tensor"):
+    load_ip_adapter(model, path)
+  faceid = {"image_proj.proj.0.weight": torch.ones(8, 4), "image_proj.norm.weight": torch.ones(8),
+            **{k: v for k, v in good.items() if k.startswith("ip_adapter.")}}
+  with pytest.raises(CheckpointError, match="FaceID"):
+    load_ip_adapter(model, _write(tmp_path, "f.safetensors", faceid))
+  plus_model = load_unet(folder, ip_adapter=_write(
+      tmp_path, "plus.safetensors", _flat(_official(torch_unet, "plus"))))
+  with pytest.raises(CheckpointError, match=r"a 'basic' adapter, the model was built for 'plus'"):
+    load_ip_adapter(plus_model, good_path)
+
+
+def test_cli_round_trip_and_summary(unet_folders, tmp_path, capsys):
+  torch_unet, folder = unet_folders["sd15"]
+  source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "plus")))
+  assert convert.main(["inspect", source, "--unet", folder]) == 0
+  line = capsys.readouterr().out
+  assert "plus IP-Adapter, 16 tokens, E=40, C=32, 11 layers" in line and "fits" in line
+  assert convert.main(["to-jax", source, "--unet", folder, "--out", str(tmp_path / "ckpt")]) == 0
+  out = str(tmp_path / "back.safetensors")
+  assert convert.main(["to-official", str(tmp_path / "ckpt"), "--out", out, "--bin",
+                       "--dtype", "float32"]) == 0
+  summary = capsys.readouterr().out
+  assert summary.count("wrote ") == 3 and "back.bin" in summary and "MB" in summary
+  for path in (out, out.replace(".safetensors", ".bin")):
+    back = read_ip_adapter(path)
+    for key, value in read_ip_adapter(source).items():
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_cli_failures_write_nothing(unet_folders, tmp_path, capsys):
+  torch_unet, folder = unet_folders["sd15"]
+  source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "basic")))
+  other = unet_folders["sdxl"][1]
+  assert convert.main(["to-jax", source, "--unet", other, "--out", str(tmp_path / "ckpt")]) == 1
+  assert "error:" in capsys.readouterr().err and not os.path.exists(tmp_path / "ckpt")
+  assert convert.main(["to-official", str(tmp_path), "--out", str(tmp_path / "o.safetensors")]) == 1
+  assert not os.path.exists(tmp_path / "o.safetensors")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".partial")]
+
+
+def test_cli_help_explains_every_command(capsys):
+  with pytest.raises(SystemExit):
+    convert.main(["--help"])
+  text = capsys.readouterr().out
+  for command in ("inspect", "to-jax", "to-official", "to-diffusers"):
+    assert command in text
+
+
+def test_base_model_export_round_trip(tmp_path):
+  _tiny_pipeline(tmp_path, ref.tiny_unet(ref.SD15_LIKE, 2)).save_pretrained(tmp_path / "original")
+  assert convert.main(["to-diffusers", str(tmp_path / "original"),
+                       "--out", str(tmp_path / "exported")]) == 0
+  pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "original")
+  again = StableDiffusionPipeline.from_pretrained(tmp_path / "exported")
+  g = torch.Generator().manual_seed(0)
+  x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
+  ids = torch.tensor([[0, 5, 9, 1] + [1] * 12])
+  image = torch.rand(1, 3, 16, 16, generator=g)
+  with torch.no_grad():
+    np.testing.assert_array_equal(pipe.unet(x, 7, ctx).sample.numpy(),
+                                  again.unet(x, 7, ctx).sample.numpy())
+    np.testing.assert_array_equal(pipe.vae.encode(image).latent_dist.mean.numpy(),
+                                  again.vae.encode(image).latent_dist.mean.numpy())
+    np.testing.assert_array_equal(pipe.text_encoder(ids).last_hidden_state.numpy(),
+                                  again.text_encoder(ids).last_hidden_state.numpy())
+  assert again.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
+  assert type(again.scheduler).__name__ == "DDIMScheduler"

@@ -46,7 +46,7 @@ _FIXED_KEYS = {
     "cross_attention_norm": None,
 }
 # Keys read for information only (they do not change the computation).
-_IGNORED_KEYS = ("sample_size", "addition_embed_type_num_heads")
+_IGNORED_KEYS = ("addition_embed_type_num_heads",)
 
 
 def _per_block(value, n: int, key: str, source: str) -> tuple:
@@ -92,6 +92,7 @@ class UNetConfig:
   addition_embed_type: str | None = None
   addition_time_embed_dim: int | None = None
   projection_class_embeddings_input_dim: int | None = None
+  sample_size: int | None = None  # latent size the model was trained at (informational)
 
   def __post_init__(self):
     n = len(self.block_out_channels)

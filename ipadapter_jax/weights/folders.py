@@ -38,8 +38,8 @@ def local_path(path_or_id: str, *, revision: str | None = None,
   """
   if os.path.exists(path_or_id):
     return path_or_id
-  parts = path_or_id.strip("/").split("/")
-  if len(parts) < 2:
+  parts = path_or_id.split("/")
+  if len(parts) < 2 or os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")):
     raise CheckpointError(f"{path_or_id}: no such folder, and not a hub id (owner/name[/folder])")
   repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
   patterns = allow_patterns or ["*"]
@@ -49,6 +49,7 @@ def local_path(path_or_id: str, *, revision: str | None = None,
   try:
     root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
   except Exception as e:  # the hub client raises many types (offline, not found, gated)
+    reason = " ".join(str(e).split())  # one line, whatever the hub client printed
     raise CheckpointError(f"{path_or_id}: not a local folder, and the hub download failed "
-                          f"({type(e).__name__}: {e})") from None
+                          f"({type(e).__name__}: {reason})") from None
   return os.path.join(root, subfolder) if subfolder else root

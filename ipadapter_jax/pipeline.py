@@ -1,0 +1,206 @@
+"""Text + image prompts -> images: prompt encoding, the DDIM loop with classifier-free guidance and
+the VAE decode, compiled as one program.
+
+Everything that changes between calls of the same shape (prompt, negative prompt, image, adapter
+scale, guidance scale, eta, seed, initial latents) is a traced input, so it never recompiles;
+the image tokens' keys/values are computed once per generation, outside the denoising loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ipadapter_jax.data.preprocessing import CLIPImageConfig, clip_pixels, to_pil
+from ipadapter_jax.data.tokenizer import tokenize
+from ipadapter_jax.schedulers import DDIM
+from ipadapter_jax.weights.pipeline import StableDiffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The static shape of a generation: what one compiled program is specialised to."""
+  ddim: DDIM
+  num_inference_steps: int
+  num_samples: int
+  latent_shape: tuple[int, int, int]  # h, w, C
+  guidance: bool                      # classifier-free guidance (guidance_scale > 1)
+  stochastic: bool                    # eta > 0
+  image_prompt: bool
+  image_features: str                 # "image_embeds" or "hidden_states" (plus, full_face)
+  sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
+
+
+def _encode_text(text_encoder, text_encoder_2, ids, ids_2, zero_negative: bool):
+  """[negative, prompt] token ids -> (context [2, S, D], pooled [2, P] or None)."""
+  if text_encoder_2 is None:  # SD1.x / SD2.x: last hidden state, after the final LayerNorm
+    return text_encoder(ids).last_hidden_state, None
+  first, second = text_encoder(ids), text_encoder_2(ids_2)  # SDXL: both penultimate states
+  context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+  pooled = second.text_embeds
+  if zero_negative:
+    context, pooled = context.at[0].set(0.0), pooled.at[0].set(0.0)
+  return context, pooled
+
+
+def _image_features(image_encoder, pixels_1HWC, kind: str):
+  """[unconditional, conditional] image features (REFERENCE §4's unconditional tokens)."""
+  if kind == "image_embeds":  # basic: the projection of a zero embedding
+    embeds = image_encoder(pixels_1HWC).image_embeds
+    return jnp.concatenate([jnp.zeros_like(embeds), embeds])
+  both = jnp.concatenate([jnp.zeros_like(pixels_1HWC), pixels_1HWC])  # plus/full: mean grey
+  return image_encoder(both).hidden_states[-2]
+
+
+def _repeat_pairs(x, n: int):
+  """[2, ...] (negative, positive) -> [2n, ...]: n negatives, then n positives."""
+  return jnp.repeat(x, n, axis=0)
+
+
+def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
+  """The whole generation as one pure function of the models' state and the traced inputs."""
+  unet, vae, text_encoder, text_encoder_2, image_encoder = nnx.merge(graphdef, state)
+  n = plan.num_samples
+  context, pooled = _encode_text(text_encoder, text_encoder_2, inputs["ids"], inputs.get("ids_2"),
+                                 plan.sdxl_zero_negative)
+  image_prompt = None
+  if plan.image_prompt:
+    features = _image_features(image_encoder, inputs["pixels"], plan.image_features)
+    image_prompt = unet.encode_image_prompt(_repeat_pairs(features, n), inputs["scale"])
+  context = _repeat_pairs(context, n)
+  added = {}
+  if pooled is not None:
+    added = dict(text_embeds=_repeat_pairs(pooled, n), time_ids=inputs["time_ids"])
+  if not plan.guidance:  # only the positive half
+    context = context[n:]
+    added = {k: v[n:] for k, v in added.items()}
+    if image_prompt is not None:
+      image_prompt = image_prompt._replace(kv=jax.tree.map(lambda a: a[n:], image_prompt.kv))
+
+  timesteps = jnp.asarray(plan.ddim.timesteps(plan.num_inference_steps))
+
+  def denoise(i, latents):
+    t = timesteps[i]
+    x = jnp.concatenate([latents, latents]) if plan.guidance else latents
+    out = unet(x, t, context, image_prompt=image_prompt, **added).astype(jnp.float32)
+    if plan.guidance:
+      uncond, cond = jnp.split(out, 2)
+      out = uncond + inputs["guidance_scale"] * (cond - uncond)
+    noise = (jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
+             if plan.stochastic else None)
+    latents = plan.ddim.step(out, t, latents, num_inference_steps=plan.num_inference_steps,
+                             eta=inputs["eta"], noise=noise)
+    if on_step is not None:
+      jax.debug.callback(on_step, i)
+    return latents
+
+  latents = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
+                              inputs["latents"].astype(jnp.float32))
+  images = vae.decode(latents / vae.config.scaling_factor)
+  return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+class IPAdapterPipeline:
+  """Sampling with a Stable Diffusion model and an IP-Adapter (or none), DDIM + CFG."""
+
+  def __init__(self, models: StableDiffusion, *, scheduler: DDIM | None = None,
+               on_step: Callable[[int], None] | None = None):
+    self.models = models
+    self.scheduler = scheduler or DDIM.from_diffusers(models.scheduler_config)
+    self.vae_scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    modules = (models.unet, models.vae, models.text_encoder, models.text_encoder_2,
+               models.image_encoder)
+    self._graphdef, state = nnx.split(modules)
+    devices = jax.devices()
+    self.mesh = jax.make_mesh((len(devices),), ("data",),
+                              axis_types=(jax.sharding.AxisType.Auto,))
+    self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
+    self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
+    self._on_step = on_step
+
+  @property
+  def default_size(self) -> tuple[int, int]:
+    """(height, width) the UNet was trained at, when its config says."""
+    size = self.models.unet.config.sample_size or 64
+    return size * self.vae_scale_factor, size * self.vae_scale_factor
+
+  def prepare(self, prompt: str = "", image=None, *, negative_prompt: str | None = "",
+              scale=1.0, guidance_scale: float = 7.5, num_inference_steps: int = 50,
+              eta: float = 0.0, num_samples: int = 1, seed: int = 0, latents=None,
+              height: int | None = None, width: int | None = None):
+    """Checks the request and builds (plan, inputs) for `generate`."""
+    m = self.models
+    height, width = height or self.default_size[0], width or self.default_size[1]
+    f = self.vae_scale_factor
+    if height % f or width % f:
+      raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
+    if num_samples < 1:
+      raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    channels = m.unet.config.in_channels
+    shape = (num_samples, height // f, width // f, channels)
+    init_key, key = jax.random.split(jax.random.key(seed))
+    if latents is None:
+      latents = jax.random.normal(init_key, shape, jnp.float32)
+    else:  # diffusers' layout [N, C, h, w]
+      latents = np.asarray(latents, np.float32)
+      expected = (num_samples, channels, height // f, width // f)
+      if latents.shape != expected:
+        raise ValueError(f"initial latents have shape {list(latents.shape)}, expected "
+                         f"{list(expected)} (num_samples, C, height/{f}, width/{f})")
+      latents = jnp.asarray(latents.transpose(0, 2, 3, 1))
+    if image is not None and m.unet.image_proj is None:
+      raise ValueError("an image prompt needs an IP-Adapter (load the model with ip_adapter=...)")
+    if image is not None and m.image_encoder is None:
+      raise ValueError("an image prompt needs a CLIP image encoder (image_encoder=...)")
+
+    sdxl_zero = m.is_sdxl and negative_prompt is None and m.model_index.get(
+        "force_zeros_for_empty_prompt", True)
+    negative = negative_prompt or ""
+    inputs = {"ids": tokenize(m.tokenizer, [negative, prompt]),
+              "latents": latents, "key": key,
+              "guidance_scale": jnp.float32(guidance_scale), "eta": jnp.float32(eta)}
+    if m.is_sdxl:
+      inputs["ids_2"] = tokenize(m.tokenizer_2, [negative, prompt])
+      ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
+      inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * num_samples, 1))
+    kind = "image_embeds"
+    if image is not None:
+      processor = m.image_processor or CLIPImageConfig()
+      inputs["pixels"] = clip_pixels([to_pil(image)], processor)
+      inputs["scale"] = jnp.asarray(scale, jnp.float32)
+      kind = "hidden_states" if m.unet.adapter_config.uses_hidden_states else "image_embeds"
+    plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
+                num_samples=num_samples, latent_shape=shape[1:], guidance=guidance_scale > 1,
+                stochastic=eta > 0, image_prompt=image is not None, image_features=kind,
+                sdxl_zero_negative=bool(sdxl_zero))
+    return plan, inputs
+
+  def _shard(self, inputs):
+    n = inputs["latents"].shape[0]
+    batch = P("data") if n % self.mesh.size == 0 else P()
+    out = dict(inputs)
+    out["latents"] = jax.device_put(inputs["latents"], NamedSharding(self.mesh, batch))
+    return out
+
+  def compile(self, **request):
+    """Compiles (without running) the program for a request; returns the compiled executable."""
+    plan, inputs = self.prepare(**request)
+    return self._generate.lower(self._graphdef, self._state, self._shard(inputs), plan=plan,
+                                on_step=self._on_step).compile()
+
+  def __call__(self, prompt: str = "", image=None, **request) -> np.ndarray:
+    """Images [num_samples, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")."""
+    plan, inputs = self.prepare(prompt, image, **request)
+    images = self._generate(self._graphdef, self._state, self._shard(inputs), plan=plan,
+                            on_step=self._on_step)
+    return np.asarray(images)
+
+  def cache_size(self) -> int:
+    """How many programs have been compiled (for checking that nothing recompiles)."""
+    return self._generate._cache_size()  # pylint: disable=protected-access

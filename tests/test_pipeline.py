@@ -1,0 +1,158 @@
+"""End to end against diffusers: the same folder, adapter, latents and settings give the same images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                          CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+from ipadapter_jax.data.tokenizer import write_word_tokenizer
+from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.sampling import main as sample_main
+from ipadapter_jax.weights import load_stable_diffusion
+from tests import torch_reference as ref
+
+PROMPT, NEGATIVE = "a red circle on a blue background", "green"
+H = W = 32  # latents 16x16 with the tiny VAE's factor 2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A tiny SD folder, an image encoder, an official adapter file, an image and latents."""
+  tmp = tmp_path_factory.mktemp("world")
+  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
+  scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  unet = ref.tiny_unet(ref.SD15_LIKE, 2)
+  pipe = StableDiffusionPipeline(
+      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
+      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
+      tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "words")), unet=unet,
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(tmp / "sd")
+  encoder = ref.randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**ref.VISION_LIKE)), 3)
+  encoder.save_pretrained(tmp / "adapter" / "image_encoder")
+  CLIPImageProcessor(size=30, crop_size=30).save_pretrained(tmp / "adapter" / "image_encoder")
+  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=5)
+  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
+            str(tmp / "adapter" / "ip-adapter.safetensors"))
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)).save(tmp / "prompt.png")
+  np.save(tmp / "latents.npy", rng.standard_normal((2, 4, H // 2, W // 2)).astype(np.float32))
+  return tmp
+
+
+def _diffusers_images(world, scale, guidance, with_adapter=True):
+  pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
+  kw = {}
+  if with_adapter:
+    pipe.load_ip_adapter(str(world / "adapter"), subfolder="", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(scale)
+    kw["ip_adapter_image"] = Image.open(world / "prompt.png")
+  latents = torch.from_numpy(np.load(world / "latents.npy"))
+  return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=guidance,
+              num_images_per_prompt=2, latents=latents, height=H, width=W, output_type="np",
+              **kw).images
+
+
+def _sample_py(world, tmp_path, scale, guidance, with_adapter=True):
+  out = tmp_path / f"grid_{scale}_{guidance}.png"
+  argv = ["--pretrained", str(world / "sd"), "--prompt", PROMPT, "--negative_prompt", NEGATIVE,
+          "--guidance_scale", str(guidance), "--num_inference_steps", "10", "--num_samples", "2",
+          "--height", str(H), "--width", str(W), "--latents", str(world / "latents.npy"),
+          "--out", str(out), "--save_array", str(out.with_suffix(".npy"))]
+  if with_adapter:
+    argv += ["--image_encoder", str(world / "adapter" / "image_encoder"),
+             "--ip_adapter", str(world / "adapter" / "ip-adapter.safetensors"),
+             "--image", str(world / "prompt.png"), "--scale", str(scale)]
+  assert sample_main(argv) == 0
+  assert out.exists() and json.loads(out.with_suffix(".json").read_text())["scale"] == scale
+  return np.load(out.with_suffix(".npy"))
+
+
+@pytest.mark.parametrize("scale,guidance", [(0.6, 7.5), (0.6, 1.0)])
+def test_sample_py_matches_diffusers(world, tmp_path, scale, guidance):
+  expected = _diffusers_images(world, scale, guidance)
+  actual = _sample_py(world, tmp_path, scale, guidance)
+  assert actual.shape == expected.shape == (2, H, W, 3) and actual.dtype == np.float32
+  err = float(np.abs(actual - expected).max())
+  print(f"scale {scale}, guidance {guidance}: max abs image difference {err:.1e}")
+  assert err <= 1e-3
+
+
+def test_scale_zero_matches_diffusers_without_adapter(world, tmp_path):
+  expected = _diffusers_images(world, 0.0, 7.5, with_adapter=False)
+  actual = _sample_py(world, tmp_path, 0.0, 7.5)
+  assert float(np.abs(actual - expected).max()) <= 1e-3
+  assert float(np.abs(actual - _diffusers_images(world, 0.6, 7.5)).max()) > 1e-2
+
+
+def test_new_scale_prompt_or_seed_do_not_recompile(world):
+  models = load_stable_diffusion(str(world / "sd"), image_encoder=str(world / "adapter" / "image_encoder"),
+                                 ip_adapter=str(world / "adapter" / "ip-adapter.safetensors"))
+  pipe = IPAdapterPipeline(models)
+  image = Image.open(world / "prompt.png")
+  request = dict(num_inference_steps=3, num_samples=2, height=H, width=W)
+  first = pipe("a red circle", image, scale=1.0, seed=0, **request)
+  compiled = pipe.cache_size()  # jit's cache is shared with earlier pipelines of the session
+  second = pipe("a blue square", image, scale=0.3, seed=1, guidance_scale=5.0, **request)
+  assert pipe.cache_size() == compiled
+  third = pipe("a blue square", image, scale=np.linspace(0, 1, 11), seed=1, **request)
+  assert pipe.cache_size() == compiled + 1  # a per-layer scale vector is a new shape, once
+  pipe("a blue square", image, scale=np.linspace(1, 0, 11), seed=2, **request)
+  assert pipe.cache_size() == compiled + 1
+  assert not np.allclose(first, second) and not np.allclose(second, third)
+
+
+def test_bad_input_ends_with_one_line(world, tmp_path, capsys):
+  base = ["--pretrained", str(world / "sd"), "--out", str(tmp_path / "g.png")]
+  cases = [
+      (["--image", str(tmp_path / "missing.png"), "--ip_adapter", "x", "--image_encoder", "y"],
+       "no such file"),
+      (["--height", "33", "--num_inference_steps", "1"], "divisible by 2"),
+      (["--pretrained", str(tmp_path / "nothing")], "no such folder"),
+  ]
+  (tmp_path / "broken.png").write_bytes(b"not an image")
+  cases.append((["--image", str(tmp_path / "broken.png"), "--image_encoder",
+                 str(world / "adapter" / "image_encoder"), "--ip_adapter",
+                 str(world / "adapter" / "ip-adapter.safetensors")], "not a readable image"))
+  for extra, message in cases:
+    assert sample_main(base + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and message in err[-1], err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("negative", ["green", None])
+def test_sdxl_text_to_image_matches_diffusers(tmp_path, negative):
+  from diffusers import StableDiffusionXLPipeline
+  from transformers import CLIPTextModelWithProjection
+  write_word_tokenizer(str(tmp_path / "words"), ref.WORDS, model_max_length=16)
+  tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "words"))
+  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
+                                 projection_dim=ref.SDXL_POOLED_DIM))
+  pipe = StableDiffusionXLPipeline(
+      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
+      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
+      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
+      tokenizer=tokenizer, tokenizer_2=tokenizer,
+      unet=ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3),
+      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1))
+  pipe.save_pretrained(tmp_path / "xl")
+  latents = np.random.default_rng(1).standard_normal((1, 4, H // 2, W // 2)).astype(np.float32)
+  expected = pipe(PROMPT, negative_prompt=negative, num_inference_steps=5, guidance_scale=5.0,
+                  latents=torch.from_numpy(latents), height=H, width=W, output_type="np").images
+  ours = IPAdapterPipeline(load_stable_diffusion(str(tmp_path / "xl")))
+  actual = ours(PROMPT, negative_prompt=negative, num_inference_steps=5, guidance_scale=5.0,
+                latents=latents, height=H, width=W)
+  err = float(np.abs(actual - expected).max())
+  print(f"SDXL, negative {negative!r}: max abs image difference {err:.1e}")
+  assert err <= 1e-3

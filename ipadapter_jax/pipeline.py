@@ -37,8 +37,10 @@ class Plan:
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
 
 
-def _encode_text(text_encoder, text_encoder_2, ids, ids_2, zero_negative: bool):
-  """[negative, prompt] token ids -> (context [2, S, D], pooled [2, P] or None)."""
+def encode_text(text_encoder, text_encoder_2, ids, ids_2, zero_negative: bool = False):
+  """Token ids -> (context [B, S, D], pooled [B, P] or None): SD1/SD2 take the last hidden
+  state; SDXL both encoders' penultimate states and encoder 2's pooled projection.
+  `zero_negative` zeroes row 0 (SDXL's empty negative prompt)."""
   if text_encoder_2 is None:  # SD1.x / SD2.x: last hidden state, after the final LayerNorm
     return text_encoder(ids).last_hidden_state, None
   first, second = text_encoder(ids), text_encoder_2(ids_2)  # SDXL: both penultimate states
@@ -67,7 +69,7 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
   """The whole generation as one pure function of the models' state and the traced inputs."""
   unet, vae, text_encoder, text_encoder_2, image_encoder = nnx.merge(graphdef, state)
   n = plan.num_samples
-  context, pooled = _encode_text(text_encoder, text_encoder_2, inputs["ids"], inputs.get("ids_2"),
+  context, pooled = encode_text(text_encoder, text_encoder_2, inputs["ids"], inputs.get("ids_2"),
                                  plan.sdxl_zero_negative)
   image_prompt = None
   if plan.image_prompt:
@@ -102,7 +104,7 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
 
   latents = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
                               inputs["latents"].astype(jnp.float32))
-  images = vae.decode(latents / vae.config.scaling_factor)
+  images = latents if vae is None else vae.decode(latents / vae.config.scaling_factor)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -113,13 +115,14 @@ class IPAdapterPipeline:
                on_step: Callable[[int], None] | None = None):
     self.models = models
     self.scheduler = scheduler or DDIM.from_diffusers(models.scheduler_config)
-    self.vae_scale_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    self.vae_scale_factor = (1 if models.vae is None else
+                             2 ** (len(models.vae.config.block_out_channels) - 1))
     modules = (models.unet, models.vae, models.text_encoder, models.text_encoder_2,
                models.image_encoder)
     self._graphdef, state = nnx.split(modules)
-    devices = jax.devices()
+    devices = jax.local_devices()  # sampling runs within one process, also in multi-host runs
     self.mesh = jax.make_mesh((len(devices),), ("data",),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+                              axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
     self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
     self._on_step = on_step

@@ -22,30 +22,8 @@ H = W = 32  # latents 16x16 with the tiny VAE's factor 2
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """A tiny SD folder, an image encoder, an official adapter file, an image and latents."""
-  tmp = tmp_path_factory.mktemp("world")
-  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
-  scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-  unet = ref.tiny_unet(ref.SD15_LIKE, 2)
-  pipe = StableDiffusionPipeline(
-      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
-      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
-      tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "words")), unet=unet,
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  pipe.save_pretrained(tmp / "sd")
-  encoder = ref.randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**ref.VISION_LIKE)), 3)
-  encoder.save_pretrained(tmp / "adapter" / "image_encoder")
-  CLIPImageProcessor(size=30, crop_size=30).save_pretrained(tmp / "adapter" / "image_encoder")
-  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=5)
-  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
-            str(tmp / "adapter" / "ip-adapter.safetensors"))
-  rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)).save(tmp / "prompt.png")
-  np.save(tmp / "latents.npy", rng.standard_normal((2, 4, H // 2, W // 2)).astype(np.float32))
-  return tmp
+def world(tiny_world):
+  return tiny_world
 
 
 def _diffusers_images(world, scale, guidance, with_adapter=True):

@@ -119,3 +119,21 @@ def test_num_attention_heads_is_the_head_count():
   legacy = UNetConfig.from_diffusers(dict(SD15_UNET, attention_head_dim=5))
   explicit = UNetConfig.from_diffusers(dict(SD15_UNET, attention_head_dim=64, num_attention_heads=5))
   assert legacy == explicit and legacy.num_attention_heads == (5, 5, 5, 5)
+
+
+def test_remat_policies_give_the_same_gradients(unet_folders):
+  model = load_unet(unet_folders["sd15"][1])
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  ctx = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def grads(remat):
+    def loss(p):
+      unet = nnx.merge(graphdef, p)
+      unet.remat = remat
+      return jnp.mean(jnp.square(unet(x, 10, ctx)))
+    return jax.jit(jax.grad(loss))(params)
+  reference = jax.tree.leaves(grads("none"))
+  for policy in ("full", "dots"):
+    for a, b in zip(jax.tree.leaves(grads(policy)), reference):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -1,1 +1,25 @@
-"""Input data: preprocessing for the frozen encoders (and, later, datasets and pipelines)."""
+"""Input data: preprocessing for the frozen encoders, image-text datasets (TFDS, ArrayRecord),
+the grain input pipeline and the embedding cache.
+
+The dataset and pipeline names are imported on first use, so that importing the preprocessing
+alone does not pull in tensorflow-datasets and grain.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "BuildReport": "image_text", "ImageTextFolder": "image_text",
+    "build_image_text_dataset": "image_text", "read_annotations": "image_text",
+    "DataSpec": "input_pipeline", "TrainIterator": "input_pipeline",
+    "make_train_iterator": "input_pipeline", "open_source": "input_pipeline",
+    "CacheReport": "cache", "build_embedding_cache": "cache", "load_empty_text": "cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  """Imports an exported name's module when the name is first used."""
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -7,7 +7,7 @@ is a mechanical table. Activations are NHWC inside.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +320,16 @@ class UNet2DConditionModel(nnx.Module):
     for index, layer in enumerate(self.decoupled_layers()):
       layer.ip_index = index
     self.dtype = dtype
+    self.remat = "none"  # none | full | dots: rematerialise each block in the backward pass
+
+  def _run(self, block, *args, **static):
+    """Calls a block, rematerialised in the backward pass when `self.remat` asks for it."""
+    def call(module, *traced):
+      return module(*traced, **static)  # static (shape) arguments stay out of the trace
+    if self.remat == "none":
+      return call(block, *args)
+    policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[self.remat]
+    return nnx.remat(call, policy=policy)(block, *args)
 
   def reset_adapter(self, rngs: nnx.Rngs):
     """The training initialisation: a fresh projection; to_k_ip/to_v_ip copy each to_k/to_v."""
@@ -413,13 +423,14 @@ class UNet2DConditionModel(nnx.Module):
     x_BHWC = self.conv_in(x_BHWC.astype(self.dtype))
     skips = [x_BHWC]
     for block in self.down_blocks:
-      x_BHWC, block_skips = block(x_BHWC, temb_BE, context_BSD, image_prompt)
+      x_BHWC, block_skips = self._run(block, x_BHWC, temb_BE, context_BSD, image_prompt)
       skips += block_skips
-    x_BHWC = self.mid_block(x_BHWC, temb_BE, context_BSD, image_prompt)
+    x_BHWC = self._run(self.mid_block, x_BHWC, temb_BE, context_BSD, image_prompt)
     for block in self.up_blocks:
       used = len(block.resnets)
       block_skips, skips = skips[-used:], skips[:-used]
       size = skips[-1].shape[1:3] if skips else None  # the next resolution up, even for odd sizes
-      x_BHWC = block(x_BHWC, block_skips, temb_BE, context_BSD, image_prompt, size)
+      x_BHWC = self._run(block, x_BHWC, block_skips, temb_BE, context_BSD, image_prompt,
+                         upsample_size=size)
     out = self.conv_out(jax.nn.silu(self.conv_norm_out(x_BHWC)))
     return jnp.transpose(out, (0, 3, 1, 2)) if layout == "NCHW" else out

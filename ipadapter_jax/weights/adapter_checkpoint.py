@@ -2,7 +2,8 @@
 
 A folder with `adapter_config.json` (the adapter's shape and the UNet config it belongs to) and
 an Orbax item `adapter`: a flat {"module.path.kernel": array} dict of every AdapterParam.
-Training checkpoints store the adapter the same way, so both open with `load_adapter_checkpoint`.
+A training work directory has the same config file and stores the trainable weights the same
+way (`checkpoints/STEP/params`), so `load_adapter_checkpoint` opens both (the latest step).
 """
 
 from __future__ import annotations
@@ -58,18 +59,31 @@ def abstract_unet_for(directory: str) -> UNet2DConditionModel:
   return nnx.eval_shape(lambda: UNet2DConditionModel(config, adapter=adapter, rngs=nnx.Rngs(0)))
 
 
+def _weights_item(directory: str) -> str:
+  """The Orbax item holding the adapter: `adapter/`, or a training run's latest `params/`."""
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, ITEM)):
+    return os.path.join(directory, ITEM)
+  steps = os.path.join(directory, "checkpoints")
+  numbered = sorted((int(d) for d in os.listdir(steps) if d.isdigit()) if os.path.isdir(steps)
+                    else [])
+  if numbered:
+    return os.path.join(steps, str(numbered[-1]), "params")
+  raise CheckpointError(f"{directory}: neither an adapter checkpoint ('{ITEM}/') nor a training "
+                        "run with checkpoints")
+
+
 def load_adapter_checkpoint(model: UNet2DConditionModel, directory: str) -> None:
-  """Sets `model`'s adapter from a checkpoint folder; any mismatch is an error."""
-  item = os.path.join(os.path.abspath(directory), ITEM)
-  if not os.path.isdir(item):
-    raise CheckpointError(f"{directory}: no '{ITEM}' item in this checkpoint")
+  """Sets `model`'s adapter from a checkpoint folder or a training run; mismatches are errors."""
+  item = _weights_item(directory)
   target = adapter_arrays(model)
   try:
     stored = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
   except Exception as e:  # orbax raises several types for unreadable checkpoints
     raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None
   missing = sorted(set(target) - set(stored))
-  unexpected = sorted(set(stored) - set(target))
+  base = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  unexpected = sorted(set(stored) - base)  # a run that trained the UNet too also stores it
   if missing or unexpected:
     key = (missing or unexpected)[0]
     raise CheckpointError(f"{directory}: {'missing' if missing else 'unexpected'} adapter "
@@ -78,7 +92,7 @@ def load_adapter_checkpoint(model: UNet2DConditionModel, directory: str) -> None
     if tuple(stored[key].shape) != tuple(value.shape):
       raise CheckpointError(f"{directory}: adapter weight '{key}' has shape "
                             f"{list(stored[key].shape)}, expected {list(value.shape)}")
-  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in target.items()}
+  abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in stored.items()}
   restored = ocp.StandardCheckpointer().restore(item, abstract)
   variables = dict(nnx.to_flat_state(nnx.state(model, AdapterParam)))
   for path, variable in variables.items():

@@ -20,7 +20,7 @@ from ipadapter_jax.weights.files import CheckpointError, atomic_path
 from ipadapter_jax.weights.folders import local_path, read_config
 from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
 
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")  # no vae: a pixel-space model
 OPTIONAL = ("text_encoder_2", "tokenizer_2")
 
 
@@ -28,7 +28,7 @@ OPTIONAL = ("text_encoder_2", "tokenizer_2")
 class StableDiffusion:
   """The frozen parts around an IP-Adapter, as loaded from a diffusers pipeline folder."""
   unet: UNet2DConditionModel
-  vae: AutoencoderKL
+  vae: AutoencoderKL | None  # None for a pixel-space model (the toy world's)
   text_encoder: CLIPTextModel
   tokenizer: Any
   scheduler_config: dict
@@ -65,7 +65,7 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
                           adapter: AdapterConfig | None = None, ip_adapter: str | None = None,
                           dtype=jnp.float32,
                           param_dtype=None, variant: str | None = None,
-                          revision: str | None = None) -> StableDiffusion:
+                          revision: str | None = None, seed: int = 0) -> StableDiffusion:
   """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
   Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
   ("h94/IP-Adapter/models/image_encoder"). `ip_adapter` (an official file) or `adapter` (a
@@ -81,8 +81,8 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   parts = dict(
       unet=load_unet(_component(root, "unet"), adapter=adapter, ip_adapter=ip_adapter,
-                     variant=variant, **kw),
-      vae=load_vae(_component(root, "vae"), variant=variant, **kw),
+                     variant=variant, seed=seed, **kw),
+      vae=load_vae(_component(root, "vae"), variant=variant, **kw) if _listed(index, "vae") else None,
       text_encoder=load_clip_text(_component(root, "text_encoder"), variant=variant, **kw),
       tokenizer=load_tokenizer(_component(root, "tokenizer")),
       scheduler_config=read_config(_component(root, "scheduler"), "scheduler_config.json"),
@@ -107,7 +107,8 @@ def save_stable_diffusion(sd: StableDiffusion, folder: str, *, dtype=None) -> No
   with atomic_path(folder) as tmp:
     os.makedirs(tmp)
     save_unet(sd.unet, os.path.join(tmp, "unet"), dtype=dtype)
-    save_vae(sd.vae, os.path.join(tmp, "vae"), dtype=dtype)
+    if sd.vae is not None:
+      save_vae(sd.vae, os.path.join(tmp, "vae"), dtype=dtype)
     encoders = [("text_encoder", sd.text_encoder, sd.tokenizer),
                 ("text_encoder_2", sd.text_encoder_2, sd.tokenizer_2)]
     for name, encoder, tokenizer in encoders:
@@ -119,8 +120,10 @@ def save_stable_diffusion(sd: StableDiffusion, folder: str, *, dtype=None) -> No
       json.dump(sd.scheduler_config, f, indent=2)
     index = dict(sd.model_index) or {
         "_class_name": "StableDiffusionXLPipeline" if sd.is_sdxl else "StableDiffusionPipeline"}
-    index.update(unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
+    index.update(unet=["diffusers", "UNet2DConditionModel"],
                  scheduler=["diffusers", sd.scheduler_config.get("_class_name", "DDIMScheduler")])
+    if sd.vae is not None:
+      index["vae"] = ["diffusers", "AutoencoderKL"]
     for name, encoder, _ in encoders:
       if encoder is not None:
         index[name] = ["transformers", encoder.config.to_transformers()["architectures"][0]]

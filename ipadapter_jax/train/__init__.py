@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, train state and step, Orbax checkpoints, the loop."""

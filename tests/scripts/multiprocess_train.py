@@ -1,0 +1,25 @@
+"""One process of a multi-process CPU training run (or the single-process reference).
+
+  python multiprocess_train.py CONFIG_JSON WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES_PER_PROCESS
+Run by tests/test_train.py: two processes over localhost must train like one with all devices.
+"""
+
+import json
+import os
+import sys
+
+config_json, workdir, num_processes, process_id, port, local_devices = sys.argv[1:]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from ipadapter_jax.train.loop import train  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+cfg = ml_collections.ConfigDict(json.loads(open(config_json).read()))
+if int(num_processes) > 1:
+  cfg.mesh.coordinator_address = f"localhost:{port}"
+  cfg.mesh.num_processes = int(num_processes)
+  cfg.mesh.process_id = int(process_id)
+train(cfg, workdir)

@@ -1,0 +1,213 @@
+"""Training: sharded step parity, exact resumption, SIGTERM, NaN, checkpoint contents, loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ml_collections
+from configs import sd15_ip_adapter
+from ipadapter_jax.train.loop import TrainingError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(world, dataset, **overrides) -> ml_collections.ConfigDict:
+  c = sd15_ip_adapter.get_config()
+  c.model.pretrained = str(world / "sd")
+  c.model.image_encoder = str(world / "adapter" / "image_encoder")
+  c.data.source = dataset
+  c.data.resolution = 32
+  c.batch_size = 8
+  c.num_steps = 6
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.keep_last = 10
+  c.keep_every = 0
+  c.sample_every = 0
+  c.optimizer.learning_rate = 1e-3
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_command(config, workdir):
+  path = os.path.join(workdir, "config.py")
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    f.write("import json\nimport ml_collections\n\n\ndef get_config():\n"
+            f"  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n")
+  return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={path}", f"--workdir={workdir}"]
+
+
+def _wait_for(predicate, process, timeout=120):
+  start = time.time()
+  while not predicate():
+    assert process.poll() is None, "the run ended early"
+    assert time.time() - start < timeout, "timed out"
+    time.sleep(0.05)
+
+
+def test_resume_after_sigkill_and_sigterm(tiny_world, tiny_dataset, tmp_path):
+  config = tiny_config(tiny_world, tiny_dataset)
+  reference = str(tmp_path / "reference")
+  train(config, reference)
+  expected = _metrics(reference)
+  assert [m["step"] for m in expected] == list(range(1, 7))
+
+  run = str(tmp_path / "interrupted")
+  ckpt = os.path.join(run, "checkpoints")
+  process = subprocess.Popen(_train_command(config, run), cwd=ROOT, stderr=subprocess.DEVNULL)
+  _wait_for(lambda: os.path.isdir(os.path.join(ckpt, "2")) and len(_metrics(run)) >= 3, process)
+  process.send_signal(signal.SIGKILL)  # mid-run, after the checkpoint of step 2
+  process.wait()
+  restarted = time.time()
+  process = subprocess.Popen(_train_command(config, run), cwd=ROOT, stderr=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE)
+  metrics_path = os.path.join(run, "metrics.jsonl")
+  _wait_for(lambda: os.path.getmtime(metrics_path) > restarted  # the restarted run has logged
+            and _metrics(run)[-1]["step"] >= 3, process)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  summary = json.loads(out.decode().strip().splitlines()[-1])
+  assert summary["stopped_by_signal"] and str(summary["step"]) in os.listdir(ckpt)
+  train(config, run)  # the same command again finishes the run
+  timing = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in rows]
+  assert timing(_metrics(run)) == timing(expected)  # every step's loss, to the last digit
+  assert os.path.exists(os.path.join(run, "ip_adapter.safetensors"))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tiny_dataset, tmp_path,
+                                                         monkeypatch):
+  from ipadapter_jax.data import input_pipeline
+  original = input_pipeline.make_train_iterator
+
+  def poisoned(*args, **kwargs):
+    iterator = original(*args, **kwargs)
+    real_next = type(iterator).__next__
+
+    class Poisoned(type(iterator)):
+      def __next__(self):
+        batch = real_next(self)
+        if self.step == 4:  # the 4th batch: after the checkpoint of step 2... and 3
+          batch = dict(batch, pixels=batch["pixels"] * np.nan)
+        return batch
+    iterator.__class__ = Poisoned
+    return iterator
+  monkeypatch.setattr(input_pipeline, "make_train_iterator", poisoned)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4.*last checkpoint "
+                                          r"\(step 2\) is intact"):
+    train(tiny_config(tiny_world, tiny_dataset), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3]
+
+
+def test_checkpoint_holds_only_trainable_state(tiny_world, tiny_dataset, tmp_path):
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from ipadapter_jax.models import AdapterParam
+  from ipadapter_jax.train.loop import load_models
+  config = tiny_config(tiny_world, tiny_dataset, num_steps=2, sample_every=2,
+                       sample_images=(str(tiny_world / "prompt.png"),), sample_steps=2)
+  workdir = str(tmp_path / "run")
+  train(config, workdir)
+  assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000002.png"]  # 1 image x 2 prompts
+  adapter = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(
+      nnx.state(load_models(config).unet, AdapterParam)))
+  step = os.path.join(workdir, "checkpoints", "2")
+  count = lambda item: sum(int(np.prod(m.shape)) for m in ocp.StandardCheckpointer().metadata(
+      os.path.join(step, item)).item_metadata.tree.values())
+  assert count("params") == adapter
+  assert 2 * adapter <= count("state") <= 2 * adapter + 16  # Adam's two moments and counters
+  # and the convert CLI reads the run
+  from ipadapter_jax import convert
+  out = str(tmp_path / "exported.safetensors")
+  assert convert.main(["to-official", workdir, "--out", out, "--dtype", "float32"]) == 0
+  from ipadapter_jax.weights import read_ip_adapter
+  np.testing.assert_array_equal(
+      read_ip_adapter(out)["ip_adapter.1.to_k_ip.weight"],
+      read_ip_adapter(os.path.join(workdir, "ip_adapter.safetensors"))["ip_adapter.1.to_k_ip.weight"])
+
+
+def test_loss_falls(tiny_world, tiny_dataset, tmp_path):
+  config = tiny_config(tiny_world, tiny_dataset, num_steps=60, checkpoint_every=1000,
+                       log_every=1, **{"model.trainable": "unet"})
+  config.optimizer.learning_rate = 2e-3
+  train(config, str(tmp_path / "run"))
+  losses = [m["loss"] for m in _metrics(str(tmp_path / "run"))]
+  first, last = np.mean(losses[:15]), np.mean(losses[-15:])
+  print(f"loss: first 15 steps {first:.4f}, last 15 steps {last:.4f}")
+  assert last < 0.7 * first
+
+
+def test_bad_config_is_reported(tiny_world, tiny_dataset, tmp_path):
+  import jax
+  from ipadapter_jax.train.loop import validate
+  eight = jax.sharding.AbstractMesh((4, 2), ("data", "fsdp"))
+  with pytest.raises(TrainingError, match=r"batch_size 12 is not divisible by the 8 devices"):
+    validate(tiny_config(tiny_world, tiny_dataset, batch_size=12), eight)
+  with pytest.raises(TrainingError, match=r"mesh: data=2 x fsdp=1 does not use the 1 devices"):
+    train(tiny_config(tiny_world, tiny_dataset, **{"mesh.data": 2}), str(tmp_path))
+  with pytest.raises(TrainingError, match="model.init_adapter: /nope does not exist"):
+    train(tiny_config(tiny_world, tiny_dataset, **{"model.init_adapter": "/nope"}), str(tmp_path))
+
+
+def test_sharded_step_equals_single_device(tiny_world, tmp_path):
+  config = tiny_config(tiny_world, "unused")
+  config.optimizer.learning_rate = 1e-4  # the paper's rate: Adam's first step is +-lr per weight
+  (tmp_path / "config.json").write_text(config.to_json())
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "batch.npz", pixels=rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+           clip_pixels=rng.standard_normal((8, 30, 30, 3)).astype(np.float32),
+           input_ids=rng.integers(0, 100, (8, 16)).astype(np.int32))
+  subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_step.py"),
+                  str(tmp_path / "config.json"), str(tmp_path / "batch.npz"),
+                  str(tmp_path / "out.json")], check=True, cwd=ROOT, capture_output=True)
+  out = json.loads((tmp_path / "out.json").read_text())
+  (sharded_loss, sharded), (single_loss, single) = out["sharded"], out["single"]
+  assert abs(sharded_loss - single_loss) <= 1e-5
+  assert sharded.keys() == single.keys()
+  err = max(np.abs(np.asarray(sharded[k]) - np.asarray(single[k])).max() for k in single)
+  print(f"data=4 x fsdp=2 vs one device: loss {sharded_loss:.7f} vs {single_loss:.7f}, "
+        f"updated adapter max abs difference {err:.1e}")
+  assert err <= 1e-5
+
+
+def test_two_processes_train_like_one(tiny_world, tiny_dataset, tmp_path):
+  """jax.distributed over localhost: 2 processes x 2 CPU devices == 1 process x 4 devices."""
+  import socket
+  config = tiny_config(tiny_world, tiny_dataset, num_steps=3, checkpoint_every=100)
+  (tmp_path / "config.json").write_text(config.to_json())
+  script = os.path.join(ROOT, "tests", "scripts", "multiprocess_train.py")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  shared = str(tmp_path / "two")
+  workers = [subprocess.Popen([sys.executable, script, str(tmp_path / "config.json"), shared,
+                               "2", str(i), str(port), "2"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(2)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err.decode()[-2000:]
+  subprocess.run([sys.executable, script, str(tmp_path / "config.json"), str(tmp_path / "one"),
+                  "1", "0", "0", "4"], check=True, cwd=ROOT, capture_output=True, timeout=300)
+  two, one = _metrics(shared), _metrics(str(tmp_path / "one"))
+  print("losses, 2 processes:", [m["loss"] for m in two], "1 process:", [m["loss"] for m in one])
+  assert [m["step"] for m in two] == [1, 2, 3]
+  np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Sample images with text + image prompts. `python sample.py --help` lists the flags.
+r"""Sample images with text + image prompts. `python sample.py --help` lists the flags.
 
   python sample.py --pretrained runwayml/stable-diffusion-v1-5 \
       --image_encoder h94/IP-Adapter/models/image_encoder \

@@ -1,4 +1,4 @@
-"""Train an IP-Adapter (or a UNet) on a device mesh; rerunning the same command resumes.
+r"""Train an IP-Adapter (or a UNet) on a device mesh; rerunning the same command resumes.
 
   python train.py --config configs/sd15_ip_adapter.py --workdir runs/sd15 \
       --config.data.source=/data/built --config.batch_size=64

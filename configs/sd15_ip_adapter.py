@@ -1,4 +1,4 @@
-"""IP-Adapter on Stable Diffusion 1.5: the paper's recipe (REFERENCE.md §5).
+r"""IP-Adapter on Stable Diffusion 1.5: the paper's recipe (REFERENCE.md §5).
 
   python train.py --config configs/sd15_ip_adapter.py --workdir runs/sd15 \
       --config.data.source=/data/laion_coyo_built --config.batch_size=64

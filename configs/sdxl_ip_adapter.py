@@ -1,4 +1,4 @@
-"""IP-Adapter on SDXL base with the ViT-H image encoder (pooled text embeds and time ids as SDXL
+r"""IP-Adapter on SDXL base with the ViT-H image encoder (pooled text embeds and time ids as SDXL
 conditions), at 1024x1024.
 
   python train.py --config configs/sdxl_ip_adapter.py --workdir runs/sdxl \

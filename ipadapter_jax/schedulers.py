@@ -13,7 +13,6 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -200,7 +199,3 @@ class DDIM:
 
 _SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(NoiseSchedule)}
 
-
-def ddim_noise(key, step, shape):
-  """Standard normal noise for DDIM step `step` (fold_in keeps steps independent)."""
-  return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32)

@@ -19,9 +19,8 @@ from ipadapter_jax.data.tokenizer import write_word_tokenizer
 from ipadapter_jax.models import AdapterConfig, AdapterParam, UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.image_proj import make_image_projection
 from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
-from ipadapter_jax.weights import (CheckpointError, describe, load_ip_adapter,
-                                   load_stable_diffusion, load_unet, read_ip_adapter,
-                                   save_ip_adapter, save_stable_diffusion)
+from ipadapter_jax.weights import (CheckpointError, load_ip_adapter, load_unet,
+                                   read_ip_adapter, save_ip_adapter)
 from ipadapter_jax.weights.tables import assign, named_variables, torch_name
 from tests import torch_reference as ref
 

@@ -7,9 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
-                          CLIPVisionConfig, CLIPVisionModelWithProjection)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ipadapter_jax.data.tokenizer import write_word_tokenizer
 from ipadapter_jax.pipeline import IPAdapterPipeline

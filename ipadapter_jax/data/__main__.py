@@ -1,4 +1,4 @@
-"""Build, cache and inspect datasets.
+r"""Build, cache and inspect datasets.
 
   python -m ipadapter_jax.data build --annotations data.json --data_root DIR --out DIR
   python -m ipadapter_jax.data inspect DIR [--grid grid.png]

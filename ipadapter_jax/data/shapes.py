@@ -1,0 +1,140 @@
+"""The toy world's "shapes": one coloured shape on a coloured background, with procedural truth.
+
+Every example is a pure function of (seed, index), so a dataset is reproducible from two
+numbers. Captions name some of the attributes, so an image prompt carries information its text
+may lack. `judge` reads the attributes back from pixels alone (no trained model), which is what
+the toy world's colour and shape scores are measured with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {  # shape colours; the background palette below is disjoint from it
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
+    "yellow": (235, 215, 50), "purple": (150, 60, 190), "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128),
+               "brown": (110, 75, 45)}
+WORDS = ("a", "an", "on", "background", "shape", *SHAPES, *COLOURS, *BACKGROUNDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  shape: str
+  colour: str
+  background: str
+  radius: int
+  centre: tuple[int, int]  # (row, column)
+  caption: str
+
+
+def _mask(shape: str, size: int, radius: int, centre) -> np.ndarray:
+  """A boolean [size, size] mask of `shape` with half-width `radius` around `centre`."""
+  rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+  dy, dx = rows - centre[0], cols - centre[1]
+  if shape == "circle":
+    return dx * dx + dy * dy <= radius * radius
+  if shape == "square":
+    half = 0.8 * radius
+    return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+  if shape == "triangle":  # pointing up: apex at the top, base at the bottom
+    height = 1.6 * radius
+    top = -0.8 * radius
+    inside_rows = (dy >= top) & (dy <= top + height)
+    return inside_rows & (np.abs(dx) <= (dy - top) / height * radius)
+  arm = 0.35 * radius  # cross
+  return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+
+
+def _caption(rng, shape: str, colour: str, background: str) -> str:
+  """Names a random subset of the attributes (possibly none)."""
+  form = rng.integers(6)
+  text = ["", f"a {shape}", f"a {colour} shape", f"a {colour} {shape}",
+          f"a {shape} on a {background} background",
+          f"a {colour} {shape} on a {background} background"][form]
+  return "an" + text[1:] if text.startswith("a o") else text
+
+
+def example(seed: int, index: int, size: int = 32) -> Example:
+  """The attributes of example `index` of the dataset with `seed`."""
+  rng = np.random.default_rng([seed, index])
+  shape = SHAPES[rng.integers(len(SHAPES))]
+  colour = list(COLOURS)[rng.integers(len(COLOURS))]
+  background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+  radius = int(rng.integers(max(2, size * 6 // 32), max(3, size * 11 // 32) + 1))
+  centre = tuple(int(c) for c in rng.integers(radius + 1, size - radius - 1, size=2))
+  return Example(shape, colour, background, radius, centre,
+                 _caption(rng, shape, colour, background))
+
+
+def render(ex: Example, size: int = 32) -> np.ndarray:
+  """The uint8 [size, size, 3] image of an example."""
+  image = np.empty((size, size, 3), np.uint8)
+  image[:] = BACKGROUNDS[ex.background]
+  image[_mask(ex.shape, size, ex.radius, ex.centre)] = COLOURS[ex.colour]
+  return image
+
+
+def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32) -> str:
+  """Writes PNGs and the official annotation list `data.json`; returns the annotation path."""
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  records = []
+  for i in range(num_examples):
+    ex = example(seed, i, size)
+    name = f"images/{i:06d}.png"
+    Image.fromarray(render(ex, size)).save(os.path.join(folder, name))
+    records.append({"image_file": name, "text": ex.caption, "id": str(i),
+                    "shape": ex.shape, "colour": ex.colour, "background": ex.background})
+  path = os.path.join(folder, "data.json")
+  with open(path, "w") as f:
+    json.dump(records, f)
+  return path
+
+
+def _nearest(pixel, palette: dict) -> str:
+  names = list(palette)
+  distances = [np.sum((np.asarray(palette[n], np.float32) - pixel) ** 2) for n in names]
+  return names[int(np.argmin(distances))]
+
+
+def judge(image: np.ndarray) -> dict[str, str]:
+  """{"background", "colour", "shape"} read from the pixels of a (generated) image.
+
+  Background: the median border colour. Colour: the palette colour most of the non-background
+  pixels are nearest to. Shape: the template (at the blob's centre, sized by its area) that
+  overlaps the blob best.
+  """
+  image = np.asarray(image, np.float32)
+  if image.max() <= 1.0:
+    image = image * 255.0
+  size = image.shape[0]
+  border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+  background_rgb = np.median(border, axis=0)
+  background = _nearest(background_rgb, BACKGROUNDS)
+  distance = np.sqrt(np.sum((image - background_rgb) ** 2, axis=-1))
+  foreground = distance > 60.0
+  if foreground.sum() < 3:
+    return {"background": background, "colour": "none", "shape": "none"}
+  votes = [_nearest(p, COLOURS) for p in image[foreground]]
+  colour = max(set(votes), key=votes.count)
+  rows, cols = np.nonzero(foreground)
+  centre = (rows.mean() + 0.5, cols.mean() + 0.5)
+  best, best_iou = "none", -1.0
+  for shape in SHAPES:
+    for radius in range(2, size // 2):
+      template = _mask(shape, size, radius, centre)
+      if template.any():  # align the template's own centroid with the blob's
+        t_rows, t_cols = np.nonzero(template)
+        shifted = (2 * centre[0] - t_rows.mean() - 0.5, 2 * centre[1] - t_cols.mean() - 0.5)
+        template = _mask(shape, size, radius, shifted)
+      iou = (template & foreground).sum() / max(1, (template | foreground).sum())
+      if iou > best_iou:
+        best, best_iou = shape, iou
+  return {"background": background, "colour": colour, "shape": best}

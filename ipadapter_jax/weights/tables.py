@@ -84,11 +84,18 @@ def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarr
 
 
 def _torch_shape(variable, name) -> list[int]:
-  return list(to_torch_layout(variable.leaf, np.empty(_shape_of(variable), np.uint8)).shape)
+  """The PyTorch shape of `name`'s tensor (the Flax shape in PyTorch's layout)."""
+  del name
+  shape = _shape_of(variable)
+  if variable.leaf == "kernel" and len(shape) == 2:
+    return [shape[1], shape[0]]
+  if variable.leaf == "kernel" and len(shape) == 4:
+    return [shape[3], shape[2], shape[0], shape[1]]
+  return list(shape)
 
 
 def named_variables(model: nnx.Module, name_fn: Callable[[tuple], str],
-                    variable_filter=nnx.Param) -> dict[str, nnx.Variable]:
+                    variable_filter=nnx.Param) -> dict[str, "NamedVariable"]:
   """{PyTorch name: variable} over the model's variables matching `variable_filter`."""
   out = {}
   for path, variable in nnx.to_flat_state(nnx.state(model, variable_filter)):

@@ -49,8 +49,8 @@ class CLIPTextConfig:
   def from_transformers(cls, raw: dict[str, Any], *, with_projection: bool,
                         source: str = "text encoder config") -> "CLIPTextConfig":
     """Reads a transformers CLIPTextConfig (or the text part of a full CLIPConfig)."""
-    if "text_config" in raw:
-      raw = {"projection_dim": raw.get("projection_dim"), **raw["text_config"]}
+    if "text_config" in raw:  # CLIPModel projects with its top-level projection_dim
+      raw = {**raw["text_config"], "projection_dim": raw.get("projection_dim", 512)}
     require(raw, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "max_position_embeddings"), source)
     if with_projection:
@@ -89,7 +89,7 @@ class CLIPVisionConfig:
                         source: str = "image encoder config") -> "CLIPVisionConfig":
     """Reads a transformers CLIPVisionConfig (or the vision part of a full CLIPConfig)."""
     if "vision_config" in raw:
-      raw = {"projection_dim": raw.get("projection_dim"), **raw["vision_config"]}
+      raw = {**raw["vision_config"], "projection_dim": raw.get("projection_dim", 512)}
     require(raw, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "image_size", "patch_size", "projection_dim"), source)
     _check_activation(raw, source)

@@ -44,9 +44,10 @@ def load_clip_text(folder: str, *, with_projection: bool | None = None, dtype=jn
                                                param_dtype=param_dtype or dtype,
                                                rngs=nnx.Rngs(0)))
   state, source = read_model_folder(folder, "model", variant)
-  state = _canonical_text_keys(state)
   if "text_config" in raw:  # a whole CLIPModel folder: take the text tower only
     state = {k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection."))}
+  else:
+    state = _canonical_text_keys(state)
   assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
   return model
 

@@ -1,0 +1,62 @@
+"""CLIP-I / CLIP-T against transformers' CLIPModel, and the toy attribute scores."""
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from ipadapter_jax import evaluate
+from ipadapter_jax.data import shapes
+from ipadapter_jax.data.preprocessing import CLIPImageConfig
+from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.weights import load_clip_text, load_clip_vision
+from tests import torch_reference as ref
+
+
+def test_clip_i_and_clip_t_match_transformers(tmp_path):
+  config = CLIPConfig(text_config=dict(ref.TEXT_LIKE, eos_token_id=1),
+                      vision_config=ref.VISION_LIKE, projection_dim=24)
+  model = ref.randomize_(CLIPModel(config), 4)
+  model.save_pretrained(tmp_path / "clip")
+  CLIPImageProcessor(size=30, crop_size=30).save_pretrained(tmp_path / "clip")
+  write_word_tokenizer(str(tmp_path / "clip"), ref.WORDS, model_max_length=16)
+
+  rng = np.random.default_rng(0)
+  generated = [rng.random((32, 40, 3)).astype(np.float32) for _ in range(3)]
+  prompts = [Image.fromarray(rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)) for _ in range(3)]
+  captions = ["a red circle", "a blue square on a green background", ""]
+
+  processor = CLIPImageProcessor.from_pretrained(tmp_path / "clip")
+  tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "clip"))
+  as_pil = [Image.fromarray((g * 255).round().astype(np.uint8)) for g in generated]
+  with torch.no_grad():
+    features = lambda images: model.get_image_features(
+        **processor(images=images, return_tensors="pt"))
+    gen = features(as_pil)
+    gen = getattr(gen, "pooler_output", gen)
+    gen = torch.nn.functional.normalize(gen, dim=-1)
+    prm = features(prompts)
+    prm = torch.nn.functional.normalize(getattr(prm, "pooler_output", prm), dim=-1)
+    ids = tokenizer(captions, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    txt = model.get_text_features(input_ids=ids)
+    txt = torch.nn.functional.normalize(getattr(txt, "pooler_output", txt), dim=-1)
+  expected_i = float((gen * prm).sum(-1).mean())
+  expected_t = float((2.5 * (gen * txt).sum(-1).clamp(min=0)).mean())
+
+  vision = load_clip_vision(str(tmp_path / "clip"))
+  text = load_clip_text(str(tmp_path / "clip"), with_projection=True)
+  clip_config = CLIPImageConfig.from_folder(str(tmp_path / "clip"))
+  ours_i = evaluate.clip_i(vision, clip_config, generated, prompts)
+  ours_t = evaluate.clip_t(vision, clip_config, text, load_tokenizer(str(tmp_path / "clip")),
+                           generated, captions)
+  assert abs(ours_i - expected_i) <= 1e-5 and abs(ours_t - expected_t) <= 1e-5
+  assert abs(evaluate.clip_i(vision, clip_config, prompts, prompts) - 1.0) <= 1e-6
+
+
+def test_attribute_scores_use_pixels_only():
+  examples = [shapes.example(2, i) for i in range(8)]
+  images = [shapes.render(ex) / 255.0 for ex in examples]
+  targets = [{"colour": ex.colour, "shape": ex.shape} for ex in examples]
+  assert evaluate.attribute_scores(images, targets) == {"colour_match": 1.0, "shape_match": 1.0}
+  wrong = [{"colour": "none", "shape": ex.shape} for ex in examples]
+  assert evaluate.attribute_scores(images, wrong) == {"colour_match": 0.0, "shape_match": 1.0}

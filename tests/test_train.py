@@ -211,3 +211,19 @@ def test_two_processes_train_like_one(tiny_world, tiny_dataset, tmp_path):
   print("losses, 2 processes:", [m["loss"] for m in two], "1 process:", [m["loss"] for m in one])
   assert [m["step"] for m in two] == [1, 2, 3]
   np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
+
+
+def test_training_on_an_embedding_cache(tiny_world, tiny_dataset, tmp_path):
+  from ipadapter_jax.data.cache import build_embedding_cache
+  from ipadapter_jax.data.input_pipeline import DataSpec, open_source
+  from ipadapter_jax.train.loop import load_models
+  config = tiny_config(tiny_world, tiny_dataset, num_steps=3, checkpoint_every=100)
+  models = load_models(config)
+  cache = str(tmp_path / "cache")
+  build_embedding_cache(open_source(tiny_dataset), DataSpec(resolution=32, random_crop=False,
+                                                            clip=None, tokenizer=None),
+                        models, cache, batch_size=8)
+  summary = train(tiny_config(tiny_world, cache, num_steps=3, checkpoint_every=100,
+                              **{"data.cached": True}), str(tmp_path / "run"))
+  assert summary["step"] == 3 and np.isfinite(summary["loss"])
+  assert [m["step"] for m in _metrics(str(tmp_path / "run"))] == [1, 2, 3]

@@ -93,7 +93,8 @@ def _drop_masks(key, batch_size: int, spec: StepSpec):
 
 
 def _where_batch(mask_B, a, b):
-  return jnp.where(mask_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+  """Per example: a where mask_B, else b (a may lack the batch axis: one value for all)."""
+  return jnp.where(mask_B.reshape((-1,) + (1,) * (max(a.ndim, b.ndim) - 1)), a, b)
 
 
 def _conditions(models, batch, empty, drop_image_B, drop_text_B, spec: StepSpec):

@@ -132,3 +132,32 @@ def test_sdxl_text_to_image_matches_diffusers(tmp_path, negative):
   err = float(np.abs(actual - expected).max())
   print(f"SDXL, negative {negative!r}: max abs image difference {err:.1e}")
   assert err <= 1e-3
+
+
+def test_plus_adapter_sampling_matches_diffusers(world, tmp_path):
+  """Plus: hidden_states[-2] features, mean-grey pixels for the unconditional image tokens."""
+  from safetensors.torch import save_file
+  from ipadapter_jax.weights import load_stable_diffusion as load
+  torch_unet = StableDiffusionPipeline.from_pretrained(world / "sd").unet
+  official = ref.official_adapter(torch_unet, 16, ref.VISION_LIKE["hidden_size"], seed=9,
+                                  kind="plus", resampler_dim=64, heads=1)
+  folder = tmp_path / "plus"
+  folder.mkdir()
+  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
+            str(folder / "ip-adapter-plus.safetensors"))
+  pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
+  pipe.load_ip_adapter(str(folder), subfolder="", weight_name="ip-adapter-plus.safetensors",
+                       image_encoder_folder=str(world / "adapter" / "image_encoder"))
+  pipe.set_ip_adapter_scale(0.6)
+  image = Image.open(world / "prompt.png")
+  latents = np.load(world / "latents.npy")
+  expected = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5,
+                  num_images_per_prompt=2, latents=torch.from_numpy(latents), height=H, width=W,
+                  output_type="np", ip_adapter_image=image).images
+  ours = IPAdapterPipeline(load(str(world / "sd"), image_encoder=str(world / "adapter" / "image_encoder"),
+                                ip_adapter=str(folder / "ip-adapter-plus.safetensors")))
+  actual = ours(PROMPT, image, negative_prompt=NEGATIVE, scale=0.6, num_inference_steps=4,
+                num_samples=2, latents=latents, height=H, width=W)
+  err = float(np.abs(actual - expected).max())
+  print(f"Plus adapter: max abs image difference {err:.1e}")
+  assert err <= 1e-3

@@ -29,7 +29,6 @@ class Plan:
   ddim: DDIM
   num_inference_steps: int
   num_samples: int
-  latent_shape: tuple[int, int, int]  # h, w, C
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
   stochastic: bool                    # eta > 0
   image_prompt: bool
@@ -179,7 +178,7 @@ class IPAdapterPipeline:
       inputs["scale"] = jnp.asarray(scale, jnp.float32)
       kind = "hidden_states" if m.unet.adapter_config.uses_hidden_states else "image_embeds"
     plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
-                num_samples=num_samples, latent_shape=shape[1:], guidance=guidance_scale > 1,
+                num_samples=num_samples, guidance=guidance_scale > 1,
                 stochastic=eta > 0, image_prompt=image is not None, image_features=kind,
                 sdxl_zero_negative=bool(sdxl_zero))
     return plan, inputs

@@ -96,7 +96,6 @@ def run(args) -> dict:
                  guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
                  height=args.height, width=args.width)
-  pipe.prepare(args.prompt, image, **request)  # checks the request before any work
   pipe.compile(prompt=args.prompt, image=image, **request)
   compiled = time.perf_counter()
   with tqdm(total=args.num_inference_steps, desc="sampling", unit="step", file=sys.stderr) as bar:
@@ -107,7 +106,7 @@ def run(args) -> dict:
   image_grid(images).save(args.out)
   if args.save_array:
     np.save(args.save_array, images.astype(np.float32))
-  settings = {k: v for k, v in vars(args).items()}
+  settings = dict(vars(args))
   settings.update(height=int(images.shape[1]), width=int(images.shape[2]),
                   seconds_loading=round(loaded - start, 3),
                   seconds_compiling=round(compiled - loaded, 3),

@@ -15,7 +15,7 @@ from flax import nnx
 
 from ipadapter_jax.models.attention import dot_product_attention
 from ipadapter_jax.models.configs import require
-from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, ParamKeys
+from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, ParamKeys, to_nhwc
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -263,8 +263,7 @@ class CLIPVisionModelWithProjection(nnx.Module):
 
   def __call__(self, pixel_values, *, layout: str = "NHWC") -> VisionOutput:
     """`pixel_values` as CLIPImageProcessor makes them: [B, H, W, 3] (or NCHW with layout)."""
-    if layout == "NCHW":
-      pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))
+    pixel_values = to_nhwc(pixel_values, layout)
     vm = self.vision_model
     states = vm.encoder(vm.pre_layrnorm(vm.embeddings(pixel_values.astype(self.dtype))))
     pooled_BD = vm.post_layernorm(states[-1][:, 0])

@@ -19,6 +19,21 @@ class AdapterParam(nnx.Param):
   """
 
 
+LAYOUTS = ("NHWC", "NCHW")
+
+
+def to_nhwc(x, layout: str):
+  """An image batch in `layout` (NHWC here, NCHW as diffusers and transformers) -> NHWC."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+  return jnp.transpose(x, (0, 2, 3, 1)) if layout == "NCHW" else x
+
+
+def from_nhwc(x, layout: str):
+  """NHWC -> `layout` (the inverse of `to_nhwc`)."""
+  return jnp.transpose(x, (0, 3, 1, 2)) if layout == "NCHW" else x
+
+
 class ParamKeys:
   """Parameter-initialisation keys fold_in(key, 0), fold_in(key, 1), ... drawn like `nnx.Rngs.params()`.
 

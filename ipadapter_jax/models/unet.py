@@ -17,7 +17,7 @@ from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.image_proj import AdapterConfig, make_image_projection
-from ipadapter_jax.models.layers import Conv2d, GroupNorm, ParamKeys
+from ipadapter_jax.models.layers import Conv2d, GroupNorm, ParamKeys, from_nhwc, to_nhwc
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -394,14 +394,12 @@ class UNet2DConditionModel(nnx.Module):
       image_prompt: precomputed `encode_image_prompt(...)` output, instead of image_embeds.
       text_embeds, time_ids: SDXL's pooled text embedding [B, P] and size/crop ids [B, 6].
     """
-    if layout not in ("NHWC", "NCHW"):
-      raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
     if image_embeds is not None:
       if image_prompt is not None:
         raise ValueError("pass either image_embeds or image_prompt, not both")
       image_prompt = self.encode_image_prompt(image_embeds, ip_scale)
     cfg = self.config
-    x_BHWC = jnp.transpose(sample, (0, 2, 3, 1)) if layout == "NCHW" else sample
+    x_BHWC = to_nhwc(sample, layout)
     B = x_BHWC.shape[0]
     context_BSD = encoder_hidden_states.astype(self.dtype)
 
@@ -433,4 +431,4 @@ class UNet2DConditionModel(nnx.Module):
       x_BHWC = self._run(block, x_BHWC, block_skips, temb_BE, context_BSD, image_prompt,
                          upsample_size=size)
     out = self.conv_out(jax.nn.silu(self.conv_norm_out(x_BHWC)))
-    return jnp.transpose(out, (0, 3, 1, 2)) if layout == "NCHW" else out
+    return from_nhwc(out, layout)

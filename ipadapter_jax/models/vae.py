@@ -11,7 +11,8 @@ from flax import nnx
 
 from ipadapter_jax.models.attention import dot_product_attention
 from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
-from ipadapter_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys
+from ipadapter_jax.models.layers import (Conv2d, GroupNorm, Linear, ParamKeys, from_nhwc,
+                                         to_nhwc)
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 _FIXED_KEYS = {"act_fn": "silu"}
@@ -194,20 +195,20 @@ class AutoencoderKL(nnx.Module):
 
   def encode(self, images, *, layout: str = "NHWC"):
     """Images -> the posterior's (mean, logvar), each [B, h, w, latent_channels] (same layout)."""
-    x_BHWC = _to_nhwc(images, layout).astype(self.dtype)
+    x_BHWC = to_nhwc(images, layout).astype(self.dtype)
     moments = self.encoder(x_BHWC)
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     logvar = jnp.clip(logvar, -30.0, 20.0)
-    return _from_nhwc(mean, layout), _from_nhwc(logvar, layout)
+    return from_nhwc(mean, layout), from_nhwc(logvar, layout)
 
   def decode(self, latents, *, layout: str = "NHWC"):
     """Unscaled latents -> images in about [-1, 1]."""
-    z_BHWC = _to_nhwc(latents, layout).astype(self.dtype)
+    z_BHWC = to_nhwc(latents, layout).astype(self.dtype)
     if self.post_quant_conv is not None:
       z_BHWC = self.post_quant_conv(z_BHWC)
-    return _from_nhwc(self.decoder(z_BHWC), layout)
+    return from_nhwc(self.decoder(z_BHWC), layout)
 
   def scale_latents(self, latents):
     """The posterior's latents -> the diffusion model's latents ((z - shift) * scaling_factor)."""
@@ -225,12 +226,3 @@ def sample_posterior(mean, logvar, key):
   std = jnp.exp(0.5 * logvar.astype(jnp.float32))
   return mean.astype(jnp.float32) + std * jax.random.normal(key, mean.shape, jnp.float32)
 
-
-def _to_nhwc(x, layout):
-  if layout not in ("NHWC", "NCHW"):
-    raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-  return jnp.transpose(x, (0, 2, 3, 1)) if layout == "NCHW" else x
-
-
-def _from_nhwc(x, layout):
-  return jnp.transpose(x, (0, 3, 1, 2)) if layout == "NCHW" else x

@@ -67,7 +67,7 @@ def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarr
   if missing:
     name = missing[0]
     raise CheckpointError(f"{source}: missing key {_fmt_list(missing)} "
-                          f"(expected shape {_torch_shape(variables[name], name)})")
+                          f"(expected shape {_torch_shape(variables[name])})")
   unused = sorted(set(state_dict) - set(variables) - set(ignore))
   if unused:
     raise CheckpointError(f"{source}: unexpected key {_fmt_list(unused)} "
@@ -77,15 +77,14 @@ def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarr
     array = to_flax_layout(variable.leaf, np.asarray(state_dict[name]))
     if tuple(array.shape) != _shape_of(variable):
       raise CheckpointError(f"{source}: key '{name}' has shape {list(state_dict[name].shape)}, "
-                            f"expected {_torch_shape(variable, name)}")
+                            f"expected {_torch_shape(variable)}")
     converted[name] = array
   for name, variable in variables.items():
     variable.set_value(jnp.asarray(converted[name], dtype=variable.get_value().dtype))
 
 
-def _torch_shape(variable, name) -> list[int]:
-  """The PyTorch shape of `name`'s tensor (the Flax shape in PyTorch's layout)."""
-  del name
+def _torch_shape(variable) -> list[int]:
+  """The PyTorch shape of a variable's tensor (its Flax shape in PyTorch's layout)."""
   shape = _shape_of(variable)
   if variable.leaf == "kernel" and len(shape) == 2:
     return [shape[1], shape[0]]

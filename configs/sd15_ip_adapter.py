@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pretrained = "runwayml/stable-diffusion-v1-5"  # diffusers folder or hub id
   c.model.variant = ""                     # weights variant to read ("fp16"), "" for the default
   c.model.image_encoder = "h94/IP-Adapter/models/image_encoder"  # "" when no adapter is trained
-  c.model.trainable = "adapter"            # adapter | unet (pre-train / fine-tune) | all
+  c.model.trainable = "adapter"            # adapter | unet (pre-train / fine-tune) | all | clip
+                                           # (clip: pretrained is a CLIPModel folder, trained
+                                           # contrastively; the toy world's first stage)
   c.model.frozen_dtype = "float32"         # float32 | bfloat16 (adapter weights stay float32)
   c.model.compute_dtype = "float32"        # float32 | bfloat16
   c.model.init_adapter = ""                # official adapter file to start from ("" = fresh)
@@ -29,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.adapter.resampler_dim = 0        # plus only; 0 = the UNet's cross_attention_dim
   c.model.adapter.resampler_depth = 4
   c.model.adapter.resampler_heads = 0      # 0 = resampler_dim // 64
+  c.model.adapter.attention = "decoupled"  # decoupled | simple (one softmax over text + image
+                                           # tokens: the paper's ablation; no official export)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = ""                       # built image-text folder, cache folder or TFDS name
@@ -50,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.noise = ml_collections.ConfigDict()
   c.noise.prediction_type = ""             # "" = the model's scheduler config; epsilon | v_prediction
   c.noise.snr_gamma = 0.0                  # > 0: min-SNR loss weighting (Hang et al.); 0 = plain MSE
+  c.contrastive_temperature = 0.07         # trainable = clip: the fixed softmax temperature
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

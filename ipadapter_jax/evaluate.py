@@ -5,11 +5,22 @@ generated image and its prompt image. CLIP-T is the CLIPScore (Hessel et al., 20
 generated image against the prompt image's caption: 2.5 * max(cosine, 0) of the image and text
 embeddings. Both work with any CLIP loaded here (the toy CLIP, or ViT-L/14 for real runs, e.g.
 `load_clip_vision` / `load_clip_text(..., with_projection=True)` on a CLIPModel folder).
+
+The paper's protocol as a command (COCO-style annotations: image_file + text per record; four
+images per prompt image, image prompt only):
+
+  python -m ipadapter_jax.evaluate --pretrained SD_FOLDER --image_encoder ENCODER \
+      --ip_adapter ip-adapter_sd15.safetensors --clip openai/clip-vit-large-patch14 \
+      --annotations coco_val2017_2000.json --data_root coco/val2017 --out eval.json
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import argparse
+import json
+import os
+import sys
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +94,115 @@ def attribute_scores(generated, targets: Sequence[dict]) -> dict[str, float]:
   colour = np.mean([j["colour"] == t["colour"] for j, t in zip(judged, targets)])
   shape = np.mean([j["shape"] == t["shape"] for j, t in zip(judged, targets)])
   return {"colour_match": float(colour), "shape_match": float(shape)}
+
+
+class CLIPScorer(NamedTuple):
+  """The CLIP that CLIP-I and CLIP-T are measured with."""
+  text_encoder: object
+  tokenizer: object
+  image_encoder: object
+  processor: CLIPImageConfig
+
+  @classmethod
+  def load(cls, path_or_id: str) -> "CLIPScorer":
+    """Both towers of a transformers CLIPModel folder or hub id (openai/clip-vit-large-patch14)."""
+    from ipadapter_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+    from ipadapter_jax.weights import load_clip_text, load_clip_vision  # pylint: disable=import-outside-toplevel
+    from ipadapter_jax.weights.folders import local_path  # pylint: disable=import-outside-toplevel
+    folder = local_path(path_or_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    return cls(load_clip_text(folder, with_projection=True), load_tokenizer(folder),
+               load_clip_vision(folder), CLIPImageConfig.from_folder(folder))
+
+  def score(self, generated, prompt_images, captions: Sequence[str]) -> dict[str, float]:
+    """{"clip_i", "clip_t"} of generated images against their prompt images and captions."""
+    embeds = image_embeddings(self.image_encoder, self.processor, generated)
+    prompts = image_embeddings(self.image_encoder, self.processor, prompt_images)
+    texts = text_embeddings(self.text_encoder, self.tokenizer, captions)
+    return {"clip_i": float(np.mean(np.sum(embeds * prompts, axis=-1))),
+            "clip_t": float(np.mean(CLIPSCORE_WEIGHT
+                                    * np.maximum(np.sum(embeds * texts, axis=-1), 0.0)))}
+
+
+def generate(pipe, prompts: Sequence[str], images: Sequence | None, *, batch_size: int,
+             seed: int = 0, **request) -> np.ndarray:
+  """Images for many (prompt, image) requests, `batch_size` requests per call so that one
+  program serves them all (the last call is padded). Grouped by request, `num_samples` each."""
+  count = len(prompts)
+  out = []
+  for start in range(0, count, batch_size):
+    idx = [min(i, count - 1) for i in range(start, start + batch_size)]
+    chunk = pipe([prompts[i] for i in idx], None if images is None else [images[i] for i in idx],
+                 seed=seed + start, **request)
+    per_request = chunk.shape[0] // batch_size
+    out.append(chunk[:per_request * min(batch_size, count - start)])
+  return np.concatenate(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m ipadapter_jax.evaluate",
+      description="CLIP-I and CLIP-T of an IP-Adapter on an annotation file (the paper's "
+                  "protocol: images generated from each prompt image, scored with a CLIP).")
+  p.add_argument("--pretrained", required=True, help="diffusers Stable Diffusion folder or hub id")
+  p.add_argument("--image_encoder", required=True, help="the adapter's CLIP image encoder")
+  p.add_argument("--ip_adapter", required=True, help="official IP-Adapter file")
+  p.add_argument("--clip", required=True,
+                 help="CLIPModel folder or hub id that scores (openai/clip-vit-large-patch14)")
+  p.add_argument("--annotations", required=True, help="JSON list / JSONL of {image_file, text}")
+  p.add_argument("--data_root", default=None, help="image folder (default: the annotations')")
+  p.add_argument("--limit", type=int, default=2000, help="prompt images used (the paper: 2000)")
+  p.add_argument("--with_text", action="store_true",
+                 help="also give each record's caption as the text prompt")
+  p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--num_samples", type=int, default=4, help="images per prompt image")
+  p.add_argument("--num_inference_steps", type=int, default=50)
+  p.add_argument("--guidance_scale", type=float, default=7.5)
+  p.add_argument("--batch_size", type=int, default=4, help="prompt images per compiled call")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="eval.json")
+  return p
+
+
+def run(args) -> dict:
+  """Evaluates as `args` say; returns (and writes) the scores and settings."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.data.image_text import read_annotations  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
+  records = read_annotations(args.annotations)[:args.limit]
+  root = args.data_root or os.path.dirname(os.path.abspath(args.annotations))
+  images = []
+  for record in records:
+    path = os.path.join(root, record["image_file"])
+    try:
+      images.append(Image.open(path).convert("RGB"))
+    except OSError as e:
+      raise ValueError(f"{path}: not a readable image ({e})") from None
+  captions = [record["text"] for record in records]
+  pipe = IPAdapterPipeline(load_stable_diffusion(args.pretrained, image_encoder=args.image_encoder,
+                                                 ip_adapter=args.ip_adapter))
+  generated = generate(pipe, captions if args.with_text else [""] * len(records), images,
+                       batch_size=args.batch_size, seed=args.seed, scale=args.scale,
+                       num_samples=args.num_samples, guidance_scale=args.guidance_scale,
+                       num_inference_steps=args.num_inference_steps)
+  repeat = lambda xs: [x for x in xs for _ in range(args.num_samples)]
+  scores = CLIPScorer.load(args.clip).score(generated, repeat(images), repeat(captions))
+  result = {**scores, "prompt_images": len(records), **vars(args)}
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(scores))
+  return result
+
+
+def main(argv=None) -> int:
+  from ipadapter_jax.weights.files import CheckpointError  # pylint: disable=import-outside-toplevel
+  try:
+    run(build_parser().parse_args(argv))
+  except (CheckpointError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -9,7 +9,7 @@ the image tokens' keys/values are computed once per generation, outside the deno
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +39,15 @@ class Plan:
 def encode_text(text_encoder, text_encoder_2, ids, ids_2, zero_negative: bool = False):
   """Token ids -> (context [B, S, D], pooled [B, P] or None): SD1/SD2 take the last hidden
   state; SDXL both encoders' penultimate states and encoder 2's pooled projection.
-  `zero_negative` zeroes row 0 (SDXL's empty negative prompt)."""
+  `zero_negative` zeroes the first half of the rows (SDXL's empty negative prompts)."""
   if text_encoder_2 is None:  # SD1.x / SD2.x: last hidden state, after the final LayerNorm
     return text_encoder(ids).last_hidden_state, None
   first, second = text_encoder(ids), text_encoder_2(ids_2)  # SDXL: both penultimate states
   context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
   pooled = second.text_embeds
   if zero_negative:
-    context, pooled = context.at[0].set(0.0), pooled.at[0].set(0.0)
+    negatives = context.shape[0] // 2
+    context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
   return context, pooled
 
 
@@ -60,14 +61,15 @@ def _image_features(image_encoder, pixels_1HWC, kind: str):
 
 
 def _repeat_pairs(x, n: int):
-  """[2, ...] (negative, positive) -> [2n, ...]: n negatives, then n positives."""
+  """[2B, ...] (B negatives, B positives) -> [2Bn, ...]: each row n times, negatives first."""
   return jnp.repeat(x, n, axis=0)
 
 
 def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
   """The whole generation as one pure function of the models' state and the traced inputs."""
   unet, vae, text_encoder, text_encoder_2, image_encoder = nnx.merge(graphdef, state)
-  n = plan.num_samples
+  n = plan.num_samples   # per prompt
+  half = inputs["latents"].shape[0]  # all prompts' samples: the positive half of a CFG batch
   context, pooled = encode_text(text_encoder, text_encoder_2, inputs["ids"], inputs.get("ids_2"),
                                  plan.sdxl_zero_negative)
   image_prompt = None
@@ -79,10 +81,10 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
   if pooled is not None:
     added = dict(text_embeds=_repeat_pairs(pooled, n), time_ids=inputs["time_ids"])
   if not plan.guidance:  # only the positive half
-    context = context[n:]
-    added = {k: v[n:] for k, v in added.items()}
+    context = context[half:]
+    added = {k: v[half:] for k, v in added.items()}
     if image_prompt is not None:
-      image_prompt = image_prompt._replace(kv=jax.tree.map(lambda a: a[n:], image_prompt.kv))
+      image_prompt = image_prompt._replace(kv=jax.tree.map(lambda a: a[half:], image_prompt.kv))
 
   timesteps = jnp.asarray(plan.ddim.timesteps(plan.num_inference_steps))
 
@@ -105,6 +107,20 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
                               inputs["latents"].astype(jnp.float32))
   images = latents if vae is None else vae.decode(latents / vae.config.scaling_factor)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _requests(prompt, image) -> tuple[list[str], list | None]:
+  """(prompts, images or None) of equal length from single values and/or lists."""
+  prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+  images = None if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+  count = max(len(prompts), len(images or ()))
+  for name, values in (("prompt", prompts), ("image", images)):
+    if values is not None and len(values) not in (1, count):
+      raise ValueError(f"{len(prompts)} prompts and {len(images)} images: give one of each or "
+                       f"equally many")
+    if values is not None and not values:
+      raise ValueError(f"an empty list of {name}s")
+  return prompts * (count // len(prompts)), images and images * (count // len(images))
 
 
 class IPAdapterPipeline:
@@ -132,54 +148,60 @@ class IPAdapterPipeline:
     size = self.models.unet.config.sample_size or 64
     return size * self.vae_scale_factor, size * self.vae_scale_factor
 
-  def prepare(self, prompt: str = "", image=None, *, negative_prompt: str | None = "",
-              scale=1.0, guidance_scale: float = 7.5, num_inference_steps: int = 50,
-              eta: float = 0.0, num_samples: int = 1, seed: int = 0, latents=None,
-              height: int | None = None, width: int | None = None):
-    """Checks the request and builds (plan, inputs) for `generate`."""
+  def prepare(self, prompt: str | Sequence[str] = "", image=None, *,
+              negative_prompt: str | None = "", scale=1.0, guidance_scale: float = 7.5,
+              num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
+              seed: int = 0, latents=None, height: int | None = None, width: int | None = None):
+    """Checks the request and builds (plan, inputs) for `generate`.
+
+    `prompt` and `image` may be lists (one entry per request, a single value is shared); every
+    request gets `num_samples` images.
+    """
     m = self.models
+    prompts, images = _requests(prompt, image)
     height, width = height or self.default_size[0], width or self.default_size[1]
     f = self.vae_scale_factor
     if height % f or width % f:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
     if num_samples < 1:
       raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    channels = m.unet.config.in_channels
-    shape = (num_samples, height // f, width // f, channels)
+    channels, total = m.unet.config.in_channels, len(prompts) * num_samples
+    shape = (total, height // f, width // f, channels)
     init_key, key = jax.random.split(jax.random.key(seed))
     if latents is None:
       latents = jax.random.normal(init_key, shape, jnp.float32)
     else:  # diffusers' layout [N, C, h, w]
       latents = np.asarray(latents, np.float32)
-      expected = (num_samples, channels, height // f, width // f)
+      expected = (total, channels, height // f, width // f)
       if latents.shape != expected:
         raise ValueError(f"initial latents have shape {list(latents.shape)}, expected "
-                         f"{list(expected)} (num_samples, C, height/{f}, width/{f})")
+                         f"{list(expected)} (prompts x num_samples, C, height/{f}, width/{f})")
       latents = jnp.asarray(latents.transpose(0, 2, 3, 1))
-    if image is not None and m.unet.image_proj is None:
+    if images is not None and m.unet.image_proj is None:
       raise ValueError("an image prompt needs an IP-Adapter (load the model with ip_adapter=...)")
-    if image is not None and m.image_encoder is None:
+    if images is not None and m.image_encoder is None:
       raise ValueError("an image prompt needs a CLIP image encoder (image_encoder=...)")
 
     sdxl_zero = m.is_sdxl and negative_prompt is None and m.model_index.get(
         "force_zeros_for_empty_prompt", True)
     negative = negative_prompt or ""
-    inputs = {"ids": tokenize(m.tokenizer, [negative, prompt]),
+    texts = [negative] * len(prompts) + prompts  # all negatives, then all positives
+    inputs = {"ids": tokenize(m.tokenizer, texts),
               "latents": latents, "key": key,
               "guidance_scale": jnp.float32(guidance_scale), "eta": jnp.float32(eta)}
     if m.is_sdxl:
-      inputs["ids_2"] = tokenize(m.tokenizer_2, [negative, prompt])
+      inputs["ids_2"] = tokenize(m.tokenizer_2, texts)
       ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
-      inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * num_samples, 1))
+      inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
     kind = "image_embeds"
-    if image is not None:
+    if images is not None:
       processor = m.image_processor or CLIPImageConfig()
-      inputs["pixels"] = clip_pixels([to_pil(image)], processor)
+      inputs["pixels"] = clip_pixels([to_pil(i) for i in images], processor)
       inputs["scale"] = jnp.asarray(scale, jnp.float32)
       kind = "hidden_states" if m.unet.adapter_config.uses_hidden_states else "image_embeds"
     plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0, image_prompt=image is not None, image_features=kind,
+                stochastic=eta > 0, image_prompt=images is not None, image_features=kind,
                 sdxl_zero_negative=bool(sdxl_zero))
     return plan, inputs
 
@@ -196,8 +218,9 @@ class IPAdapterPipeline:
     return self._generate.lower(self._graphdef, self._state, self._shard(inputs), plan=plan,
                                 on_step=self._on_step).compile()
 
-  def __call__(self, prompt: str = "", image=None, **request) -> np.ndarray:
-    """Images [num_samples, H, W, 3] float32 in [0, 1] (diffusers' output_type="np")."""
+  def __call__(self, prompt: str | Sequence[str] = "", image=None, **request) -> np.ndarray:
+    """Images [requests x num_samples, H, W, 3] float32 in [0, 1] (diffusers' output_type="np"),
+    grouped by request."""
     plan, inputs = self.prepare(prompt, image, **request)
     images = self._generate(self._graphdef, self._state, self._shard(inputs), plan=plan,
                             on_step=self._on_step)

@@ -80,3 +80,11 @@ def tiny_dataset(tmp_path_factory):
   (tmp / "data.json").write_text(json.dumps(records))
   build_image_text_dataset(str(tmp / "data.json"), str(tmp), str(tmp / "built"))
   return str(tmp / "built")
+
+
+@pytest.fixture(scope="session")
+def quick_toy_world(tmp_path_factory):
+  """The toy world at CI size, every stage run once: (workdir, eval.json contents)."""
+  from ipadapter_jax import toy
+  workdir = str(tmp_path_factory.mktemp("toy"))
+  return workdir, toy.run(workdir, quick=True)

@@ -158,3 +158,41 @@ def test_training_init_copies_base_keys_and_values(unet_folders):
                                   np.asarray(layer.to_k.kernel[...]))
     np.testing.assert_array_equal(np.asarray(layer.to_v_ip.kernel[...]),
                                   np.asarray(layer.to_v.kernel[...]))
+
+
+def test_simple_adapter_is_one_softmax_over_text_and_image_tokens():
+  from ipadapter_jax.models.attention import Attention, ImagePrompt
+  layer = Attention(16, 2, 8, context_dim=12, image_context_dim=10, dtype=jnp.float32,
+                    param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  layer.ip_index, layer.joint_softmax = 0, True
+  rng = np.random.default_rng(0)
+  x, ctx, tokens = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                    for s in ((2, 5, 16), (2, 7, 12), (2, 3, 10)))
+  scale = 0.7
+  out = layer(x, ctx, ImagePrompt((layer.image_kv(tokens),), jnp.asarray([scale])))
+
+  heads = lambda a: np.asarray(a, np.float64).reshape(a.shape[:-1] + (2, 8))
+  q = heads(layer.to_q(x))
+  k = np.concatenate([heads(layer.to_k(ctx)), heads(layer.to_k_ip(tokens))], axis=1)
+  v = np.concatenate([heads(layer.to_v(ctx)), scale * heads(layer.to_v_ip(tokens))], axis=1)
+  logits = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  mixed = np.einsum("bhts,bshk->bthk", weights, v).reshape(2, 5, 16)
+  expected = mixed @ np.asarray(layer.to_out.kernel[...]) + np.asarray(layer.to_out.bias[...])
+  ref.assert_close(out, expected)
+
+
+def test_simple_adapter_has_the_decoupled_budget_and_no_official_file(unet_folders, tmp_path):
+  from ipadapter_jax.weights import save_ip_adapter
+  folder = unet_folders["sd15"][1]
+  count = lambda m: sum(v.size for v in jax.tree.leaves(nnx.state(m, AdapterParam)))
+  decoupled = load_unet(folder, adapter=AdapterConfig(num_tokens=4, embed_dim=EMBED_DIM))
+  simple = load_unet(folder, adapter=AdapterConfig(num_tokens=4, embed_dim=EMBED_DIM,
+                                                   attention="simple"))
+  assert count(simple) == count(decoupled)
+  assert all(layer.joint_softmax for layer in simple.decoupled_layers())
+  with pytest.raises(ValueError, match="decoupled adapters only"):
+    save_ip_adapter(simple, str(tmp_path / "simple.safetensors"))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    AdapterConfig(attention="joint")

@@ -47,6 +47,14 @@ class CLIPImageConfig:
         values[key] = tuple(values[key])
     return cls(**values)
 
+  def to_dict(self) -> dict[str, Any]:
+    """A transformers `preprocessor_config.json` dict for these settings."""
+    out = dataclasses.asdict(self)
+    out["size"] = ({"shortest_edge": self.size} if isinstance(self.size, int) else
+                   {"height": self.size[0], "width": self.size[1]})
+    out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
+    return {"image_processor_type": "CLIPImageProcessor", **out}
+
   @classmethod
   def from_folder(cls, folder: str) -> "CLIPImageConfig":
     """The folder's preprocessor_config.json, or CLIP's defaults when it has none."""

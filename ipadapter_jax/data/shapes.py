@@ -53,13 +53,19 @@ def _mask(shape: str, size: int, radius: int, centre) -> np.ndarray:
   return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
 
 
-def _caption(rng, shape: str, colour: str, background: str) -> str:
-  """Names a random subset of the attributes (possibly none)."""
-  form = rng.integers(6)
+FULL = 5  # the caption form naming every attribute
+
+
+def _caption(form: int, shape: str, colour: str, background: str) -> str:
   text = ["", f"a {shape}", f"a {colour} shape", f"a {colour} {shape}",
           f"a {shape} on a {background} background",
           f"a {colour} {shape} on a {background} background"][form]
   return "an" + text[1:] if text.startswith("a o") else text
+
+
+def describe(ex: "Example") -> str:
+  """The caption naming all of an example's attributes."""
+  return _caption(FULL, ex.shape, ex.colour, ex.background)
 
 
 def example(seed: int, index: int, size: int = 32) -> Example:
@@ -70,8 +76,9 @@ def example(seed: int, index: int, size: int = 32) -> Example:
   background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
   radius = int(rng.integers(max(2, size * 6 // 32), max(3, size * 11 // 32) + 1))
   centre = tuple(int(c) for c in rng.integers(radius + 1, size - radius - 1, size=2))
+  # A random subset of the attributes (possibly none) is named.
   return Example(shape, colour, background, radius, centre,
-                 _caption(rng, shape, colour, background))
+                 _caption(int(rng.integers(FULL + 1)), shape, colour, background))
 
 
 def render(ex: Example, size: int = 32) -> np.ndarray:
@@ -82,15 +89,18 @@ def render(ex: Example, size: int = 32) -> np.ndarray:
   return image
 
 
-def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32) -> str:
-  """Writes PNGs and the official annotation list `data.json`; returns the annotation path."""
+def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32,
+                  full_captions: bool = False) -> str:
+  """Writes PNGs and the official annotation list `data.json`; returns the annotation path.
+  `full_captions` names every attribute in every caption instead of a random subset."""
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   records = []
   for i in range(num_examples):
     ex = example(seed, i, size)
     name = f"images/{i:06d}.png"
     Image.fromarray(render(ex, size)).save(os.path.join(folder, name))
-    records.append({"image_file": name, "text": ex.caption, "id": str(i),
+    records.append({"image_file": name, "text": describe(ex) if full_captions else ex.caption,
+                    "id": str(i),
                     "shape": ex.shape, "colour": ex.colour, "background": ex.background})
   path = os.path.join(folder, "data.json")
   with open(path, "w") as f:

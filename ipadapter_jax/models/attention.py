@@ -42,6 +42,8 @@ class Attention(nnx.Module):
 
   With `image_context_dim` set, the layer owns the adapter's `to_k_ip`/`to_v_ip` and computes
   to_out(softmax(Q K_text) V_text + scale * softmax(Q K_img) V_img): two softmaxes sharing Q.
+  With `joint_softmax` (the "simple adapter" ablation) it computes
+  to_out(softmax(Q [K_text; K_img]) [V_text; scale * V_img]) instead.
   """
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
@@ -62,6 +64,7 @@ class Attention(nnx.Module):
     self.heads = heads
     self.implementation = implementation
     self.ip_index: int | None = None  # set by the UNet: this layer's index in checkpoint order
+    self.joint_softmax = False  # set by the UNet for a "simple" adapter
 
   def _split_heads(self, x_BSD):
     return x_BSD.reshape(x_BSD.shape[:-1] + (self.heads, -1))
@@ -76,13 +79,18 @@ class Attention(nnx.Module):
     q_BTHK = self._split_heads(self.to_q(x_BTD))
     k_BSHK = self._split_heads(self.to_k(context_BSD))
     v_BSHK = self._split_heads(self.to_v(context_BSD))
-    out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
-    if image_prompt is not None and self.to_k_ip is not None:
-      k_BNHK, v_BNHK = image_prompt.kv[self.ip_index]
-      image_BTHK = dot_product_attention(q_BTHK, k_BNHK.astype(q_BTHK.dtype),
-                                         v_BNHK.astype(q_BTHK.dtype), self.implementation)
-      scale = image_prompt.scale[self.ip_index].astype(out_BTHK.dtype)
-      out_BTHK = out_BTHK + scale * image_BTHK
+    if image_prompt is None or self.to_k_ip is None:
+      out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
+    else:
+      k_BNHK, v_BNHK = (a.astype(q_BTHK.dtype) for a in image_prompt.kv[self.ip_index])
+      scale = image_prompt.scale[self.ip_index].astype(q_BTHK.dtype)
+      if self.joint_softmax:
+        out_BTHK = dot_product_attention(
+            q_BTHK, jnp.concatenate([k_BSHK, k_BNHK], axis=1),
+            jnp.concatenate([v_BSHK, scale * v_BNHK], axis=1), self.implementation)
+      else:
+        out_BTHK = (dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
+                    + scale * dot_product_attention(q_BTHK, k_BNHK, v_BNHK, self.implementation))
     return self.to_out(out_BTHK.reshape(x_BTD.shape[:-1] + (-1,)))
 
 

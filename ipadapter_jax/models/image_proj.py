@@ -20,6 +20,9 @@ from ipadapter_jax.models.layers import AdapterParam, LayerNorm, Linear
 KINDS = ("basic", "plus", "full_face")
 
 
+ATTENTIONS = ("decoupled", "simple")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """The shape of an IP-Adapter's image projection.
@@ -36,10 +39,16 @@ class AdapterConfig:
   resampler_head_dim: int = 64
   resampler_heads: int | None = None  # default: resampler_dim // resampler_head_dim
   resampler_ff_mult: int = 4
+  # "decoupled" (IP-Adapter): the image tokens get their own softmax. "simple" (the paper's
+  # section 4.4.1 baseline): they join the text tokens in one softmax, same weights otherwise.
+  attention: str = "decoupled"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"AdapterConfig: kind must be one of {KINDS}, got {self.kind!r}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"AdapterConfig: attention must be one of {ATTENTIONS}, "
+                       f"got {self.attention!r}")
     if self.num_tokens < 1 or self.embed_dim < 1:
       raise ValueError(f"AdapterConfig: num_tokens and embed_dim must be positive, got {self}")
 

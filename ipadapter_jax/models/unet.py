@@ -45,6 +45,9 @@ _FIXED_KEYS = {
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
 }
+# Per-block fields written as one number when every block has the same value.
+_SCALAR_WHEN_UNIFORM = ("layers_per_block", "transformer_layers_per_block",
+                        "num_attention_heads", "cross_attention_dim")
 # Keys read for information only (they do not change the computation).
 _IGNORED_KEYS = ("addition_embed_type_num_heads",)
 
@@ -161,6 +164,8 @@ class UNetConfig:
     out = {"_class_name": "UNet2DConditionModel", **_FIXED_KEYS}
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
+      if field.name in _SCALAR_WHEN_UNIFORM and len(set(value)) == 1:
+        value = value[0]  # as diffusers writes them (its IP-Adapter loader needs an int here)
       out[field.name] = list(value) if isinstance(value, tuple) else value
     out["attention_head_dim"] = out.pop("num_attention_heads")  # diffusers refuses the new name
     return out
@@ -319,6 +324,7 @@ class UNet2DConditionModel(nnx.Module):
         adapter, image_context_dim, dtype=dtype, rngs=rngs) if adapter is not None else None
     for index, layer in enumerate(self.decoupled_layers()):
       layer.ip_index = index
+      layer.joint_softmax = adapter.attention == "simple"
     self.dtype = dtype
     self.remat = "none"  # none | full | dots: rematerialise each block in the backward pass
 

@@ -10,6 +10,8 @@ The frozen models are never saved: they come from their own folders at every sta
 
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -52,6 +54,8 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep_last: int, keep_every: int = 0,
                asynchronous: bool = True):
+    if "://" not in directory:  # Orbax wants absolute local paths (gs:// and the like stay)
+      directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every or None,
         enable_async_checkpointing=asynchronous, create=True)

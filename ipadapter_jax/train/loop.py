@@ -20,8 +20,8 @@ from ipadapter_jax.schedulers import NoiseSchedule
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.checkpoint import Checkpoints
 from ipadapter_jax.train.metrics import MetricsWriter
-from ipadapter_jax.train.step import (StepSpec, TrainState, make_optimizer, make_schedule,
-                                      train_step, trainable_filter)
+from ipadapter_jax.train.step import (TRAINABLE, StepSpec, TrainState, make_optimizer,
+                                      make_schedule, train_step, trainable_filter)
 from ipadapter_jax.weights.files import CheckpointError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -46,8 +46,9 @@ def validate(cfg, mesh):
   if cfg.batch_size % devices:
     raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {devices} devices "
                         f"of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
-  if cfg.model.trainable not in ("adapter", "unet", "all"):
-    raise TrainingError(f"model.trainable must be adapter, unet or all, got {cfg.model.trainable!r}")
+  if cfg.model.trainable not in TRAINABLE:
+    raise TrainingError(f"model.trainable must be one of {', '.join(TRAINABLE)}, "
+                        f"got {cfg.model.trainable!r}")
   for key in ("frozen_dtype", "compute_dtype"):
     if cfg.model[key] not in DTYPES:
       raise TrainingError(f"model.{key} must be one of {sorted(DTYPES)}, got {cfg.model[key]!r}")
@@ -59,9 +60,28 @@ def validate(cfg, mesh):
                     *((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))):
     if path and not os.path.exists(path):
       raise TrainingError(f"{key}: {path} does not exist")
+  if cfg.model.adapter.attention != "decoupled" and cfg.export_adapter:
+    raise TrainingError(f"model.adapter.attention={cfg.model.adapter.attention!r} has no official "
+                        "file format: set export_adapter=False (the checkpoints keep it)")
   probabilities = (cfg.dropout.image, cfg.dropout.text, cfg.dropout.both)
   if min(probabilities) < 0 or sum(probabilities) > 1:
     raise TrainingError(f"dropout probabilities {probabilities} must be >= 0 and sum to <= 1")
+
+
+def load_clip_towers(cfg):
+  """The contrastive stage's models: both towers of a CLIPModel folder (`model.pretrained`), with
+  its tokenizer and image settings, in a StableDiffusion bundle without UNet."""
+  from ipadapter_jax.data.preprocessing import CLIPImageConfig  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights import StableDiffusion, load_clip_text, load_clip_vision  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights.folders import local_path  # pylint: disable=import-outside-toplevel
+  folder = local_path(cfg.model.pretrained, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+  kw = dict(dtype=DTYPES[cfg.model.compute_dtype], param_dtype=DTYPES[cfg.model.frozen_dtype])
+  return StableDiffusion(
+      unet=None, vae=None, text_encoder=load_clip_text(folder, with_projection=True, **kw),
+      tokenizer=load_tokenizer(folder), scheduler_config={},
+      image_encoder=load_clip_vision(folder, **kw),
+      image_processor=CLIPImageConfig.from_folder(folder))
 
 
 def load_models(cfg):
@@ -70,6 +90,8 @@ def load_models(cfg):
   from ipadapter_jax.weights import load_clip_vision, load_stable_diffusion  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights.folders import local_path  # pylint: disable=import-outside-toplevel
   m = cfg.model
+  if m.trainable == "clip":
+    return load_clip_towers(cfg)
   dtype, param_dtype = DTYPES[m.compute_dtype], DTYPES[m.frozen_dtype]
   with_adapter = m.trainable in ("adapter", "all")
   image_encoder = image_processor = adapter = None
@@ -84,7 +106,7 @@ def load_models(cfg):
                  else image_encoder.config.hidden_size)
     adapter = AdapterConfig(num_tokens=a.num_tokens, embed_dim=embed_dim, kind=a.kind,
                             resampler_dim=a.resampler_dim or None, resampler_depth=a.resampler_depth,
-                            resampler_heads=a.resampler_heads or None)
+                            resampler_heads=a.resampler_heads or None, attention=a.attention)
   sd = load_stable_diffusion(
       m.pretrained, adapter=None if m.init_adapter else adapter,
       ip_adapter=m.init_adapter or None, dtype=dtype, param_dtype=param_dtype,
@@ -95,10 +117,17 @@ def load_models(cfg):
                         f"the config asks for {adapter}")
   sd.image_encoder, sd.image_processor = image_encoder, image_processor
   sd.unet.remat = m.remat
+  if cfg.noise.prediction_type:  # what the model learns is what its samplers must read
+    sd.scheduler_config = {**sd.scheduler_config, "prediction_type": cfg.noise.prediction_type}
   return sd
 
 
 def step_spec(cfg, sd) -> StepSpec:
+  if sd.unet is None:
+    return StepSpec(schedule=None, image_features=None, drop_image=0.0, drop_text=0.0,
+                    drop_both=0.0, cached=False, scaling_factor=None,
+                    ema_decay=cfg.optimizer.ema_decay, objective="contrastive",
+                    temperature=cfg.contrastive_temperature)
   overrides = {"prediction_type": cfg.noise.prediction_type} if cfg.noise.prediction_type else {}
   schedule = NoiseSchedule.from_diffusers(sd.scheduler_config, **overrides)
   features = None
@@ -132,15 +161,22 @@ def write_run_files(cfg, sd, workdir):
   """The resolved config, and what `convert to-official` needs to read the checkpoints."""
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  if sd.unet.adapter_config is not None:
+  if sd.unet is not None and sd.unet.adapter_config is not None:
     with open(os.path.join(workdir, "adapter_config.json"), "w") as f:
       json.dump({"adapter": dataclasses.asdict(sd.unet.adapter_config),
                  "unet": sd.unet.config.to_diffusers()}, f, indent=2)
 
 
 def export(cfg, sd, workdir):
-  """The trained weights in PyTorch-world formats: the official adapter and/or a diffusers folder."""
-  from ipadapter_jax.weights import save_ip_adapter, save_stable_diffusion  # pylint: disable=import-outside-toplevel
+  """The trained weights in PyTorch-world formats: the official adapter and/or a diffusers folder
+  (or, for the contrastive stage, a transformers CLIPModel folder)."""
+  from ipadapter_jax.weights import save_clip_model, save_ip_adapter, save_stable_diffusion  # pylint: disable=import-outside-toplevel
+  if sd.unet is None:  # the contrastive stage
+    path = os.path.join(workdir, "clip")
+    save_clip_model(sd.text_encoder, sd.image_encoder, path, tokenizer=sd.tokenizer,
+                    processor=sd.image_processor,
+                    logit_scale=float(np.log(1.0 / cfg.contrastive_temperature)))
+    return [path]
   written = []
   if sd.unet.adapter_config is not None and cfg.export_adapter:
     path = os.path.join(workdir, "ip_adapter.safetensors")
@@ -195,7 +231,7 @@ def train(cfg, workdir: str) -> dict:
 
   # ----- Data ------------------------------------------------------------------------------
   data_spec = DataSpec(resolution=cfg.data.resolution, random_crop=cfg.data.random_crop,
-                       clip=sd.image_processor if spec.image_features else None,
+                       clip=sd.image_processor,
                        tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer_2,
                        image_key=cfg.data.image_key, caption_key=cfg.data.caption_key)
   source = open_source(cfg.data.source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)
@@ -261,7 +297,8 @@ def train(cfg, workdir: str) -> dict:
         progress.set_postfix(loss=f"{loss:.4f}")
       if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or stop["signal"]:
         checkpoints.save(step, state, batches.get_state(), force=True)
-      if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.num_steps):
+      if (cfg.sample_every and sd.unet is not None
+          and (step % cfg.sample_every == 0 or step == cfg.num_steps)):
         nnx.update(modules, jax.tree.map(_to_host, state.params))  # every process joins
         if jax.process_index() == 0:
           sample_grid(cfg, sd, step, workdir, metrics)

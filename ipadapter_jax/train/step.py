@@ -1,8 +1,10 @@
 """The train state, the optimizer and the train step (a pure function, jitted once by the loop).
 
 The models travel as one NNX graph (unet, vae, text_encoder, text_encoder_2, image_encoder), split
-into the trainable weights (inside the UNet: the adapter, the UNet, or both) and everything
-frozen. Only the trainable part is differentiated, updated, checkpointed.
+into the trainable weights (inside the UNet: the adapter, the UNet, or both; or the two CLIP
+towers) and everything frozen. Only the trainable part is differentiated, updated, checkpointed.
+Two objectives: denoising (the UNet, the adapter) and CLIP's contrastive loss (the CLIP towers,
+which the toy world trains from scratch).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from ipadapter_jax.models.vae import sample_posterior
 from ipadapter_jax.pipeline import encode_text
 from ipadapter_jax.schedulers import NoiseSchedule, add_noise, training_target
 
-TRAINABLE = ("adapter", "unet", "all")
+TRAINABLE = ("adapter", "unet", "all", "clip")
+UNET, TEXT_ENCODER, IMAGE_ENCODER = 0, 2, 4  # positions in the models tuple
 
 
 def trainable_filter(trainable: str):
@@ -29,7 +32,10 @@ def trainable_filter(trainable: str):
     raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
   if trainable == "adapter":
     return AdapterParam
-  in_unet = lambda path, _: bool(path) and path[0] == 0
+  if trainable == "clip":
+    return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] in (TEXT_ENCODER,
+                                                                         IMAGE_ENCODER))
+  in_unet = lambda path, _: bool(path) and path[0] == UNET
   if trainable == "unet":
     return nnx.All(nnx.Param, nnx.Not(AdapterParam), in_unet)
   return nnx.All(nnx.Param, in_unet)
@@ -71,7 +77,7 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
   """The static choices of a train step."""
-  schedule: NoiseSchedule
+  schedule: NoiseSchedule | None  # None for the contrastive objective
   image_features: str | None    # "image_embeds", "hidden_states" (plus/full_face) or None
   drop_image: float
   drop_text: float
@@ -80,6 +86,8 @@ class StepSpec:
   scaling_factor: float | None  # VAE latent scale; None for a pixel-space model
   snr_gamma: float = 0.0
   ema_decay: float = 0.0
+  objective: str = "denoise"    # or "contrastive" (the CLIP towers)
+  temperature: float = 0.07     # contrastive: the fixed softmax temperature
 
 
 def _drop_masks(key, batch_size: int, spec: StepSpec):
@@ -141,9 +149,35 @@ def _clean_latents(models, batch, key, spec: StepSpec):
 
 
 def loss_fn(params, frozen, graphdef, batch, empty, key, spec: StepSpec):
-  """Mean squared error of the noise (or v / x0) prediction, in float32."""
+  """The step's objective, in float32."""
   models = nnx.merge(graphdef, params, frozen)
-  unet = models[0]
+  if spec.objective == "contrastive":
+    return contrastive_loss(models, batch, spec.temperature)
+  return denoising_loss(models, batch, empty, key, spec)
+
+
+def _unit(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def contrastive_loss(models, batch, temperature: float):
+  """CLIP's symmetric cross-entropy over the batch's image-caption similarities. Examples with
+  identical token ids are positives of each other (small vocabularies repeat captions)."""
+  text_encoder, image_encoder = models[TEXT_ENCODER], models[IMAGE_ENCODER]
+  ids = batch["input_ids"]
+  text = _unit(text_encoder(ids).text_embeds)
+  image = _unit(image_encoder(batch["clip_pixels"]).image_embeds)
+  logits = image @ text.T / temperature
+  same = jnp.all(ids[:, None] == ids[None], axis=-1).astype(jnp.float32)  # symmetric
+  targets = same / jnp.sum(same, axis=-1, keepdims=True)
+  return 0.5 * (jnp.mean(optax.softmax_cross_entropy(logits, targets))
+                + jnp.mean(optax.softmax_cross_entropy(logits.T, targets)))
+
+
+def denoising_loss(models, batch, empty, key, spec: StepSpec):
+  """Mean squared error of the noise (or v / x0) prediction."""
+  unet = models[UNET]
   k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
   x0 = _clean_latents(models, batch, k_latent, spec)
   B = x0.shape[0]

@@ -7,4 +7,5 @@ from ipadapter_jax.weights.ip_adapter import (AdapterFileInfo, describe, ip_adap
                                               load_ip_adapter, read_ip_adapter, save_ip_adapter)
 from ipadapter_jax.weights.pipeline import (StableDiffusion, load_stable_diffusion,
                                             save_stable_diffusion)
-from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
+from ipadapter_jax.weights.transformers import (load_clip_text, load_clip_vision, save_clip,
+                                                save_clip_model)

@@ -168,7 +168,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
   """Writes numpy arrays (bfloat16 included) as a .safetensors file, atomically."""
   header, offset, arrays = {}, 0, []
   for name, array in tensors.items():
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-d)
     if array.dtype not in _DTYPE_NAMES:
       raise CheckpointError(f"{path}: tensor '{name}' has dtype {array.dtype}, which "
                             "safetensors cannot store")

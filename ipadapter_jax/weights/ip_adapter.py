@@ -164,6 +164,9 @@ def load_ip_adapter(model: UNet2DConditionModel, weights: str | dict, *, source:
 
 def ip_adapter_state_dict(model: UNet2DConditionModel, dtype=np.float32) -> dict[str, np.ndarray]:
   """The adapter as an official flat state dict (PyTorch layout), layers in index order."""
+  if model.adapter_config is not None and model.adapter_config.attention != "decoupled":
+    raise ValueError("the official format holds decoupled adapters only; this one is "
+                     f"'{model.adapter_config.attention}' (keep its Orbax checkpoint instead)")
   return export_named(adapter_variables(model), dtype)
 
 

@@ -120,5 +120,5 @@ def export_named(variables: dict[str, "NamedVariable"], dtype=None) -> dict[str,
   out = {}
   for name, variable in variables.items():
     array = to_torch_layout(variable.leaf, np.asarray(variable.get_value()))
-    out[name] = np.ascontiguousarray(array if dtype is None else array.astype(dtype))
+    out[name] = np.asarray(array if dtype is None else array.astype(dtype), order="C")
   return out

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
@@ -44,8 +45,9 @@ def load_clip_text(folder: str, *, with_projection: bool | None = None, dtype=jn
                                                param_dtype=param_dtype or dtype,
                                                rngs=nnx.Rngs(0)))
   state, source = read_model_folder(folder, "model", variant)
-  if "text_config" in raw:  # a whole CLIPModel folder: take the text tower only
-    state = {k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection."))}
+  if "text_config" in raw:  # a whole CLIPModel folder: take the text tower (and its projection)
+    keep = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
+    state = {k: v for k, v in state.items() if k.startswith(keep)}
   else:
     state = _canonical_text_keys(state)
   assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
@@ -77,3 +79,32 @@ def save_clip(model: CLIPTextModel | CLIPVisionModelWithProjection, folder: str,
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(model.config.to_transformers(), f, indent=2)
     write_safetensors(os.path.join(tmp, "model.safetensors"), state)
+
+
+def save_clip_model(text: CLIPTextModel, vision: CLIPVisionModelWithProjection, folder: str, *,
+                    logit_scale: float, tokenizer=None, processor=None, dtype=None) -> None:
+  """Writes both towers as one transformers CLIPModel folder (the form of openai/clip-vit-*),
+  with the tokenizer and the image processor settings when given."""
+  if text.config.projection_dim != vision.config.projection_dim:
+    raise ValueError(f"a CLIPModel needs one projection size, got text "
+                     f"{text.config.projection_dim} and vision {vision.config.projection_dim}")
+  state = {**export_named(named_variables(text, torch_name), dtype),
+           **export_named(named_variables(vision, torch_name), dtype),
+           "logit_scale": np.asarray(logit_scale, dtype or np.float32)}
+  towers = {}  # each tower keeps projection_dim: a lone tower loaded from the folder reads it
+  for name, model in (("text_config", text), ("vision_config", vision)):
+    towers[name] = {k: v for k, v in model.config.to_transformers().items()
+                    if k != "architectures"}
+  config = {"architectures": ["CLIPModel"], "model_type": "clip",
+            "projection_dim": text.config.projection_dim,
+            "logit_scale_init_value": float(logit_scale), **towers}
+  with atomic_path(folder) as tmp:
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), state)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+    if processor is not None:
+      with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(processor.to_dict(), f, indent=2)

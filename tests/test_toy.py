@@ -1,0 +1,106 @@
+"""The toy world end to end (every stage, CI-sized), and its exports in the PyTorch world."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+
+from ipadapter_jax import convert, evaluate, toy
+from ipadapter_jax.data import shapes
+from ipadapter_jax.weights import load_stable_diffusion
+from tests import torch_reference as ref
+
+
+# One worker runs every test on the quick toy world, which is then built once.
+pytestmark = pytest.mark.xdist_group("toy_world")
+
+
+@pytest.fixture(scope="module")
+def world(quick_toy_world):
+  return quick_toy_world
+
+
+def test_every_stage_runs_and_reports(world, capsys):
+  workdir, result = world
+  with open(os.path.join(workdir, "eval.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(result))
+  assert [r["setting"].split(",")[0] for r in saved["rows"]] == ["base", "base", "adapter",
+                                                                  "adapter"]
+  for row in saved["rows"]:
+    assert 0.0 <= row["colour_asked"] <= 1.0 and 0.0 <= row["shape_of_image"] <= 1.0
+    assert -1.0 <= row["clip_i"] <= 1.0 and 0.0 <= row["clip_t"] <= 2.5
+  count, zoom, size = 8, 4, toy.VISION_CONFIG["image_size"]
+  grid = Image.open(os.path.join(workdir, "grid.png"))
+  assert grid.size == (count * size * zoom, 4 * size * zoom)  # prompt, text, image, image + text
+  for stage in ("clip", "base", "adapter"):  # every stage logged its losses, all finite
+    with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+      losses = [json.loads(line)["loss"] for line in f]
+    assert losses and np.all(np.isfinite(losses)), stage
+
+  exports = {p: os.path.getmtime(os.path.join(workdir, p))
+             for p in ("clip/clip", "base/pipeline", "adapter/ip_adapter.safetensors")}
+  capsys.readouterr()
+  toy.run(workdir, quick=True)  # a rerun reuses every finished stage
+  err = capsys.readouterr().err
+  assert err.count("reusing") == 3
+  assert exports == {p: os.path.getmtime(os.path.join(workdir, p)) for p in exports}
+
+
+def test_toy_clip_is_a_transformers_clip_model(world):
+  workdir, _ = world
+  folder = os.path.join(workdir, "clip", "clip")
+  model = CLIPModel.from_pretrained(folder).eval()
+  processor = CLIPProcessor.from_pretrained(folder)
+  images = [Image.fromarray(shapes.render(ex, 16)) for ex in toy.held_out(3)]
+  captions = [shapes.describe(ex) for ex in toy.held_out(3)]
+  with torch.no_grad():
+    inputs = processor(text=captions, images=images, return_tensors="pt", padding="max_length")
+    out = model(**inputs)
+  scorer = evaluate.CLIPScorer.load(folder)
+  image = evaluate.image_embeddings(scorer.image_encoder, scorer.processor, images)
+  text = evaluate.text_embeddings(scorer.text_encoder, scorer.tokenizer, captions)
+  expected = torch.nn.functional.normalize(out.image_embeds, dim=-1).numpy()
+  ref.assert_close(image, expected)
+  ref.assert_close(text, torch.nn.functional.normalize(out.text_embeds, dim=-1).numpy())
+  assert abs(float(model.logit_scale) - np.log(1 / 0.07)) < 1e-5
+
+
+def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
+  workdir, _ = world
+  out = str(tmp_path / "adapter" / "toy_ip_adapter.safetensors")
+  os.makedirs(os.path.dirname(out))
+  assert convert.main(["to-official", os.path.join(workdir, "adapter"), "--out", out]) == 0
+
+  base = os.path.join(workdir, "base", "pipeline")
+  unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+  pipe = StableDiffusionPipeline(  # the toy base is pixel space; the VAE is never used here
+      vae=AutoencoderKL(**ref.VAE_LIKE), unet=unet,
+      text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+      tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+      scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  pipe.load_ip_adapter(str(tmp_path / "adapter"), subfolder="",
+                       weight_name="toy_ip_adapter.safetensors", image_encoder_folder=None)
+
+  ours = load_stable_diffusion(base, image_encoder=os.path.join(workdir, "clip", "clip"),
+                               ip_adapter=out)
+  g = torch.Generator().manual_seed(0)
+  x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([900, 20])
+  ctx = torch.randn(2, 16, 64, generator=g)
+  features = torch.randn(2, 64, generator=g)
+  with torch.no_grad():
+    expected = pipe.unet(x, t, ctx, added_cond_kwargs={"image_embeds": [features[:, None]]}
+                         ).sample.numpy()
+  actual = ref.jit_call(ours.unet, jnp.asarray(x.numpy()), jnp.asarray(t.numpy()),
+                        jnp.asarray(ctx.numpy()), image_embeds=jnp.asarray(features.numpy()),
+                        layout="NCHW")
+  err = ref.assert_close(actual, expected)
+  print(f"toy adapter exported by the convert CLI, loaded by diffusers: max abs error {err:.1e}")

@@ -46,6 +46,10 @@ class Bench:
   samples: int         # images per sampling call
   steps: int           # DDIM steps
 
+  @property
+  def image_size(self) -> int:
+    return self.latent_size * 2 ** (len(self.vae["block_out_channels"]) - 1)
+
 
 SMALL_VAE = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4,
                  norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -54,6 +58,15 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
               norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4)
 CONFIGS = {
+    # The script's own smoke test (tests/test_benchmarks.py), not a measurement.
+    "tiny": Bench(dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
+                       cross_attention_dim=32, norm_num_groups=8, sample_size=8,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+                  dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+                       norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2),
+                  8, 16, forward_batch=2, train_batch=2, samples=1, steps=2),
     # Pinned so that results compare across time: 41,356,484 UNet parameters.
     "sd15-small": Bench(dict(SD15_BLOCKS, block_out_channels=(64, 128, 256, 256),
                              layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
@@ -134,6 +147,7 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   import optax
   from flax import nnx
   from PIL import Image
+  from ipadapter_jax.models.layers import AdapterParam
   from ipadapter_jax.pipeline import IPAdapterPipeline
   from ipadapter_jax.schedulers import NoiseSchedule
   from ipadapter_jax.train.step import StepSpec, TrainState, train_step, trainable_filter
@@ -141,11 +155,15 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   sd = load_stable_diffusion(paths["sd"], image_encoder=paths["image_encoder"],
-                             ip_adapter=paths["adapter"], dtype=dtype, param_dtype=dtype)
+                             ip_adapter=paths["adapter"], dtype=dtype, param_dtype=dtype,
+                             attention_implementation=args.attention or None)
   unet = sd.unet
-  unet_params = sum(x.size for x in jax.tree.leaves(nnx.state(unet, nnx.Param)))
-  out = {"unet_parameters": int(unet_params), "device": jax.devices()[0].device_kind,
-         "jax": jax.__version__}
+  count = lambda f: int(sum(x.size for x in jax.tree.leaves(nnx.state(unet, f))))
+  ip_layers = count(nnx.All(AdapterParam, nnx.Not(nnx.PathContains("image_proj"))))
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "parameters": {"base_unet": count(nnx.All(nnx.Param, nnx.Not(AdapterParam))),
+                        "to_k_ip_to_v_ip": ip_layers,
+                        "image_proj": count(AdapterParam) - ip_layers}}
   rng = jax.random.key(0)
   B, S, D, E = bench.forward_batch, 77, bench.unet["cross_attention_dim"], bench.image_embed_dim
   latents = jax.random.normal(rng, (B, bench.latent_size, bench.latent_size, 4), dtype)
@@ -153,15 +171,13 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   embeds = jax.random.normal(rng, (B, E), dtype)
   t = jnp.full((B,), 500)
 
-  @nnx.jit
-  def forward(model, x, t, ctx, emb):
-    return model(x, t, ctx, image_embeds=emb)
-
-  lowered = jax.jit(lambda g, s, *a: nnx.merge(g, s)(a[0], a[1], a[2], image_embeds=a[3])).lower(
-      *nnx.split(unet), latents, t, context, embeds)
-  flops = (lowered.compile().cost_analysis() or {}).get("flops", float("nan"))
+  graphdef, weights = nnx.split(unet)
+  weights = jax.tree.map(jnp.asarray, weights)  # new containers, detached from the live module
+  forward = jax.jit(lambda w, x, t, ctx, emb: nnx.merge(graphdef, w)(x, t, ctx, image_embeds=emb)
+                    ).lower(weights, latents, t, context, embeds).compile()
+  flops = (forward.cost_analysis() or {}).get("flops", float("nan"))
   out["forward_s"] = median_time(
-      lambda: forward(unet, latents, t, context, embeds).block_until_ready(), args.repeats)
+      lambda: forward(weights, latents, t, context, embeds).block_until_ready(), args.repeats)
   out["forward_gflop"] = flops / 1e9
 
   # The adapter train step of train.py, on cached encoder outputs (the encoders are not timed).
@@ -175,7 +191,8 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None)
-    state = jax.tree.map(jnp.array, state)
+    state = jax.tree.map(jnp.array, state)  # own buffers, for donation
+    frozen = jax.tree.map(jnp.asarray, frozen)  # new containers, detached from the live module
     Bt = bench.train_batch
     batch = {"text_context": context[:1].repeat(Bt, 0), "image_embeds": embeds[:1].repeat(Bt, 0),
              "latent_mean": latents[:1].repeat(Bt, 0).astype(jnp.float32),
@@ -206,7 +223,7 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
 
   pipe = IPAdapterPipeline(sd)
   image = Image.open(paths["image"])
-  size = bench.latent_size * 8
+  size = bench.image_size
   request = dict(num_inference_steps=bench.steps, num_samples=bench.samples, guidance_scale=7.5,
                  height=size, width=size)
   start = time.perf_counter()
@@ -290,7 +307,7 @@ def torch_measurements(bench: Bench, paths: dict, args, compiled: bool) -> dict:
     p.requires_grad_(False)
 
   image = Image.open(paths["image"])
-  size = bench.latent_size * 8
+  size = bench.image_size
 
   def sample():
     with torch.no_grad():
@@ -313,7 +330,7 @@ def first_image(paths: dict, bench: Bench) -> float:
   from ipadapter_jax.weights import load_stable_diffusion
   pipe = IPAdapterPipeline(load_stable_diffusion(paths["sd"], image_encoder=paths["image_encoder"],
                                                  ip_adapter=paths["adapter"]))
-  size = bench.latent_size * 8
+  size = bench.image_size
   pipe(PROMPT, Image.open(paths["image"]), num_inference_steps=bench.steps, num_samples=1,
        height=size, width=size)
   return time.perf_counter() - STARTED
@@ -359,7 +376,7 @@ def input_rates(bench: Bench, folder: str) -> dict:
   import input_pipeline as ip  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.data.preprocessing import CLIPImageConfig
   from ipadapter_jax.data.tokenizer import load_tokenizer
-  resolution, count = bench.latent_size * 8, 128
+  resolution, count = bench.image_size, 128
   images = os.path.join(folder, "images")
   os.makedirs(images)
   report = ip.build_image_text_dataset(ip.make_images(images, count), images,
@@ -379,6 +396,8 @@ def main(argv=None) -> int:
   p.add_argument("--train_batch", type=int, default=None)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--torch_compile", action="store_true", help="also PyTorch with torch.compile")
+  p.add_argument("--attention", choices=("", "cudnn"), default="",
+                 help="JAX attention implementation: XLA (default) or cuDNN's fused kernel (GPU)")
   p.add_argument("--skip_first_image", action="store_true")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--first_image", default=None, help=argparse.SUPPRESS)

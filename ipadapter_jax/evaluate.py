@@ -72,19 +72,25 @@ def text_embeddings(encoder, tokenizer, captions: Sequence[str]) -> np.ndarray:
   return _normalise(_text_embeds(encoder, jnp.asarray(tokenize(tokenizer, list(captions)))))
 
 
+def _mean_cosine(a, b) -> float:
+  return float(np.mean(np.sum(a * b, axis=-1)))
+
+
+def _mean_clipscore(images, texts) -> float:
+  return float(np.mean(CLIPSCORE_WEIGHT * np.maximum(np.sum(images * texts, axis=-1), 0.0)))
+
+
 def clip_i(image_encoder, processor: CLIPImageConfig, generated, prompt_images) -> float:
   """Mean cosine similarity of each generated image with its prompt image."""
-  a = image_embeddings(image_encoder, processor, generated)
-  b = image_embeddings(image_encoder, processor, prompt_images)
-  return float(np.mean(np.sum(a * b, axis=-1)))
+  return _mean_cosine(image_embeddings(image_encoder, processor, generated),
+                      image_embeddings(image_encoder, processor, prompt_images))
 
 
 def clip_t(image_encoder, processor: CLIPImageConfig, text_encoder, tokenizer, generated,
            captions: Sequence[str]) -> float:
   """Mean CLIPScore, 2.5 * max(cos, 0), of each generated image with its caption."""
-  a = image_embeddings(image_encoder, processor, generated)
-  b = text_embeddings(text_encoder, tokenizer, captions)
-  return float(np.mean(CLIPSCORE_WEIGHT * np.maximum(np.sum(a * b, axis=-1), 0.0)))
+  return _mean_clipscore(image_embeddings(image_encoder, processor, generated),
+                         text_embeddings(text_encoder, tokenizer, captions))
 
 
 def attribute_scores(generated, targets: Sequence[dict]) -> dict[str, float]:
@@ -115,12 +121,11 @@ class CLIPScorer(NamedTuple):
 
   def score(self, generated, prompt_images, captions: Sequence[str]) -> dict[str, float]:
     """{"clip_i", "clip_t"} of generated images against their prompt images and captions."""
-    embeds = image_embeddings(self.image_encoder, self.processor, generated)
-    prompts = image_embeddings(self.image_encoder, self.processor, prompt_images)
-    texts = text_embeddings(self.text_encoder, self.tokenizer, captions)
-    return {"clip_i": float(np.mean(np.sum(embeds * prompts, axis=-1))),
-            "clip_t": float(np.mean(CLIPSCORE_WEIGHT
-                                    * np.maximum(np.sum(embeds * texts, axis=-1), 0.0)))}
+    embeds = image_embeddings(self.image_encoder, self.processor, generated)  # once for both
+    return {"clip_i": _mean_cosine(embeds, image_embeddings(self.image_encoder, self.processor,
+                                                            prompt_images)),
+            "clip_t": _mean_clipscore(embeds, text_embeddings(self.text_encoder, self.tokenizer,
+                                                              captions))}
 
 
 def generate(pipe, prompts: Sequence[str], images: Sequence | None, *, batch_size: int,

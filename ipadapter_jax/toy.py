@@ -22,12 +22,27 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
+from flax import nnx
+from PIL import Image
 
+from ipadapter_jax import evaluate
 from ipadapter_jax.data import shapes
+from ipadapter_jax.data.image_text import build_image_text_dataset
+from ipadapter_jax.data.preprocessing import CLIPImageConfig
+from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                                       CLIPVisionModelWithProjection)
+from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.train.loop import TrainingError, train
+from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_stable_diffusion,
+                                   save_clip_model, save_stable_diffusion)
+from ipadapter_jax.weights.files import CheckpointError
 
 # The toy models. Pixel space: at 16x16 RGB a VAE would save nothing.
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -72,13 +87,13 @@ def log(message: str):
 def build_data(workdir: str, sizes: Sizes):
   """Writes and builds the shapes: `data/train` (captions name a random subset of the attributes)
   for the base model and the adapter, `data/clip` (captions name all of them) for the CLIP."""
-  from ipadapter_jax.data.image_text import build_image_text_dataset  # pylint: disable=import-outside-toplevel
   for name, seed, full_captions in (("train", 0, False), ("clip", 2, True)):
     built = os.path.join(workdir, "data", name)
     if os.path.isdir(built):
       continue
     log(f"data: writing {sizes.train_examples} shapes and building {built}")
     raw = built + ".raw"
+    shutil.rmtree(built + ".tmp", ignore_errors=True)  # what an interrupted build left
     annotations = shapes.write_dataset(raw, sizes.train_examples, seed=seed,
                                        size=VISION_CONFIG["image_size"],
                                        full_captions=full_captions)
@@ -88,12 +103,6 @@ def build_data(workdir: str, sizes: Sizes):
 
 def write_init_clip(folder: str):
   """A randomly initialised CLIPModel folder with the shapes tokenizer."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.data.preprocessing import CLIPImageConfig  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,  # pylint: disable=import-outside-toplevel
-                                         CLIPVisionModelWithProjection)
-  from ipadapter_jax.weights import save_clip_model  # pylint: disable=import-outside-toplevel
   if os.path.isdir(folder):
     return
   tokenizer_dir = folder + ".tokenizer"
@@ -110,10 +119,6 @@ def write_init_clip(folder: str):
 def write_init_base(folder: str, clip_folder: str):
   """A pipeline folder: a randomly initialised UNet, the trained CLIP text tower (without its
   projection, as Stable Diffusion uses it), the tokenizer and the DDIM scheduler settings."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights import StableDiffusion, load_clip_text, save_stable_diffusion  # pylint: disable=import-outside-toplevel
   if os.path.isdir(folder):
     return
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNET_CONFIG), rngs=nnx.Rngs(3))
@@ -128,7 +133,6 @@ def train_stage(name: str, config_module, workdir: str, output: str | None,
   """Runs (or resumes, or reuses) one train.py stage in `workdir/name`; returns its exported
   `output` (None: the stage exports nothing, its last checkpoint is the result).
   `overrides` sets config keys, {"model.adapter.num_tokens": 8}."""
-  from ipadapter_jax.train.loop import train  # pylint: disable=import-outside-toplevel
   cfg = config_module.get_config()
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split(".")
@@ -181,7 +185,6 @@ class PromptSet:
 
   @classmethod
   def make(cls, count: int) -> "PromptSet":
-    from PIL import Image  # pylint: disable=import-outside-toplevel
     examples = held_out(count)
     size = VISION_CONFIG["image_size"]
     return cls(examples, [Image.fromarray(shapes.render(ex, size)) for ex in examples],
@@ -218,7 +221,6 @@ def adapter_settings(pipe, ps: PromptSet, label: str = "adapter") -> list[Settin
 
 def score_settings(settings: list[Setting], ps: PromptSet, scorer, sizes: Sizes):
   """(rows, generated images per setting): CLIP-I, CLIP-T and the attribute matches."""
-  from ipadapter_jax import evaluate  # pylint: disable=import-outside-toplevel
   rows, generated = [], {}
   for setting in settings:
     start = time.perf_counter()
@@ -243,9 +245,6 @@ def score_settings(settings: list[Setting], ps: PromptSet, scorer, sizes: Sizes)
 def evaluate_toy(workdir: str, clip_dir: str, base_dir: str, adapter_file: str,
                  sizes: Sizes) -> dict:
   """Samples the four settings on held-out prompt images; writes eval.json and grid.png."""
-  from ipadapter_jax import evaluate  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
   ps = PromptSet.make(sizes.eval_images)
   base = IPAdapterPipeline(load_stable_diffusion(base_dir))
   adapted = IPAdapterPipeline(load_stable_diffusion(base_dir, image_encoder=clip_dir,
@@ -268,7 +267,6 @@ def _share(flags) -> float:
 
 def write_grid(path: str, rows: list[np.ndarray], count: int, zoom: int = 4):
   """Rows of [N, H, W, 3] images in [0, 1] (their first `count`), enlarged `zoom` times."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   grid = np.concatenate([np.concatenate(list(row[:count]), axis=1) for row in rows], axis=0)
   grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
   Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).save(path)
@@ -329,8 +327,6 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", default="runs/toy")
   p.add_argument("--quick", action="store_true", help="a minute-sized world (for tests)")
   args = p.parse_args(argv)
-  from ipadapter_jax.train.loop import TrainingError  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights.files import CheckpointError  # pylint: disable=import-outside-toplevel
   try:
     run(args.workdir, args.quick)
   except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:

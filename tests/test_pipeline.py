@@ -87,6 +87,26 @@ def test_new_scale_prompt_or_seed_do_not_recompile(world):
   assert not np.allclose(first, second) and not np.allclose(second, third)
 
 
+def test_a_batch_of_requests_equals_one_request_at_a_time(world):
+  models = load_stable_diffusion(str(world / "sd"), image_encoder=str(world / "adapter" / "image_encoder"),
+                                 ip_adapter=str(world / "adapter" / "ip-adapter.safetensors"))
+  pipe = IPAdapterPipeline(models)
+  rng = np.random.default_rng(1)
+  images = [Image.open(world / "prompt.png"),
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))]
+  prompts = ["a red circle", "a blue square on a green background"]
+  latents = rng.standard_normal((4, 4, H // 2, W // 2)).astype(np.float32)
+  request = dict(num_inference_steps=3, num_samples=2, height=H, width=W, scale=0.7)
+  batched = pipe(prompts, images, latents=latents, **request)
+  one_by_one = np.concatenate([pipe(prompts[i], images[i], latents=latents[2 * i:2 * i + 2],
+                                    **request) for i in range(2)])
+  ref.assert_close(batched, one_by_one)
+  shared = pipe(prompts, images[0], latents=latents, **request)  # one image for both prompts
+  ref.assert_close(shared[:2], batched[:2])
+  with pytest.raises(ValueError, match="2 prompts and 3 images"):
+    pipe(prompts, images + images[:1], **request)
+
+
 def test_bad_input_ends_with_one_line(world, tmp_path, capsys):
   base = ["--pretrained", str(world / "sd"), "--out", str(tmp_path / "g.png")]
   cases = [

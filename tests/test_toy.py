@@ -104,3 +104,24 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
                         layout="NCHW")
   err = ref.assert_close(actual, expected)
   print(f"toy adapter exported by the convert CLI, loaded by diffusers: max abs error {err:.1e}")
+
+
+def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
+  workdir, _ = world
+  annotations = shapes.write_dataset(str(tmp_path / "prompts"), 3, seed=1, size=16,
+                                     full_captions=True)
+  argv = ["--pretrained", os.path.join(workdir, "base", "pipeline"),
+          "--image_encoder", os.path.join(workdir, "clip", "clip"),
+          "--ip_adapter", os.path.join(workdir, "adapter", "ip_adapter.safetensors"),
+          "--clip", os.path.join(workdir, "clip", "clip"), "--annotations", annotations,
+          "--num_samples", "2", "--num_inference_steps", "3", "--batch_size", "2",
+          "--out", str(tmp_path / "eval.json")]
+  assert evaluate.main(argv) == 0
+  result = json.loads((tmp_path / "eval.json").read_text())
+  assert result["prompt_images"] == 3 and -1 <= result["clip_i"] <= 1
+  assert 0 <= result["clip_t"] <= 2.5
+  (tmp_path / "prompts" / "images" / "000001.png").write_bytes(b"not a png")
+  capsys.readouterr()
+  assert evaluate.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error:") and "000001.png" in err and len(err.splitlines()) == 1

@@ -137,3 +137,24 @@ def test_remat_policies_give_the_same_gradients(unet_folders):
   for policy in ("full", "dots"):
     for a, b in zip(jax.tree.leaves(grads(policy)), reference):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_in_an_adapter_step_with_frozen_weights_from_outside(unet_folders):
+  from ipadapter_jax.models import AdapterConfig, AdapterParam
+  model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(num_tokens=4, embed_dim=24))
+  graphdef, adapter, frozen = nnx.split(model, AdapterParam, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  ctx = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  embeds = jax.random.normal(jax.random.key(2), (2, 24))
+
+  def grads(remat):
+    def loss(adapter, frozen):
+      unet = nnx.merge(graphdef, adapter, frozen)
+      unet.remat = remat
+      return jnp.mean(jnp.square(unet(x, 10, ctx, image_embeds=embeds)))
+    # The frozen weights are traced by jit but not by grad, as in the train step.
+    return jax.jit(lambda a, f: jax.grad(loss)(a, f))(adapter, frozen)
+  reference = jax.tree.leaves(grads("none"))
+  for policy in ("full", "dots"):
+    for a, b in zip(jax.tree.leaves(grads(policy)), reference):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

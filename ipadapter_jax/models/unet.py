@@ -330,12 +330,16 @@ class UNet2DConditionModel(nnx.Module):
 
   def _run(self, block, *args, **static):
     """Calls a block, rematerialised in the backward pass when `self.remat` asks for it."""
-    def call(module, *traced):
-      return module(*traced, **static)  # static (shape) arguments stay out of the trace
     if self.remat == "none":
-      return call(block, *args)
+      return block(*args, **static)
     policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[self.remat]
-    return nnx.remat(call, policy=policy)(block, *args)
+    # The block as a pure function of its weights: nothing is written back, so frozen weights
+    # may belong to an outer trace (the train step differentiates the adapter alone).
+    graphdef, weights = nnx.split(block)
+
+    def pure(weights, *traced):
+      return nnx.merge(graphdef, weights)(*traced, **static)
+    return jax.checkpoint(pure, policy=policy)(weights, *args)
 
   def reset_adapter(self, rngs: nnx.Rngs):
     """The training initialisation: a fresh projection; to_k_ip/to_v_ip copy each to_k/to_v."""

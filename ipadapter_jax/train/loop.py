@@ -110,7 +110,8 @@ def load_models(cfg):
   sd = load_stable_diffusion(
       m.pretrained, adapter=None if m.init_adapter else adapter,
       ip_adapter=m.init_adapter or None, dtype=dtype, param_dtype=param_dtype,
-      variant=m.variant or None, seed=cfg.seed)
+      variant=m.variant or None, seed=cfg.seed,
+      attention_implementation=m.attention_implementation or None)
   if m.init_adapter and (sd.unet.adapter_config.kind, sd.unet.adapter_config.num_tokens) != (
       adapter.kind, adapter.num_tokens):
     raise TrainingError(f"model.init_adapter {m.init_adapter} holds {sd.unet.adapter_config}, "

@@ -65,13 +65,15 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
                           adapter: AdapterConfig | None = None, ip_adapter: str | None = None,
                           dtype=jnp.float32,
                           param_dtype=None, variant: str | None = None,
-                          revision: str | None = None, seed: int = 0) -> StableDiffusion:
+                          revision: str | None = None, seed: int = 0,
+                          attention_implementation: str | None = None) -> StableDiffusion:
   """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
   Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
   ("h94/IP-Adapter/models/image_encoder"). `ip_adapter` (an official file) or `adapter` (a
   shape, for training) builds the UNet with an adapter.
 
   `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
+  `attention_implementation="cudnn"` runs the UNet's attention as cuDNN's fused kernel (GPUs).
   """
   root = local_path(path_or_id, revision=revision, allow_patterns=_hub_patterns(variant))
   index = read_config(root, "model_index.json")
@@ -81,7 +83,8 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   parts = dict(
       unet=load_unet(_component(root, "unet"), adapter=adapter, ip_adapter=ip_adapter,
-                     variant=variant, seed=seed, **kw),
+                     variant=variant, seed=seed, attention_implementation=attention_implementation,
+                     **kw),
       vae=load_vae(_component(root, "vae"), variant=variant, **kw) if _listed(index, "vae") else None,
       text_encoder=load_clip_text(_component(root, "text_encoder"), variant=variant, **kw),
       tokenizer=load_tokenizer(_component(root, "tokenizer")),

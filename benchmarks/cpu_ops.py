@@ -10,23 +10,16 @@ the CPU rows of speed.py with it.
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+import speed  # benchmarks/ is the script's own folder
 
-def median_time(fn, repeats: int = 20) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+median_time = functools.partial(speed.median_time, repeats=20)
 
 
 def conv(batch: int, size: int, channels: int):

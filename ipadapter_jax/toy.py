@@ -134,12 +134,7 @@ def train_stage(name: str, config_module, workdir: str, output: str | None,
   `output` (None: the stage exports nothing, its last checkpoint is the result).
   `overrides` sets config keys, {"model.adapter.num_tokens": 8}."""
   cfg = config_module.get_config()
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = cfg
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides or {})
   for key in ("pretrained", "image_encoder"):  # configs name paths under the default workdir
     cfg.model[key] = cfg.model[key].replace(_default_workdir(), workdir, 1)
   cfg.data.source = cfg.data.source.replace(_default_workdir(), workdir, 1)
@@ -229,13 +224,12 @@ def score_settings(settings: list[Setting], ps: PromptSet, scorer, sizes: Sizes)
                             guidance_scale=sizes.guidance_scale,
                             num_inference_steps=sizes.sampling_steps)
     generated[setting.name] = out
-    judged = [shapes.judge(image) for image in out]
-    examples = ps.examples
+    asked = evaluate.attribute_scores(out, [{"colour": c, "shape": ex.shape} for c, ex
+                                            in zip(setting.colours_asked, ps.examples)])
+    own = evaluate.attribute_scores(out, [dataclasses.asdict(ex) for ex in ps.examples])
     row = {"setting": setting.name, **scorer.score(out, ps.images, setting.clip_captions),
-           "colour_asked": _share(j["colour"] == c for j, c in zip(judged, setting.colours_asked)),
-           "colour_of_image": _share(j["colour"] == ex.colour for j, ex in zip(judged, examples)),
-           "shape_of_image": _share(j["shape"] == ex.shape for j, ex in zip(judged, examples)),
-           "seconds": round(time.perf_counter() - start, 1)}
+           "colour_asked": asked["colour_match"], "colour_of_image": own["colour_match"],
+           "shape_of_image": own["shape_match"], "seconds": round(time.perf_counter() - start, 1)}
     rows.append(row)
     log(f"eval: {setting.name}: colour {row['colour_asked']:.2f}, "
         f"shape {row['shape_of_image']:.2f}")
@@ -259,10 +253,6 @@ def evaluate_toy(workdir: str, clip_dir: str, base_dir: str, adapter_file: str,
   columns += [generated[s.name] for s in settings[1:]]
   write_grid(os.path.join(workdir, "grid.png"), columns, count=min(8, len(ps.examples)))
   return result
-
-
-def _share(flags) -> float:
-  return float(np.mean(list(flags)))
 
 
 def write_grid(path: str, rows: list[np.ndarray], count: int, zoom: int = 4):

@@ -23,8 +23,8 @@ from PIL import Image
 from ipadapter_jax.data.cache import write_cache
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import DataSpec, make_train_iterator, open_source
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 
 WORDS = ["a", "photo", "of", "red", "green", "blue", "cat", "dog", "on", "the", "beach", "at",
          "night", "painting", "city", "street"]

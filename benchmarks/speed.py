@@ -106,7 +106,7 @@ def write_models(bench: Bench, folder: str) -> dict:
   from PIL import Image
   from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                             CLIPVisionConfig, CLIPVisionModelWithProjection)
-  from ipadapter_jax.data.tokenizer import write_word_tokenizer
+  from ipadapter_jax.tokenizer import write_word_tokenizer
   from ipadapter_jax.models.image_proj import AdapterConfig
   from ipadapter_jax.weights import load_unet, save_ip_adapter
 
@@ -150,7 +150,9 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   from ipadapter_jax.models.layers import AdapterParam
   from ipadapter_jax.pipeline import IPAdapterPipeline
   from ipadapter_jax.schedulers import NoiseSchedule
-  from ipadapter_jax.train.step import StepSpec, TrainState, train_step, trainable_filter
+  from ipadapter_jax.models.networks import Networks
+  from ipadapter_jax.models.vae import VAEConfig
+  from ipadapter_jax.train.step import StepSpec, init_state, train_step, trainable_filter
   from ipadapter_jax.weights import load_stable_diffusion
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -185,19 +187,16 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
     unet.remat = remat
     spec = StepSpec(schedule=NoiseSchedule.stable_diffusion(), image_features="image_embeds",
                     drop_image=0.05, drop_text=0.05, drop_both=0.05, cached=True,
-                    scaling_factor=0.18215)
-    models = (unet, None, None, None, None)
-    graphdef, params, frozen = nnx.split(models, trainable_filter("adapter"), ...)
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+                    latents=VAEConfig())
+    graphdef, params, frozen = nnx.split(Networks(unet=unet), trainable_filter("adapter"), ...)
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None)
-    state = jax.tree.map(jnp.array, state)  # own buffers, for donation
+    state = jax.jit(functools.partial(init_state, optimizer=optimizer, ema=False))(params)
     frozen = jax.tree.map(jnp.asarray, frozen)  # new containers, detached from the live module
     Bt = bench.train_batch
     batch = {"text_context": context[:1].repeat(Bt, 0), "image_embeds": embeds[:1].repeat(Bt, 0),
              "latent_mean": latents[:1].repeat(Bt, 0).astype(jnp.float32),
              "latent_logvar": jnp.full((Bt,) + latents.shape[1:], -20.0)}
-    empty = {"text_context": jnp.zeros((1, S, D), dtype)}
+    empty = {"text_context": jnp.zeros((1, S, D), dtype), "image_features": jnp.zeros((E,))}
     fn = jax.jit(functools.partial(train_step, graphdef=graphdef, spec=spec, optimizer=optimizer),
                  donate_argnums=(0,))
     compiled = fn.lower(state, frozen, batch, empty, rng).compile()
@@ -220,6 +219,23 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   out["train_step_s"] = remat["none"]["seconds"]
   out["train_gflop"] = remat["none"]["gflop"]
   out["remat"] = remat
+
+  # The loop's read-back policy: a host sync after every step (reading the loss, as train.py did
+  # before) against one read-back per interval of steps (what it does now).
+  compiled, state, frozen, batch, empty = step_program("none")
+  holder = {"state": state}
+
+  def interval(sync_every_step: bool, steps: int = 10):
+    outs = []
+    for _ in range(steps):
+      holder["state"], metrics = compiled(holder["state"], frozen, batch, empty, rng)
+      outs.append(metrics)
+      if sync_every_step:
+        float(metrics["loss"])
+    jax.device_get(outs)
+  out["train_steps_per_s"] = {
+      policy: 10 / median_time(lambda: interval(policy == "every_step"), max(1, args.repeats // 2))
+      for policy in ("every_step", "per_interval")}
 
   pipe = IPAdapterPipeline(sd)
   image = Image.open(paths["image"])
@@ -374,8 +390,8 @@ def input_rates(bench: Bench, folder: str) -> dict:
   (benchmarks/input_pipeline.py has the full version)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import input_pipeline as ip  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.data.preprocessing import CLIPImageConfig
-  from ipadapter_jax.data.tokenizer import load_tokenizer
+  from ipadapter_jax.preprocessing import CLIPImageConfig
+  from ipadapter_jax.tokenizer import load_tokenizer
   resolution, count = bench.image_size, 128
   images = os.path.join(folder, "images")
   os.makedirs(images)

@@ -4,11 +4,4 @@ r"""IP-Adapter Plus (Resampler over hidden_states[-2], 16 tokens) on Stable Diff
       --config.data.source=/data/laion_coyo_built
 """
 
-from configs import sd15_ip_adapter
-
-
-def get_config():
-  c = sd15_ip_adapter.get_config()
-  c.model.adapter.kind = "plus"
-  c.model.adapter.num_tokens = 16
-  return c
+from ipadapter_jax.configs.sd15_ip_adapter_plus import get_config  # noqa: F401  (defined in the package)

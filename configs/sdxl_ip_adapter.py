@@ -5,13 +5,4 @@ conditions), at 1024x1024.
       --config.data.source=/data/laion_coyo_built --config.mesh.fsdp=4
 """
 
-from configs import sd15_ip_adapter
-
-
-def get_config():
-  c = sd15_ip_adapter.get_config()
-  c.model.pretrained = "stabilityai/stable-diffusion-xl-base-1.0"
-  c.model.frozen_dtype = "bfloat16"
-  c.data.resolution = 1024
-  c.batch_size = 64
-  return c
+from ipadapter_jax.configs.sdxl_ip_adapter import get_config  # noqa: F401  (defined in the package)

@@ -7,18 +7,4 @@ Captions often name the shape and colour already; dropping the text more often t
 5% makes the image prompt carry them.
 """
 
-from configs import toy_world
-
-
-def get_config():
-  c = toy_world.stage_config()
-  c.model.pretrained = f"{toy_world.WORKDIR}/base/pipeline"
-  c.model.image_encoder = f"{toy_world.WORKDIR}/clip/clip"
-  c.model.trainable = "adapter"
-  c.model.adapter.num_tokens = 4
-  c.num_steps = 500
-  c.optimizer.learning_rate = 1e-3
-  c.dropout.image = 0.05
-  c.dropout.text = 0.4
-  c.dropout.both = 0.05
-  return c
+from ipadapter_jax.configs.toy_adapter import get_config  # noqa: F401  (defined in the package)

@@ -5,17 +5,4 @@ small enough) conditioned on the toy CLIP's text tower, trained from scratch.
 Exports runs/toy/base/pipeline, a diffusers pipeline folder.
 """
 
-from configs import toy_world
-
-
-def get_config():
-  c = toy_world.stage_config()
-  c.model.pretrained = f"{toy_world.WORKDIR}/init/base"  # random UNet + the trained text tower
-  c.model.image_encoder = ""
-  c.model.trainable = "unet"
-  c.num_steps = 1300
-  c.optimizer.learning_rate = 2e-3
-  c.dropout.image = 0.0
-  c.dropout.text = 0.1     # unconditional examples for classifier-free guidance
-  c.dropout.both = 0.0
-  return c
+from ipadapter_jax.configs.toy_base import get_config  # noqa: F401  (defined in the package)

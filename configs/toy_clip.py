@@ -4,17 +4,4 @@ r"""Toy world, stage 1: a tiny CLIP (text + vision towers) trained contrastively
 Exports runs/toy/clip/clip, a transformers CLIPModel folder.
 """
 
-from configs import toy_world
-
-
-def get_config():
-  c = toy_world.stage_config()
-  c.model.pretrained = f"{toy_world.WORKDIR}/init/clip"  # randomly initialised CLIPModel folder
-  c.model.image_encoder = ""
-  c.model.trainable = "clip"
-  c.data.source = f"{toy_world.WORKDIR}/data/clip"  # every caption names every attribute
-  c.batch_size = 64
-  c.num_steps = 1200
-  c.optimizer.learning_rate = 1e-3
-  c.contrastive_temperature = 0.07
-  return c
+from ipadapter_jax.configs.toy_clip import get_config  # noqa: F401  (defined in the package)

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax.data import shapes
-from ipadapter_jax.data.preprocessing import CLIPImageConfig, clip_pixels
-from ipadapter_jax.data.tokenizer import tokenize
+from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels
+from ipadapter_jax.tokenizer import tokenize
 
 CLIPSCORE_WEIGHT = 2.5
 
@@ -112,7 +112,7 @@ class CLIPScorer(NamedTuple):
   @classmethod
   def load(cls, path_or_id: str) -> "CLIPScorer":
     """Both towers of a transformers CLIPModel folder or hub id (openai/clip-vit-large-patch14)."""
-    from ipadapter_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+    from ipadapter_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
     from ipadapter_jax.weights import load_clip_text, load_clip_vision  # pylint: disable=import-outside-toplevel
     from ipadapter_jax.weights.folders import local_path  # pylint: disable=import-outside-toplevel
     folder = local_path(path_or_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])

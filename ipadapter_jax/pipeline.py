@@ -17,8 +17,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ipadapter_jax.data.preprocessing import CLIPImageConfig, clip_pixels, to_pil
-from ipadapter_jax.data.tokenizer import tokenize
+from ipadapter_jax.conditioning import encode_image_or_null, encode_text
+from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
+from ipadapter_jax.tokenizer import tokenize
+from ipadapter_jax.models.vae import unscale_latents
 from ipadapter_jax.schedulers import DDIM
 from ipadapter_jax.weights.pipeline import StableDiffusion
 
@@ -32,32 +34,8 @@ class Plan:
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
   stochastic: bool                    # eta > 0
   image_prompt: bool
-  image_features: str                 # "image_embeds" or "hidden_states" (plus, full_face)
+  image_features: str | None          # the adapter's (AdapterConfig.image_features)
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
-
-
-def encode_text(text_encoder, text_encoder_2, ids, ids_2, zero_negative: bool = False):
-  """Token ids -> (context [B, S, D], pooled [B, P] or None): SD1/SD2 take the last hidden
-  state; SDXL both encoders' penultimate states and encoder 2's pooled projection.
-  `zero_negative` zeroes the first half of the rows (SDXL's empty negative prompts)."""
-  if text_encoder_2 is None:  # SD1.x / SD2.x: last hidden state, after the final LayerNorm
-    return text_encoder(ids).last_hidden_state, None
-  first, second = text_encoder(ids), text_encoder_2(ids_2)  # SDXL: both penultimate states
-  context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
-  pooled = second.text_embeds
-  if zero_negative:
-    negatives = context.shape[0] // 2
-    context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
-  return context, pooled
-
-
-def _image_features(image_encoder, pixels_1HWC, kind: str):
-  """[unconditional, conditional] image features (REFERENCE §4's unconditional tokens)."""
-  if kind == "image_embeds":  # basic: the projection of a zero embedding
-    embeds = image_encoder(pixels_1HWC).image_embeds
-    return jnp.concatenate([jnp.zeros_like(embeds), embeds])
-  both = jnp.concatenate([jnp.zeros_like(pixels_1HWC), pixels_1HWC])  # plus/full: mean grey
-  return image_encoder(both).hidden_states[-2]
 
 
 def _repeat_pairs(x, n: int):
@@ -67,14 +45,21 @@ def _repeat_pairs(x, n: int):
 
 def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
   """The whole generation as one pure function of the models' state and the traced inputs."""
-  unet, vae, text_encoder, text_encoder_2, image_encoder = nnx.merge(graphdef, state)
+  models = nnx.merge(graphdef, state)
+  unet, vae = models.unet, models.vae
   n = plan.num_samples   # per prompt
   half = inputs["latents"].shape[0]  # all prompts' samples: the positive half of a CFG batch
-  context, pooled = encode_text(text_encoder, text_encoder_2, inputs["ids"], inputs.get("ids_2"),
-                                 plan.sdxl_zero_negative)
+  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, inputs["ids"],
+                                inputs.get("ids_2"))
+  if plan.sdxl_zero_negative:  # the first half of the rows are the (empty) negative prompts
+    negatives = context.shape[0] // 2
+    context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
   image_prompt = None
-  if plan.image_prompt:
-    features = _image_features(image_encoder, inputs["pixels"], plan.image_features)
+  if plan.image_prompt:  # [unconditional, conditional] features of every request's image
+    pixels = inputs["pixels"]
+    null_B = jnp.arange(2 * pixels.shape[0]) < pixels.shape[0]
+    features = encode_image_or_null(models.image_encoder, jnp.concatenate([pixels, pixels]),
+                                    null_B, plan.image_features)
     image_prompt = unet.encode_image_prompt(_repeat_pairs(features, n), inputs["scale"])
   context = _repeat_pairs(context, n)
   added = {}
@@ -105,8 +90,15 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
 
   latents = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
                               inputs["latents"].astype(jnp.float32))
-  images = latents if vae is None else vae.decode(latents / vae.config.scaling_factor)
+  images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _finite(name: str, value):
+  """Refuses NaN or infinite request numbers (they would give a garbage image)."""
+  array = np.asarray(value, np.float64)
+  if not np.all(np.isfinite(array)):
+    raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _requests(prompt, image) -> tuple[list[str], list | None]:
@@ -132,15 +124,23 @@ class IPAdapterPipeline:
     self.scheduler = scheduler or DDIM.from_diffusers(models.scheduler_config)
     self.vae_scale_factor = (1 if models.vae is None else
                              2 ** (len(models.vae.config.block_out_channels) - 1))
-    modules = (models.unet, models.vae, models.text_encoder, models.text_encoder_2,
-               models.image_encoder)
-    self._graphdef, state = nnx.split(modules)
+    self._graphdef, state = nnx.split(models.networks())
     devices = jax.local_devices()  # sampling runs within one process, also in multi-host runs
     self.mesh = jax.make_mesh((len(devices),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
     self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
     self._on_step = on_step
+
+  def update_weights(self, weights) -> None:
+    """Replaces some of the weights (an nnx.State of `models.networks()`, e.g. a training run's
+    trainable part), each cast to the dtype it replaces, so nothing recompiles."""
+    current = dict(nnx.to_flat_state(self._state))
+    replicated = NamedSharding(self.mesh, P())
+    new = [(path, variable.replace(jax.device_put(
+               jnp.asarray(variable.get_value(), current[path].get_value().dtype), replicated)))
+           for path, variable in nnx.to_flat_state(weights)]
+    self._state = nnx.merge_state(self._state, nnx.from_flat_state(new))
 
   @property
   def default_size(self) -> tuple[int, int]:
@@ -149,13 +149,14 @@ class IPAdapterPipeline:
     return size * self.vae_scale_factor, size * self.vae_scale_factor
 
   def prepare(self, prompt: str | Sequence[str] = "", image=None, *,
-              negative_prompt: str | None = "", scale=1.0, guidance_scale: float = 7.5,
+              negative_prompt: str | None = None, scale=1.0, guidance_scale: float = 7.5,
               num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
               seed: int = 0, latents=None, height: int | None = None, width: int | None = None):
     """Checks the request and builds (plan, inputs) for `generate`.
 
     `prompt` and `image` may be lists (one entry per request, a single value is shared); every
-    request gets `num_samples` images.
+    request gets `num_samples` images. `negative_prompt=None` is diffusers' default: the empty
+    text, or zero embeddings for SDXL models with `force_zeros_for_empty_prompt`.
     """
     m = self.models
     prompts, images = _requests(prompt, image)
@@ -165,6 +166,8 @@ class IPAdapterPipeline:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
     if num_samples < 1:
       raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    for name, value in (("scale", scale), ("guidance_scale", guidance_scale), ("eta", eta)):
+      _finite(name, value)
     channels, total = m.unet.config.in_channels, len(prompts) * num_samples
     shape = (total, height // f, width // f, channels)
     init_key, key = jax.random.split(jax.random.key(seed))
@@ -193,12 +196,11 @@ class IPAdapterPipeline:
       inputs["ids_2"] = tokenize(m.tokenizer_2, texts)
       ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
       inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
-    kind = "image_embeds"
     if images is not None:
       processor = m.image_processor or CLIPImageConfig()
       inputs["pixels"] = clip_pixels([to_pil(i) for i in images], processor)
       inputs["scale"] = jnp.asarray(scale, jnp.float32)
-      kind = "hidden_states" if m.unet.adapter_config.uses_hidden_states else "image_embeds"
+    kind = None if m.unet.adapter_config is None else m.unet.adapter_config.image_features
     plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
                 stochastic=eta > 0, image_prompt=images is not None, image_features=kind,

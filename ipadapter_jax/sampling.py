@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--ip_adapter", default=None, help="official IP-Adapter file (.bin/.safetensors)")
   p.add_argument("--image", default=None, help="the image prompt")
   p.add_argument("--prompt", default="", help="text prompt (empty for image-only prompts)")
-  p.add_argument("--negative_prompt", default="", help="negative text prompt")
+  p.add_argument("--negative_prompt", default=None,
+                 help="negative text prompt (default: diffusers' default, the empty text; zero "
+                      "embeddings for SDXL models with force_zeros_for_empty_prompt)")
   p.add_argument("--scale", type=float, default=1.0, help="adapter scale (0 = base model)")
   p.add_argument("--guidance_scale", type=float, default=7.5)
   p.add_argument("--num_inference_steps", type=int, default=50)

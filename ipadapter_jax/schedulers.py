@@ -48,7 +48,7 @@ class NoiseSchedule:
 
   @classmethod
   def stable_diffusion(cls, **overrides) -> "NoiseSchedule":
-    """scaled_linear 0.00085..0.012 over 1000 steps, epsilon prediction (REFERENCE §5)."""
+    """scaled_linear 0.00085..0.012 over 1000 steps, epsilon prediction (docs/reference.md §5)."""
     return cls(**{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   **overrides})
 
@@ -134,7 +134,7 @@ class DDIM:
 
   @classmethod
   def stable_diffusion(cls, **overrides) -> "DDIM":
-    """DDIM as Stable Diffusion uses it (REFERENCE §6)."""
+    """DDIM as Stable Diffusion uses it (docs/reference.md §6)."""
     schedule = NoiseSchedule.stable_diffusion(
         **{k: overrides.pop(k) for k in list(overrides) if k in _SCHEDULE_FIELDS})
     return cls(**{"schedule": schedule, "clip_sample": False, "set_alpha_to_one": False,

@@ -31,15 +31,17 @@ from flax import nnx
 from PIL import Image
 
 from ipadapter_jax import evaluate
+from ipadapter_jax.configs import toy_adapter, toy_base, toy_clip, toy_world
 from ipadapter_jax.data import shapes
 from ipadapter_jax.data.image_text import build_image_text_dataset
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.train.loop import TrainingError, train
+from ipadapter_jax.train.checks import TrainingError
+from ipadapter_jax.train.loop import train
 from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_stable_diffusion,
                                    save_clip_model, save_stable_diffusion)
 from ipadapter_jax.weights.files import CheckpointError
@@ -153,7 +155,6 @@ def train_stage(name: str, config_module, workdir: str, output: str | None,
 
 
 def _default_workdir() -> str:
-  from configs import toy_world  # pylint: disable=import-outside-toplevel
   return toy_world.WORKDIR
 
 
@@ -282,7 +283,6 @@ def table(result: dict) -> str:
 
 def prepare(workdir: str, sizes: Sizes) -> tuple[str, str]:
   """The data, the toy CLIP and the base model (built or reused); returns their folders."""
-  from configs import toy_base, toy_clip  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   build_data(workdir, sizes)
   write_init_clip(os.path.join(workdir, "init", "clip"))
@@ -294,7 +294,6 @@ def prepare(workdir: str, sizes: Sizes) -> tuple[str, str]:
 
 def run(workdir: str, quick: bool = False) -> dict:
   """Every stage, then the evaluation; prints the table and returns eval.json's contents."""
-  from configs import toy_adapter  # pylint: disable=import-outside-toplevel
   sizes = QUICK if quick else Sizes()
   start = time.perf_counter()
   clip_dir, base_dir = prepare(workdir, sizes)

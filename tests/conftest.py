@@ -36,7 +36,7 @@ def tiny_world(tmp_path_factory):
   from safetensors.torch import save_file
   from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                             CLIPVisionConfig, CLIPVisionModelWithProjection)
-  from ipadapter_jax.data.tokenizer import write_word_tokenizer
+  from ipadapter_jax.tokenizer import write_word_tokenizer
   tmp = tmp_path_factory.mktemp("world")
   write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
   scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

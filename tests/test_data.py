@@ -18,9 +18,9 @@ from ipadapter_jax.data.cache import build_embedding_cache, load_empty_text
 from ipadapter_jax.data.image_text import build_image_text_dataset, read_annotations
 from ipadapter_jax.data.input_pipeline import (DataSpec, crop_pixels, decode_image, decode_text,
                                                make_train_iterator, open_source)
-from ipadapter_jax.data.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
+from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
                                               to_rgb, vae_pixels)
-from ipadapter_jax.data.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
+from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
 from tests import torch_reference as ref
 
 R = 16  # VAE resolution in these tests
@@ -270,8 +270,8 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from ipadapter_jax.data.input_pipeline import DataSpec, make_train_iterator, open_source
-    from ipadapter_jax.data.preprocessing import CLIPImageConfig
-    from ipadapter_jax.data.tokenizer import load_tokenizer
+    from ipadapter_jax.preprocessing import CLIPImageConfig
+    from ipadapter_jax.tokenizer import load_tokenizer
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     spec = DataSpec(16, False, CLIPImageConfig(size=30, crop_size=(30, 30)),

@@ -7,8 +7,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 
 from ipadapter_jax import evaluate
 from ipadapter_jax.data import shapes
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.weights import load_clip_text, load_clip_vision
 from tests import torch_reference as ref
 
@@ -24,7 +24,9 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
   rng = np.random.default_rng(0)
   generated = [rng.random((32, 40, 3)).astype(np.float32) for _ in range(3)]
   prompts = [Image.fromarray(rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)) for _ in range(3)]
-  captions = ["a red circle", "a blue square on a green background", ""]
+  # With this CLIP the first caption's cosine is positive and the others' negative, so that both
+  # sides of CLIPScore's max(cos, 0) are compared.
+  captions = ["square circle", "a blue square on a green background", ""]
 
   processor = CLIPImageProcessor.from_pretrained(tmp_path / "clip")
   tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "clip"))
@@ -41,7 +43,10 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
     txt = model.get_text_features(input_ids=ids)
     txt = torch.nn.functional.normalize(getattr(txt, "pooler_output", txt), dim=-1)
   expected_i = float((gen * prm).sum(-1).mean())
-  expected_t = float((2.5 * (gen * txt).sum(-1).clamp(min=0)).mean())
+  cosines = (gen * txt).sum(-1)
+  assert cosines[0] > 0.1 and bool((cosines[1:] < -0.1).all()), cosines
+  expected_t = float((2.5 * cosines.clamp(min=0)).mean())
+  assert expected_t > 0.1
 
   vision = load_clip_vision(str(tmp_path / "clip"))
   text = load_clip_text(str(tmp_path / "clip"), with_projection=True)
@@ -50,7 +55,15 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
   ours_t = evaluate.clip_t(vision, clip_config, text, load_tokenizer(str(tmp_path / "clip")),
                            generated, captions)
   assert abs(ours_i - expected_i) <= 1e-5 and abs(ours_t - expected_t) <= 1e-5
+  ref.assert_close(evaluate.image_embeddings(vision, clip_config, generated), gen.numpy())
+  ref.assert_close(evaluate.text_embeddings(text, load_tokenizer(str(tmp_path / "clip")),
+                                            captions), txt.numpy())
+  # Pairs, not all against all: the prompts in another order give the other pairs' mean.
+  other = float((gen * prm[[1, 2, 0]]).sum(-1).mean())
+  assert abs(evaluate.clip_i(vision, clip_config, generated, prompts[1:] + prompts[:1])
+             - other) <= 1e-5 and abs(other - expected_i) > 1e-3
   assert abs(evaluate.clip_i(vision, clip_config, prompts, prompts) - 1.0) <= 1e-6
+  assert evaluate.clip_i(vision, clip_config, prompts[:1], prompts[1:2]) < 0.99
 
 
 def test_attribute_scores_use_pixels_only():

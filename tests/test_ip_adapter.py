@@ -168,19 +168,59 @@ def test_simple_adapter_is_one_softmax_over_text_and_image_tokens():
   rng = np.random.default_rng(0)
   x, ctx, tokens = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                     for s in ((2, 5, 16), (2, 7, 12), (2, 3, 10)))
-  scale = 0.7
-  out = layer(x, ctx, ImagePrompt((layer.image_kv(tokens),), jnp.asarray([scale])))
+  # Text values 0, image values 1 and an identity to_out: the output is the share of the one
+  # softmax's mass that lands on the image tokens, per query and head.
+  layer.to_v.kernel.set_value(jnp.zeros_like(layer.to_v.kernel[...]))
+  layer.to_out.kernel.set_value(jnp.eye(16))
+  k_img, _ = layer.image_kv(tokens)
+  image_kv = (k_img, jnp.ones_like(k_img))
+  share = lambda s: np.asarray(layer(x, ctx, ImagePrompt((image_kv,), jnp.asarray([s]))))
 
   heads = lambda a: np.asarray(a, np.float64).reshape(a.shape[:-1] + (2, 8))
-  q = heads(layer.to_q(x))
-  k = np.concatenate([heads(layer.to_k(ctx)), heads(layer.to_k_ip(tokens))], axis=1)
-  v = np.concatenate([heads(layer.to_v(ctx)), scale * heads(layer.to_v_ip(tokens))], axis=1)
-  logits = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(8)
+  k = np.concatenate([heads(layer.to_k(ctx)), np.asarray(k_img, np.float64)], axis=1)
+  logits = np.einsum("bthk,bshk->bhts", heads(layer.to_q(x)), k) / np.sqrt(8)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  mixed = np.einsum("bhts,bshk->bthk", weights, v).reshape(2, 5, 16)
-  expected = mixed @ np.asarray(layer.to_out.kernel[...]) + np.asarray(layer.to_out.bias[...])
-  ref.assert_close(out, expected)
+  image_share = weights[..., 7:].sum(-1) / weights.sum(-1)  # [B, H, T]
+  share_1 = np.repeat(image_share.transpose(0, 2, 1), 8, axis=-1)  # [B, T, H * K]
+  ref.assert_close(share(1.0), share_1)
+  # The scale multiplies the image tokens' unnormalised weights; 0 removes them.
+  for s in (0.25, 0.7, 3.0):
+    ref.assert_close(share(s), s * share_1 / (1 - share_1 + s * share_1))
+  np.testing.assert_array_equal(share(0.0), 0.0)
+
+
+def test_simple_adapter_at_scale_zero_is_the_base_unet_exactly(unet_folders):
+  model = load_unet(unet_folders["sd15"][1],
+                    adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM, attention="simple"))
+  rng = np.random.default_rng(1)
+  x, ctx, embeds = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                    for s in ((2, 4, 16, 16), (2, 77, 32), (2, EMBED_DIM)))
+  t = jnp.asarray([981, 40])
+  base = np.asarray(apply_base(model, x, t, ctx))
+  np.testing.assert_array_equal(np.asarray(apply(model, x, t, ctx, embeds, jnp.float32(0.0))),
+                                base)
+  assert np.abs(np.asarray(apply(model, x, t, ctx, embeds, jnp.float32(1.0))) - base).max() > 1e-3
+
+
+def test_image_prompt_is_encoded_once_for_every_timestep(unet_folders):
+  model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM))
+  rng = np.random.default_rng(2)
+  x, ctx, embeds = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                    for s in ((1, 4, 8, 8), (1, 5, 32), (1, EMBED_DIM)))
+  scale = jnp.float32(0.8)
+  prompt = model.encode_image_prompt(embeds, scale)  # no timestep: built before the loop
+  run = nnx.jit(lambda model, t, prompt: model(x, t, ctx, image_prompt=prompt, layout="NCHW"))
+  outs = {t: np.asarray(run(model, t, prompt)) for t in (981, 40)}
+  for t, out in outs.items():
+    ref.assert_close(out, np.asarray(apply(model, x, t, ctx, embeds, scale)))
+  # Given a prompt, the UNet never touches the adapter's weights: NaN in them changes nothing.
+  poison = lambda module: nnx.update(module, jax.tree.map(
+      lambda a: jnp.full_like(a, jnp.nan), nnx.state(module)))
+  poison(model.image_proj)
+  for layer in model.decoupled_layers():
+    poison(layer.to_k_ip)
+    poison(layer.to_v_ip)
+  np.testing.assert_array_equal(np.asarray(run(model, 981, prompt)), outs[981])
 
 
 def test_simple_adapter_has_the_decoupled_budget_and_no_official_file(unet_folders, tmp_path):

@@ -14,8 +14,8 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel,
                           CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import tokenize, write_word_tokenizer
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import tokenize, write_word_tokenizer
 from ipadapter_jax.models import AdapterConfig
 from ipadapter_jax.weights import CheckpointError, load_stable_diffusion
 from tests import torch_reference as ref

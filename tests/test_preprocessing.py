@@ -1,14 +1,17 @@
-"""Pixels and token ids: equal to what transformers' CLIPImageProcessor and CLIPTokenizer give."""
+"""Pixels and token ids: equal to what transformers' CLIPImageProcessor (reading the folder
+itself) and CLIPTokenizer give, and to an independent computation of the pixels."""
 
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPTokenizer
+from transformers import CLIPTokenizer
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ipadapter_jax.data.preprocessing import CLIPImageConfig, clip_pixels, vae_pixels
-from ipadapter_jax.data.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
+from ipadapter_jax.preprocessing import (CLIPImageConfig, _processor, clip_pixels,
+                                              vae_pixels)
+from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
 from tests import torch_reference as ref
 
 
@@ -34,13 +37,50 @@ def _images():
 def test_clip_pixels_equal_transformers(tmp_path, settings):
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(
       {"image_processor_type": "CLIPImageProcessor", **settings}))
-  theirs = CLIPImageProcessor.from_pretrained(tmp_path)
+  theirs = CLIPImageProcessorPil.from_pretrained(tmp_path)  # its own reading of the file
   ours = CLIPImageConfig.from_folder(str(tmp_path))
   for name, image in _images().items():
     expected = theirs(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     actual = clip_pixels([image], ours)[0]
     assert actual.shape == expected.shape, name
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("settings", [
+    {"size": {"shortest_edge": 30}, "crop_size": {"height": 26, "width": 21}, "resample": 2,
+     "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]},
+    {"size": {"height": 20, "width": 25}, "do_center_crop": False, "do_normalize": False},
+])
+def test_clip_pixels_equal_an_independent_computation(tmp_path, settings):
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+  config = CLIPImageConfig.from_folder(str(tmp_path))
+  for name in ("wide", "tall", "rgba"):
+    image = _images()[name]
+    if "shortest_edge" in settings["size"]:  # the short side to 30, the long one truncated
+      short = settings["size"]["shortest_edge"]
+      scale = short / min(image.size)
+      size = tuple(short if side == min(image.size) else int(side * scale) for side in image.size)
+    else:
+      size = (settings["size"]["width"], settings["size"]["height"])
+    rgb = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    expected = np.asarray(rgb.convert("RGB").resize(size, settings.get("resample", 3)),
+                          np.float64) / 255
+    if "crop_size" in settings:
+      h, w = settings["crop_size"]["height"], settings["crop_size"]["width"]
+      top, left = (expected.shape[0] - h) // 2, (expected.shape[1] - w) // 2
+      expected = expected[top:top + h, left:left + w]
+    if settings.get("do_normalize", True):
+      expected = (expected - settings["image_mean"]) / np.asarray(settings["image_std"])
+    actual = clip_pixels([image], config)[0]
+    assert actual.dtype == np.float32 and actual.shape == expected.shape, name
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_processor_built_once_per_config():
+  listed = CLIPImageConfig.from_dict({"image_mean": [0.5, 0.5, 0.5], "crop_size": 30, "size": 30})
+  assert listed == CLIPImageConfig(size=30, crop_size=(30, 30), image_mean=(0.5, 0.5, 0.5))
+  assert _processor(listed) is _processor(CLIPImageConfig.from_dict(listed.to_dict()))
+  assert _processor(listed) is not _processor(CLIPImageConfig())
 
 
 def test_defaults_without_a_preprocessor_config(tmp_path):

@@ -3,7 +3,9 @@
 import copy
 import json
 import os
+import pickle
 import shutil
+import struct
 
 import ml_dtypes
 import numpy as np
@@ -11,11 +13,12 @@ import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ipadapter_jax.weights import CheckpointError, load_unet
 from ipadapter_jax.weights.diffusers import unet_torch_name
-from ipadapter_jax.weights.files import read_safetensors
+from ipadapter_jax.weights.files import (read_model_folder, read_safetensors, read_weight_file,
+                                         write_safetensors)
 from tests import torch_reference as ref
 
 KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -87,6 +90,7 @@ def test_variants_shards_and_bin_files(unet_folders, tmp_path, save_kwargs):
   model = load_unet(str(tmp_path), variant=save_kwargs.get("variant"))
   expected = _params(load_unet(unet_folders["sd15"][1]))
   for name, value in _params(model).items():
+    # fp16 rounds each weight by up to 2**-11 (4.9e-4) of its size; the other layouts are exact.
     tol = 1e-3 * max(1.0, np.abs(expected[name]).max()) if "variant" in save_kwargs else 0
     np.testing.assert_allclose(value, expected[name], atol=tol, err_msg=name)
 
@@ -109,3 +113,123 @@ def test_bfloat16_safetensors_read_without_torch_conversion(tmp_path):
   assert loaded["w"].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(loaded["w"].astype(np.float32), value.float().numpy())
   np.testing.assert_array_equal(loaded["i"], np.arange(4))
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path):
+  path = str(tmp_path / "x.safetensors")
+  write_safetensors(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3).T,
+                           "s": np.asarray(2.0, np.float32)}, {"note": "kept"})
+  loaded = read_safetensors(path)
+  assert set(loaded) == {"a", "s"} and len(loaded) == 2 and "a" in loaded and "b" not in loaded
+  assert loaded.metadata == {"format": "pt", "note": "kept"}
+  # "a" was written from a non-contiguous view
+  np.testing.assert_array_equal(loaded["a"], np.arange(6).reshape(2, 3).T)
+  assert loaded["s"].shape == ()
+  with pytest.raises(KeyError):
+    loaded["b"]  # pylint: disable=pointless-statement
+
+
+def test_bfloat16_written_without_torch_reads_in_torch(tmp_path):
+  value = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+  write_safetensors(str(tmp_path / "x.safetensors"), {"w": value})
+  loaded = load_file(str(tmp_path / "x.safetensors"))["w"]
+  assert loaded.dtype == torch.bfloat16
+  np.testing.assert_array_equal(loaded.float().numpy(), value.astype(np.float32))
+
+
+def test_sharded_folder_reads_every_shard(tmp_path):
+  write_safetensors(str(tmp_path / "model-1.safetensors"), {"a": np.ones(2, np.float32)})
+  write_safetensors(str(tmp_path / "model-2.safetensors"), {"b": np.zeros(3, np.float16)})
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+  state, source = read_model_folder(str(tmp_path), "model")
+  assert source.endswith("model.safetensors.index.json") and set(state) == {"a", "b"}
+  assert state["b"].dtype == np.float16 and state["b"].shape == (3,)
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"a": "model-1.safetensors", "c": "model-2.safetensors"}}))
+  with pytest.raises(CheckpointError, match="key 'c' listed in the index is in no shard"):
+    read_model_folder(str(tmp_path), "model")
+
+
+def _bad_safetensors(tmp_path, name, header: bytes, data: bytes = b"") -> str:
+  path = tmp_path / name
+  path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+  return str(path)
+
+
+def _assert_one_line(error, path):
+  message = str(error.value)
+  assert message.startswith(f"{path}: ") and "\n" not in message, message
+
+
+def test_corrupt_or_foreign_safetensors_are_named(tmp_path):
+  (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+  # a PNG signature read as a header length is far beyond the file
+  (tmp_path / "png.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(500))
+  cases = [
+      (_bad_safetensors(tmp_path, "json.safetensors", b'{"w": {"dtype": "F32", "sha'),
+       r"corrupt safetensors header \(invalid JSON"),
+      (_bad_safetensors(tmp_path, "sizes.safetensors", json.dumps(
+          {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode(), bytes(8)),
+       r"corrupt safetensors header \(invalid shape"),
+      (_bad_safetensors(tmp_path, "dtype.safetensors", json.dumps(
+          {"w": {"dtype": "Q3", "shape": [1], "data_offsets": [0, 1]}}).encode(), bytes(1)),
+       "unsupported dtype Q3"),
+      (str(tmp_path / "tiny.safetensors"), r"not a safetensors file \(only 3 bytes\)"),
+      (str(tmp_path / "png.safetensors"), "not a safetensors file"),
+  ]
+  for path, message in cases:
+    with pytest.raises(CheckpointError, match=message) as error:
+      read_weight_file(path)
+    _assert_one_line(error, path)
+
+
+def test_unsupported_dtypes_are_named(tmp_path):
+  path = str(tmp_path / "f8.safetensors")
+  write_safetensors(path, {"ok": np.ones(2, np.float32),
+                           "f8": np.zeros(4, ml_dtypes.float8_e4m3fn)})
+  loaded = read_safetensors(path)
+  np.testing.assert_array_equal(loaded["ok"], [1, 1])  # the others stay readable
+  with pytest.raises(CheckpointError, match=r"tensor 'f8' has unsupported dtype F8_E4M3"):
+    loaded["f8"]  # pylint: disable=pointless-statement
+  out = tmp_path / "strings.safetensors"
+  with pytest.raises(CheckpointError, match=r"tensor 'names' has dtype <U1, which safetensors "
+                                            "cannot store"):
+    write_safetensors(str(out), {"ok": np.ones(2), "names": np.array(["a", "b"])})
+  assert not out.exists() and os.listdir(tmp_path) == ["f8.safetensors"]
+
+
+class _WritesMarker:
+  """Unpickling this would create the marker file: what a hostile checkpoint could do."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_pickle_with_code_is_refused(tmp_path, form):
+  marker = tmp_path / "marker"
+  path = tmp_path / "ip-adapter.bin"
+  payload = {"image_proj": {"w": torch.ones(2)}, "ip_adapter": _WritesMarker(str(marker))}
+  if form == "torch.save":
+    torch.save(payload, path)
+  else:  # the legacy format: a bare pickle
+    with open(path, "wb") as f:
+      pickle.dump({"ip_adapter": _WritesMarker(str(marker))}, f, protocol=2)
+  with pytest.raises(CheckpointError, match="holds objects other than tensors") as error:
+    read_weight_file(str(path))
+  _assert_one_line(error, str(path))
+  assert "weights_only" not in str(error.value) and "not loaded" in str(error.value)
+  assert not marker.exists()
+
+
+def test_corrupt_bin_is_reported_in_one_line(tmp_path):
+  path = tmp_path / "model.bin"
+  path.write_bytes(np.random.default_rng(0).bytes(2000))
+  with pytest.raises(CheckpointError, match="cannot be read as a torch checkpoint") as error:
+    read_weight_file(str(path))
+  _assert_one_line(error, str(path))
+  assert "weights_only" not in str(error.value)

@@ -1,8 +1,9 @@
-"""Input data: preprocessing for the frozen encoders, image-text datasets (TFDS, ArrayRecord),
-the grain input pipeline and the embedding cache.
+"""Input data: image-text datasets (TFDS, ArrayRecord), the grain input pipeline and the
+embedding cache. (Per-example preprocessing and tokenization, which the model loaders use too,
+are `ipadapter_jax.preprocessing` and `ipadapter_jax.tokenizer`.)
 
-The dataset and pipeline names are imported on first use, so that importing the preprocessing
-alone does not pull in tensorflow-datasets and grain.
+The names are imported on first use, so that importing one module of the package does not pull
+in tensorflow-datasets and grain.
 """
 
 import importlib

@@ -25,16 +25,16 @@ import tensorflow_datasets as tfds
 from flax import nnx
 from tqdm import tqdm
 
+from ipadapter_jax.conditioning import CACHE_KEYS, encode_image, encode_text
 from ipadapter_jax.data.image_text import resolve_dataset_dir
 from ipadapter_jax.data.input_pipeline import DataSpec, RawExample, is_cached
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import tokenize
-from ipadapter_jax.pipeline import encode_text  # the same text rule as sampling
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import tokenize
+from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.weights.pipeline import StableDiffusion
 
 CACHE_VERSION = "1.0.0"
 EMPTY_TEXT_FILE = "empty_text.npz"
-IMAGE_FEATURES = {"image_embeds": "image_embeds", "hidden_states": "image_hidden_states"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,25 +99,22 @@ def write_cache(examples: Iterable[dict[str, np.ndarray]], shapes: dict[str, tup
 
 def _encode(graphdef, state, batch: dict[str, jax.Array], *, image_features: str):
   """One batch of preprocessed examples -> the cached arrays (float32)."""
-  vae, text_encoder, text_encoder_2, image_encoder = nnx.merge(graphdef, state)
-  mean, logvar = vae.encode(batch["pixels"])
-  context, pooled = encode_text(text_encoder, text_encoder_2, batch["input_ids"],
-                                 batch.get("input_ids_2"), False)
-  vision = image_encoder(batch["clip_pixels"])
-  out = {"latent_mean": mean, "latent_logvar": logvar, "text_context": context}
+  models = nnx.merge(graphdef, state)
+  mean, logvar = models.vae.encode(batch["pixels"])
+  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, batch["input_ids"],
+                                batch.get("input_ids_2"))
+  out = {"latent_mean": mean, "latent_logvar": logvar, "text_context": context,
+         CACHE_KEYS[image_features]: encode_image(models.image_encoder, batch["clip_pixels"],
+                                                  image_features)}
   if pooled is not None:
     out["text_pooled"] = pooled
-  if image_features == "image_embeds":
-    out["image_embeds"] = vision.image_embeds
-  else:  # Plus / Full-face adapters read the penultimate layer's tokens
-    out["image_hidden_states"] = vision.hidden_states[-2]
   return {key: value.astype(jnp.float32) for key, value in out.items()}
 
 
 def _encode_empty_text(graphdef, state, ids, ids_2):
   """The "" caption's text states, as condition dropout uses them."""
-  _, text_encoder, text_encoder_2, _ = nnx.merge(graphdef, state)
-  context, pooled = encode_text(text_encoder, text_encoder_2, ids, ids_2, False)
+  models = nnx.merge(graphdef, state)
+  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, ids, ids_2)
   out = {"text_context": context[0]}
   if pooled is not None:
     out["text_pooled"] = pooled[0]
@@ -157,8 +154,8 @@ def build_embedding_cache(source, spec: DataSpec, models: StableDiffusion, out_d
   image_features: "image_embeds" (basic adapters) or "hidden_states" (the image encoder's
   penultimate hidden states, for Plus and Full-face).
   """
-  if image_features not in IMAGE_FEATURES:
-    raise ValueError(f"image_features must be one of {sorted(IMAGE_FEATURES)}, got "
+  if image_features not in CACHE_KEYS:
+    raise ValueError(f"image_features must be one of {sorted(CACHE_KEYS)}, got "
                      f"{image_features!r}")
   if models.vae is None:
     raise ValueError("the cache stores VAE latents; a pixel-space model (no vae) trains on the "
@@ -169,8 +166,9 @@ def build_embedding_cache(source, spec: DataSpec, models: StableDiffusion, out_d
   if is_cached(source):
     raise ValueError("the source is already an embedding cache")
   spec = cache_spec(spec, models)
-  graphdef, state = nnx.split((models.vae, models.text_encoder, models.text_encoder_2,
-                               models.image_encoder))
+  graphdef, state = nnx.split(Networks(vae=models.vae, text_encoder=models.text_encoder,
+                                       text_encoder_2=models.text_encoder_2,
+                                       image_encoder=models.image_encoder))
   threads = num_threads or min(8, os.cpu_count() or 1)
   batches = iter(grain.MapDataset.source(source).map_with_index(RawExample(spec, seed=0))
                  .batch(batch_size).to_iter_dataset(grain.ReadOptions(

@@ -24,7 +24,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from ipadapter_jax.data.preprocessing import to_rgb
+from ipadapter_jax.preprocessing import to_rgb
 
 DEFAULT_VERSION = "1.0.0"
 REPORT_FILE = "build_report.json"

@@ -23,9 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ipadapter_jax.data.image_text import resolve_dataset_dir
-from ipadapter_jax.data.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
+from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
                                               to_rgb, vae_pixels)
-from ipadapter_jax.data.tokenizer import tokenize
+from ipadapter_jax.tokenizer import tokenize
 
 # Keys of an embedding-cache record (see cache.py) that become batch arrays.
 CACHED_KEYS = ("latent_mean", "latent_logvar", "image_embeds", "image_hidden_states",
@@ -297,7 +297,8 @@ class TrainIterator:
   def _to_global(self, local: np.ndarray) -> jax.Array:
     """One process's rows -> the global array, sharded along the batch axes."""
     shape = (self._global_batch_size,) + local.shape[1:] if self._real_processes else None
-    return jax.make_array_from_process_local_data(self._sharding, local, shape)
+    with jax.transfer_guard_host_to_device("allow"):  # the one deliberate copy of each batch
+      return jax.make_array_from_process_local_data(self._sharding, local, shape)
 
   @property
   def step(self) -> int:

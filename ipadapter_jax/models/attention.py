@@ -1,7 +1,6 @@
 """Attention, transformer blocks and IP-Adapter's decoupled cross-attention.
 
-Shape letters: B batch, T query tokens, S context tokens, N image tokens, H heads, K head dim,
-D model width, C channels.
+Shape letters as in `ipadapter_jax.models` (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -18,32 +17,57 @@ from ipadapter_jax.models.layers import AdapterParam, Conv2d, GroupNorm, LayerNo
 class ImagePrompt(NamedTuple):
   """Image-token keys/values for every decoupled layer, and each layer's adapter scale.
 
-  `kv[i]` is the (key, value) pair, each [B, N, H, K], of the layer with checkpoint index i
-  (REFERENCE order: down blocks, up blocks, mid block); `scale` has one float32 entry per layer.
-  Both are ordinary traced values, so new images or scales never trigger a recompilation.
+  `kv[i]` is the (key, value) pair, each [B, N, H, K], of the i-th decoupled layer in checkpoint
+  order (down blocks, up blocks, mid block; docs/reference.md §2); `scale` has one float32 entry
+  per layer. Both are ordinary traced values, so new images or scales never recompile.
   """
   kv: tuple
   scale: jax.Array
 
 
 def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, *,
-                          is_causal: bool = False):
-  """softmax(q k^T / sqrt(K)) v; logits and softmax are float32 whatever the input dtype.
+                          bias=None, is_causal: bool = False):
+  """softmax(q k^T / sqrt(K) + bias) v; logits and softmax are float32 whatever the input dtype.
 
   Every attention of the project goes through here, so switching to the cuDNN kernel
-  (`implementation="cudnn"`, bf16/fp16 on NVIDIA GPUs) is one argument.
+  (`implementation="cudnn"`, bf16/fp16 on NVIDIA GPUs) is one argument. `bias` broadcasts
+  against the [B, H, T, S] logits (a [S] vector biases each key).
   """
-  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=is_causal,
+  if bias is not None and implementation == "cudnn":
+    # cuDNN takes the bias in the inputs' dtype and with the query axis spelled out.
+    bias = jnp.asarray(bias, q_BTHK.dtype)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_BTHK.shape[1], k_BSHK.shape[1]))
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, is_causal=is_causal,
                                      implementation=implementation)
 
 
-class Attention(nnx.Module):
-  """Multi-head attention (to_q/to_k/to_v/to_out) with an optional decoupled image branch.
+# log(scale) for scale <= 0: a finite stand-in for log(0) = -inf. The image keys' weights still
+# underflow to exactly 0 (unless their logits beat the text keys' by about 1e4), and unlike -inf
+# it survives a cast to float16 and differentiation without producing NaN.
+_LOG_ZERO = -1e4
 
-  With `image_context_dim` set, the layer owns the adapter's `to_k_ip`/`to_v_ip` and computes
-  to_out(softmax(Q K_text) V_text + scale * softmax(Q K_img) V_img): two softmaxes sharing Q.
-  With `joint_softmax` (the "simple adapter" ablation) it computes
-  to_out(softmax(Q [K_text; K_img]) [V_text; scale * V_img]) instead.
+
+def _log_scale(scale):
+  """log(scale), with _LOG_ZERO for scale <= 0 (the inner where keeps log's gradient finite)."""
+  positive = scale > 0
+  return jnp.where(positive, jnp.log(jnp.where(positive, scale, 1.0)), _LOG_ZERO)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention (to_q/to_k/to_v/to_out) with an optional image branch.
+
+  With `image_context_dim` set, the layer owns the adapter's `to_k_ip`/`to_v_ip` and, given an
+  `ImagePrompt` with this layer's scale s, computes the decoupled cross-attention
+  to_out(softmax(Q K_text^T / sqrt(K)) V_text + s * softmax(Q K_img^T / sqrt(K)) V_img):
+  two softmaxes sharing Q, so s scales the image branch's output linearly.
+
+  With `joint_softmax` (the paper's "simple adapter" ablation) text and image keys share one
+  softmax and s multiplies the image tokens' unnormalised attention weights exp(q.k / sqrt(K)):
+  to_out(softmax(Q [K_text; K_img]^T / sqrt(K) + [0; log s]) [V_text; V_img]). s = 1 is the
+  plain joint softmax (the training setting); 0 < s < 1 shifts attention mass from the image
+  tokens to the text tokens, s > 1 the other way, and the result is renormalised, so it is not
+  linear in s. s <= 0 removes the image tokens: the output is the base attention bit for bit.
   """
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
@@ -66,8 +90,9 @@ class Attention(nnx.Module):
     self.ip_index: int | None = None  # set by the UNet: this layer's index in checkpoint order
     self.joint_softmax = False  # set by the UNet for a "simple" adapter
 
-  def _split_heads(self, x_BSD):
-    return x_BSD.reshape(x_BSD.shape[:-1] + (self.heads, -1))
+  def _split_heads(self, x):
+    """[..., H * K] -> [..., H, K]."""
+    return x.reshape(x.shape[:-1] + (self.heads, -1))
 
   def image_kv(self, image_tokens_BND):
     """Keys and values [B, N, H, K] of the image tokens; they do not depend on the timestep."""
@@ -79,18 +104,23 @@ class Attention(nnx.Module):
     q_BTHK = self._split_heads(self.to_q(x_BTD))
     k_BSHK = self._split_heads(self.to_k(context_BSD))
     v_BSHK = self._split_heads(self.to_v(context_BSD))
-    if image_prompt is None or self.to_k_ip is None:
-      out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
-    else:
+    out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
+    if image_prompt is not None and self.to_k_ip is not None:
       k_BNHK, v_BNHK = (a.astype(q_BTHK.dtype) for a in image_prompt.kv[self.ip_index])
-      scale = image_prompt.scale[self.ip_index].astype(q_BTHK.dtype)
+      scale = image_prompt.scale[self.ip_index]
       if self.joint_softmax:
-        out_BTHK = dot_product_attention(
+        S, N = k_BSHK.shape[1], k_BNHK.shape[1]
+        bias = jnp.concatenate([jnp.zeros((S,), jnp.float32),
+                                jnp.broadcast_to(_log_scale(scale), (N,))])
+        joint_BTHK = dot_product_attention(
             q_BTHK, jnp.concatenate([k_BSHK, k_BNHK], axis=1),
-            jnp.concatenate([v_BSHK, scale * v_BNHK], axis=1), self.implementation)
+            jnp.concatenate([v_BSHK, v_BNHK], axis=1), self.implementation, bias=bias)
+        # The image keys' weights are exactly 0 at scale 0, but the softmax over S + N keys
+        # sums in another order than over S: the text-only result keeps scale 0 bit-exact.
+        out_BTHK = jnp.where(scale > 0, joint_BTHK, out_BTHK)
       else:
-        out_BTHK = (dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
-                    + scale * dot_product_attention(q_BTHK, k_BNHK, v_BNHK, self.implementation))
+        out_BTHK = out_BTHK + scale.astype(q_BTHK.dtype) * dot_product_attention(
+            q_BTHK, k_BNHK, v_BNHK, self.implementation)
     return self.to_out(out_BTHK.reshape(x_BTD.shape[:-1] + (-1,)))
 
 

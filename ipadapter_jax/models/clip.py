@@ -1,7 +1,7 @@
 """CLIP text and vision transformers (transformers' CLIPTextModel[WithProjection] and
 CLIPVisionModelWithProjection), with transformers' module names.
 
-Shape letters: B batch, T tokens, D width, P projection width.
+Shape letters as in `ipadapter_jax.models` (docs/conventions.md).
 """
 
 from __future__ import annotations

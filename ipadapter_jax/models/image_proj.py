@@ -1,9 +1,11 @@
 """The adapter's image projections: CLIP image features -> image tokens of the UNet's context width.
 
-Three variants with the official module names (so weight conversion is a plain table):
+Three variants with the official module names (so weight conversion is a plain table), each
+ending in image tokens [B, N, D] of the UNet's cross-attention width D:
   basic      ImageProjection: image_embeds [B, E] -> Linear -> N tokens -> LayerNorm.
   plus       Resampler: hidden_states[-2] [B, T, E] -> a Perceiver over N learned latents.
-  full_face  FullFaceProjection: hidden_states[-2] [B, T, E] -> MLP + LayerNorm per token (T tokens).
+  full_face  FullFaceProjection: hidden_states[-2] [B, T, E] -> MLP + LayerNorm per token (N = T).
+Shape letters as in `ipadapter_jax.models` (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ class AdapterConfig:
       raise ValueError(f"AdapterConfig: num_tokens and embed_dim must be positive, got {self}")
 
   @property
-  def uses_hidden_states(self) -> bool:
-    """Whether the projection takes the vision tower's hidden_states[-2] (else image_embeds)."""
-    return self.kind != "basic"
+  def image_features(self) -> str:
+    """What the projection reads: "image_embeds" (basic) or the vision tower's "hidden_states"
+    (plus, full_face; their penultimate layer)."""
+    return "image_embeds" if self.kind == "basic" else "hidden_states"
 
 
 class GELU(nnx.Module):
@@ -70,7 +73,7 @@ def _adapter_kw(dtype):
 
 
 class ImageProjection(nnx.Module):
-  """Linear(E -> N*C) reshaped row-major to N tokens, then LayerNorm(C) (the basic adapter)."""
+  """Linear(E -> N*D) reshaped row-major to N tokens, then LayerNorm(D) (the basic adapter)."""
 
   def __init__(self, embed_dim: int, context_dim: int, num_tokens: int, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -80,12 +83,13 @@ class ImageProjection(nnx.Module):
     self.num_tokens = num_tokens
 
   def __call__(self, image_embeds_BE):
-    tokens_BNC = self.proj(image_embeds_BE).reshape(image_embeds_BE.shape[0], self.num_tokens, -1)
-    return self.norm(tokens_BNC)
+    B = image_embeds_BE.shape[0]
+    image_tokens_BND = self.proj(image_embeds_BE).reshape(B, self.num_tokens, -1)
+    return self.norm(image_tokens_BND)
 
 
 class PerceiverAttention(nnx.Module):
-  """Latents attend to [image features ; latents]; bias-free projections, float32 softmax."""
+  """Latents attend to [image features ; latents]; to_kv's first half is K; no biases."""
 
   def __init__(self, dim: int, heads: int, head_dim: int, *, dtype, rngs):
     kw = _adapter_kw(dtype)
@@ -100,10 +104,10 @@ class PerceiverAttention(nnx.Module):
   def __call__(self, x_BTD, latents_BND):
     x_BTD, latents_BND = self.norm1(x_BTD), self.norm2(latents_BND)
     split = lambda y: y.reshape(y.shape[:-1] + (self.heads, -1))
-    context = jnp.concatenate([x_BTD, latents_BND], axis=1)
-    k, v = jnp.split(self.to_kv(context), 2, axis=-1)
-    out = dot_product_attention(split(self.to_q(latents_BND)), split(k), split(v))
-    return self.to_out(out.reshape(latents_BND.shape[:-1] + (-1,)))
+    context_BSD = jnp.concatenate([x_BTD, latents_BND], axis=1)  # S = T + N
+    k_BSHK, v_BSHK = (split(y) for y in jnp.split(self.to_kv(context_BSD), 2, axis=-1))
+    out_BNHK = dot_product_attention(split(self.to_q(latents_BND)), k_BSHK, v_BSHK)
+    return self.to_out(out_BNHK.reshape(latents_BND.shape[:-1] + (-1,)))
 
 
 class Resampler(nnx.Module):
@@ -134,8 +138,8 @@ class Resampler(nnx.Module):
 
   def __call__(self, features_BTE):
     x_BTD = self.proj_in(features_BTE)
-    latents = self.latents[...].astype(self.dtype)
-    latents_BND = jnp.broadcast_to(latents, (x_BTD.shape[0],) + latents.shape[1:])
+    latents_1ND = self.latents[...].astype(self.dtype)
+    latents_BND = jnp.broadcast_to(latents_1ND, (x_BTD.shape[0],) + latents_1ND.shape[1:])
     for attention, feed_forward in self.layers:
       latents_BND = attention(x_BTD, latents_BND) + latents_BND
       y = latents_BND
@@ -146,7 +150,7 @@ class Resampler(nnx.Module):
 
 
 class FullFaceProjection(nnx.Module):
-  """IP-Adapter Full-face: `proj` = [Linear(E -> E), GELU, Linear(E -> C), LayerNorm(C)] per token."""
+  """IP-Adapter Full-face: `proj` = [Linear(E -> E), GELU, Linear(E -> D), LayerNorm(D)] per token."""
 
   def __init__(self, embed_dim: int, context_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     kw = _adapter_kw(dtype)
@@ -155,9 +159,10 @@ class FullFaceProjection(nnx.Module):
                           LayerNorm(context_dim, **kw)])
 
   def __call__(self, features_BTE):
+    x = features_BTE  # E wide, then D: one name cannot carry both suffixes
     for layer in self.proj:
-      features_BTE = layer(features_BTE)
-    return features_BTE
+      x = layer(x)
+    return x
 
 
 def make_image_projection(config: AdapterConfig, context_dim: int, *, dtype=jnp.float32,

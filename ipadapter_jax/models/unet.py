@@ -373,9 +373,9 @@ class UNet2DConditionModel(nnx.Module):
     """
     if self.image_proj is None:
       raise ValueError("this UNet was built without an adapter: no image prompt can be used")
-    tokens_BNC = self.image_proj(image_features.astype(self.dtype))
+    image_tokens_BND = self.image_proj(image_features.astype(self.dtype))
     layers = self.decoupled_layers()
-    return ImagePrompt(kv=tuple(layer.image_kv(tokens_BNC) for layer in layers),
+    return ImagePrompt(kv=tuple(layer.image_kv(image_tokens_BND) for layer in layers),
                        scale=self._layer_scales(scale, len(layers)))
 
   @staticmethod

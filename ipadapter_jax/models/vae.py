@@ -210,15 +210,14 @@ class AutoencoderKL(nnx.Module):
       z_BHWC = self.post_quant_conv(z_BHWC)
     return from_nhwc(self.decoder(z_BHWC), layout)
 
-  def scale_latents(self, latents):
-    """The posterior's latents -> the diffusion model's latents ((z - shift) * scaling_factor)."""
-    shift = self.config.shift_factor or 0.0
-    return (latents - shift) * self.config.scaling_factor
+def scale_latents(latents, config: VAEConfig):
+  """The posterior's latents -> the diffusion model's: (z - shift_factor) * scaling_factor."""
+  return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
-  def unscale_latents(self, latents):
-    """The diffusion model's latents -> latents the decoder takes."""
-    shift = self.config.shift_factor or 0.0
-    return latents / self.config.scaling_factor + shift
+
+def unscale_latents(latents, config: VAEConfig):
+  """The diffusion model's latents -> the latents the decoder takes (scale_latents' inverse)."""
+  return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
 
 def sample_posterior(mean, logvar, key):

@@ -10,11 +10,10 @@ The frozen models are never saved: they come from their own folders at every sta
 
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
 
+from ipadapter_jax import storage
 from ipadapter_jax.weights.files import CheckpointError
 
 
@@ -54,8 +53,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep_last: int, keep_every: int = 0,
                asynchronous: bool = True):
-    if "://" not in directory:  # Orbax wants absolute local paths (gs:// and the like stay)
-      directory = os.path.abspath(directory)
+    directory = storage.resolve(directory)  # Orbax wants absolute local paths or URIs
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every or None,
         enable_async_checkpointing=asynchronous, create=True)

@@ -1,10 +1,9 @@
 """The train state, the optimizer and the train step (a pure function, jitted once by the loop).
 
-The models travel as one NNX graph (unet, vae, text_encoder, text_encoder_2, image_encoder), split
-into the trainable weights (inside the UNet: the adapter, the UNet, or both; or the two CLIP
-towers) and everything frozen. Only the trainable part is differentiated, updated, checkpointed.
-Two objectives: denoising (the UNet, the adapter) and CLIP's contrastive loss (the CLIP towers,
-which the toy world trains from scratch).
+The models travel as one `Networks` graph, split into the trainable weights (inside the UNet: the
+adapter, the UNet, or both; or the two CLIP towers) and everything frozen. Only the trainable
+part is differentiated, updated and checkpointed. Two objectives: denoising (the UNet, the
+adapter) and CLIP's contrastive loss (the CLIP towers, which the toy world trains from scratch).
 """
 
 from __future__ import annotations
@@ -17,25 +16,24 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ipadapter_jax.conditioning import CACHE_KEYS, encode_image_or_null, encode_text, where_batch
 from ipadapter_jax.models.layers import AdapterParam
-from ipadapter_jax.models.vae import sample_posterior
-from ipadapter_jax.pipeline import encode_text
+from ipadapter_jax.models.vae import VAEConfig, sample_posterior, scale_latents
 from ipadapter_jax.schedulers import NoiseSchedule, add_noise, training_target
 
 TRAINABLE = ("adapter", "unet", "all", "clip")
-UNET, TEXT_ENCODER, IMAGE_ENCODER = 0, 2, 4  # positions in the models tuple
 
 
 def trainable_filter(trainable: str):
-  """An NNX filter over the (unet, vae, te, te2, image_encoder) graph selecting what trains."""
+  """An NNX filter over a `Networks` graph selecting what trains."""
   if trainable not in TRAINABLE:
     raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
   if trainable == "adapter":
     return AdapterParam
   if trainable == "clip":
-    return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] in (TEXT_ENCODER,
-                                                                         IMAGE_ENCODER))
-  in_unet = lambda path, _: bool(path) and path[0] == UNET
+    return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] in ("text_encoder",
+                                                                         "image_encoder"))
+  in_unet = lambda path, _: bool(path) and path[0] == "unet"
   if trainable == "unet":
     return nnx.All(nnx.Param, nnx.Not(AdapterParam), in_unet)
   return nnx.All(nnx.Param, in_unet)
@@ -46,6 +44,16 @@ class TrainState(NamedTuple):
   params: Any      # the trainable nnx.State
   opt_state: Any
   ema: Any         # an EMA of params, or None
+
+
+def init_state(params, *, optimizer: optax.GradientTransformation, ema: bool) -> TrainState:
+  """A fresh train state: float32 weights, the optimizer's state and (optionally) the EMA.
+
+  Meant for `jax.jit(..., out_shardings=...)`, so every leaf is created in place on its devices.
+  """
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                    jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def make_schedule(cfg, num_steps: int) -> optax.Schedule:
@@ -78,20 +86,20 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
 class StepSpec:
   """The static choices of a train step."""
   schedule: NoiseSchedule | None  # None for the contrastive objective
-  image_features: str | None    # "image_embeds", "hidden_states" (plus/full_face) or None
+  image_features: str | None    # the adapter's (AdapterConfig.image_features); None: no adapter
   drop_image: float
   drop_text: float
   drop_both: float
   cached: bool                  # batches hold encoder outputs (data.cache), not pixels/ids
-  scaling_factor: float | None  # VAE latent scale; None for a pixel-space model
+  latents: VAEConfig | None     # how latents are scaled; None for a pixel-space model
   snr_gamma: float = 0.0
   ema_decay: float = 0.0
   objective: str = "denoise"    # or "contrastive" (the CLIP towers)
   temperature: float = 0.07     # contrastive: the fixed softmax temperature
 
 
-def _drop_masks(key, batch_size: int, spec: StepSpec):
-  """One uniform draw per example: image-only, text-only or both dropped (REFERENCE §5)."""
+def drop_masks(key, batch_size: int, spec: StepSpec):
+  """(image dropped, text dropped) per example, from one uniform draw (docs/reference.md §5)."""
   r = jax.random.uniform(key, (batch_size,))
   image_only = r < spec.drop_image
   text_only = (r >= spec.drop_image) & (r < spec.drop_image + spec.drop_text)
@@ -100,52 +108,42 @@ def _drop_masks(key, batch_size: int, spec: StepSpec):
   return image_only | both, text_only | both
 
 
-def _where_batch(mask_B, a, b):
-  """Per example: a where mask_B, else b (a may lack the batch axis: one value for all)."""
-  return jnp.where(mask_B.reshape((-1,) + (1,) * (max(a.ndim, b.ndim) - 1)), a, b)
-
-
-def _conditions(models, batch, empty, drop_image_B, drop_text_B, spec: StepSpec):
+def conditions(models, batch, empty, drop_image_B, drop_text_B, spec: StepSpec):
   """(context, image features, SDXL added conditions) after condition dropout."""
-  unet, _, text_encoder, text_encoder_2, image_encoder = models
   added = {}
   if spec.cached:
-    context = _where_batch(drop_text_B, empty["text_context"], batch["text_context"])
+    context = where_batch(drop_text_B, empty["text_context"], batch["text_context"])
     if "text_pooled" in batch:
-      added = dict(text_embeds=_where_batch(drop_text_B, empty["text_pooled"],
-                                            batch["text_pooled"]),
+      added = dict(text_embeds=where_batch(drop_text_B, empty["text_pooled"],
+                                           batch["text_pooled"]),
                    time_ids=batch["time_ids"])
   else:
-    ids = _where_batch(drop_text_B, empty["input_ids"], batch["input_ids"])
-    ids_2 = (None if text_encoder_2 is None else
-             _where_batch(drop_text_B, empty["input_ids_2"], batch["input_ids_2"]))
-    context, pooled = encode_text(text_encoder, text_encoder_2, ids, ids_2)
+    ids = where_batch(drop_text_B, empty["input_ids"], batch["input_ids"])
+    ids_2 = (None if models.text_encoder_2 is None else
+             where_batch(drop_text_B, empty["input_ids_2"], batch["input_ids_2"]))
+    context, pooled = encode_text(models.text_encoder, models.text_encoder_2, ids, ids_2)
     if pooled is not None:
       added = dict(text_embeds=pooled, time_ids=batch["time_ids"])
 
   features = None
-  if spec.image_features == "image_embeds":  # a dropped image is a zero embedding
-    embeds = batch["image_embeds"] if spec.cached else image_encoder(batch["clip_pixels"]).image_embeds
-    features = _where_batch(drop_image_B, jnp.zeros_like(embeds), embeds)
-  elif spec.image_features == "hidden_states":  # a dropped image is all-zero normalised pixels
-    if spec.cached:
-      features = _where_batch(drop_image_B, empty["image_hidden_states"][None],
-                              batch["image_hidden_states"])
-    else:
-      pixels = _where_batch(drop_image_B, jnp.zeros_like(batch["clip_pixels"]), batch["clip_pixels"])
-      features = image_encoder(pixels).hidden_states[-2]
+  if spec.image_features is not None and spec.cached:
+    features = where_batch(drop_image_B, empty["image_features"],
+                           batch[CACHE_KEYS[spec.image_features]])
+  elif spec.image_features is not None:
+    features = encode_image_or_null(models.image_encoder, batch["clip_pixels"], drop_image_B,
+                                    spec.image_features)
   return jax.lax.stop_gradient(context), features, added
 
 
-def _clean_latents(models, batch, key, spec: StepSpec):
-  vae = models[1]
-  if spec.scaling_factor is None:  # pixel space
+def clean_latents(models, batch, key, spec: StepSpec):
+  """The diffusion model's clean input: pixels, or a scaled draw from the VAE posterior."""
+  if spec.latents is None:  # pixel space
     return batch["pixels"].astype(jnp.float32)
   if spec.cached:
     mean, logvar = batch["latent_mean"], batch["latent_logvar"]
   else:
-    mean, logvar = vae.encode(batch["pixels"])
-  return jax.lax.stop_gradient(sample_posterior(mean, logvar, key) * spec.scaling_factor)
+    mean, logvar = models.vae.encode(batch["pixels"])
+  return jax.lax.stop_gradient(scale_latents(sample_posterior(mean, logvar, key), spec.latents))
 
 
 def loss_fn(params, frozen, graphdef, batch, empty, key, spec: StepSpec):
@@ -164,10 +162,9 @@ def _unit(x):
 def contrastive_loss(models, batch, temperature: float):
   """CLIP's symmetric cross-entropy over the batch's image-caption similarities. Examples with
   identical token ids are positives of each other (small vocabularies repeat captions)."""
-  text_encoder, image_encoder = models[TEXT_ENCODER], models[IMAGE_ENCODER]
   ids = batch["input_ids"]
-  text = _unit(text_encoder(ids).text_embeds)
-  image = _unit(image_encoder(batch["clip_pixels"]).image_embeds)
+  text = _unit(models.text_encoder(ids).text_embeds)
+  image = _unit(models.image_encoder(batch["clip_pixels"]).image_embeds)
   logits = image @ text.T / temperature
   same = jnp.all(ids[:, None] == ids[None], axis=-1).astype(jnp.float32)  # symmetric
   targets = same / jnp.sum(same, axis=-1, keepdims=True)
@@ -175,26 +172,43 @@ def contrastive_loss(models, batch, temperature: float):
                 + jnp.mean(optax.softmax_cross_entropy(logits.T, targets)))
 
 
+def min_snr_weight(snr_B, gamma: float, prediction_type: str):
+  """Min-SNR-gamma loss weights (Hang et al. 2023): the x0-space weight min(snr, gamma),
+  expressed for the quantity the model predicts."""
+  clipped = jnp.minimum(snr_B, gamma)
+  if prediction_type == "epsilon":
+    return clipped / snr_B
+  if prediction_type == "v_prediction":
+    return clipped / (snr_B + 1.0)
+  if prediction_type == "sample":
+    return clipped
+  raise ValueError(f"min-SNR weighting: unknown prediction_type {prediction_type!r}")
+
+
 def denoising_loss(models, batch, empty, key, spec: StepSpec):
-  """Mean squared error of the noise (or v / x0) prediction."""
-  unet = models[UNET]
+  """The denoising objective with this step's randomness drawn from `key`."""
   k_latent, k_noise, k_t, k_drop = jax.random.split(key, 4)
-  x0 = _clean_latents(models, batch, k_latent, spec)
+  x0 = clean_latents(models, batch, k_latent, spec)
   B = x0.shape[0]
-  drop_image_B, drop_text_B = _drop_masks(k_drop, B, spec)
-  context, features, added = _conditions(models, batch, empty, drop_image_B, drop_text_B, spec)
-  eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  t = jax.random.randint(k_t, (B,), 0, spec.schedule.num_train_timesteps)
+  drop_image_B, drop_text_B = drop_masks(k_drop, B, spec)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  t_B = jax.random.randint(k_t, (B,), 0, spec.schedule.num_train_timesteps)
+  return denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_text_B, spec)
+
+
+def denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_text_B,
+                    spec: StepSpec):
+  """Mean squared error of the noise (or v / x0) prediction, for given draws."""
+  context, features, added = conditions(models, batch, empty, drop_image_B, drop_text_B, spec)
   alphas_cumprod = jnp.asarray(spec.schedule.alphas_cumprod())
-  x_t = add_noise(alphas_cumprod, x0, eps, t)
-  pred = unet(x_t, t, context, image_embeds=features, **added).astype(jnp.float32)
-  target = training_target(spec.schedule, alphas_cumprod, x0, eps, t)
+  x_t = add_noise(alphas_cumprod, x0, noise, t_B)
+  pred = models.unet(x_t, t_B, context, image_embeds=features, **added).astype(jnp.float32)
+  target = training_target(spec.schedule, alphas_cumprod, x0, noise, t_B)
   per_example = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
-  if spec.snr_gamma > 0:  # min-SNR weighting
-    snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
-    weight = jnp.minimum(snr, spec.snr_gamma) / (
-        snr + 1.0 if spec.schedule.prediction_type == "v_prediction" else snr)
-    per_example = per_example * weight
+  if spec.snr_gamma > 0:
+    snr_B = alphas_cumprod[t_B] / (1.0 - alphas_cumprod[t_B])
+    per_example = per_example * min_snr_weight(snr_B, spec.snr_gamma,
+                                               spec.schedule.prediction_type)
   return jnp.mean(per_example)
 
 
@@ -214,4 +228,4 @@ def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: 
   finite = jnp.isfinite(loss)
   new = TrainState(state.step + 1, params, opt_state, ema)
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}

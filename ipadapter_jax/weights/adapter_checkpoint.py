@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ipadapter_jax import storage
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
-from ipadapter_jax.weights.files import CheckpointError, atomic_path
+from ipadapter_jax.weights.files import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
 ITEM = "adapter"
@@ -37,23 +37,33 @@ def adapter_metadata(model: UNet2DConditionModel) -> dict:
 
 
 def save_adapter_checkpoint(model: UNet2DConditionModel, directory: str) -> None:
-  """Writes the adapter (float32) and its config; the folder appears only when complete."""
-  with atomic_path(directory) as tmp:
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-      json.dump(adapter_metadata(model), f, indent=2)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(os.path.abspath(tmp), ITEM), adapter_arrays(model))
-    checkpointer.wait_until_finished()
+  """Writes the adapter (float32) and its config; the folder counts only once complete."""
+  directory = storage.resolve(directory)
+  if storage.is_remote(directory):
+    # Object stores cannot rename a folder: Orbax writes there directly and commits the item
+    # itself, and the config, written last, is what makes the folder an adapter checkpoint.
+    _write_adapter(model, directory)
+    return
+  with storage.staged(directory) as tmp:
+    _write_adapter(model, tmp)
+
+
+def _write_adapter(model: UNet2DConditionModel, directory: str) -> None:
+  config = storage.join(directory, CONFIG_NAME)
+  storage.remove(config)  # an older checkpoint being replaced no longer counts
+  storage.makedirs(directory)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(storage.join(directory, ITEM), adapter_arrays(model), force=True)
+  checkpointer.wait_until_finished()
+  storage.write_text(config, json.dumps(adapter_metadata(model), indent=2))
 
 
 def abstract_unet_for(directory: str) -> UNet2DConditionModel:
   """An abstract (unallocated) UNet with the adapter described by a checkpoint's config."""
-  path = os.path.join(directory, CONFIG_NAME)
-  if not os.path.isfile(path):
+  path = storage.join(directory, CONFIG_NAME)
+  if not storage.exists(path) or storage.isdir(path):
     raise CheckpointError(f"{directory}: not an adapter checkpoint ({CONFIG_NAME} is missing)")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(storage.read_text(path))
   config = UNetConfig.from_diffusers(meta["unet"], source=path)
   adapter = AdapterConfig(**meta["adapter"])
   return nnx.eval_shape(lambda: UNet2DConditionModel(config, adapter=adapter, rngs=nnx.Rngs(0)))
@@ -61,14 +71,15 @@ def abstract_unet_for(directory: str) -> UNet2DConditionModel:
 
 def _weights_item(directory: str) -> str:
   """The Orbax item holding the adapter: `adapter/`, or a training run's latest `params/`."""
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, ITEM)):
-    return os.path.join(directory, ITEM)
-  steps = os.path.join(directory, "checkpoints")
-  numbered = sorted((int(d) for d in os.listdir(steps) if d.isdigit()) if os.path.isdir(steps)
-                    else [])
+  directory = storage.resolve(directory)
+  if storage.isdir(storage.join(directory, ITEM)):
+    return storage.join(directory, ITEM)
+  steps = storage.join(directory, "checkpoints")
+  numbered = []
+  if storage.isdir(steps):
+    numbered = sorted(int(d) for d in storage.listdir(steps) if d.isdigit())
   if numbered:
-    return os.path.join(steps, str(numbered[-1]), "params")
+    return storage.join(steps, str(numbered[-1]), "params")
   raise CheckpointError(f"{directory}: neither an adapter checkpoint ('{ITEM}/') nor a training "
                         "run with checkpoints")
 

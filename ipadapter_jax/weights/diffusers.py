@@ -12,7 +12,8 @@ from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.weights.files import atomic_path, read_model_folder, write_safetensors
+from ipadapter_jax.storage import atomic_path
+from ipadapter_jax.weights.files import read_model_folder, write_safetensors
 from ipadapter_jax.weights.folders import read_config, resolve_subfolder
 from ipadapter_jax.weights.ip_adapter import describe, load_ip_adapter, read_ip_adapter
 from ipadapter_jax.weights.tables import assign, export_named, named_variables, torch_name

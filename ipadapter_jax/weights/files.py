@@ -1,67 +1,115 @@
-"""Reading PyTorch-world weight files into flat {name: numpy array} dicts.
+"""Reading PyTorch-world weight files into flat {name: numpy array} mappings.
 
-safetensors is parsed here directly (a JSON header and raw little-endian buffers), so bfloat16
-works without torch and a truncated or corrupt file is reported by name. `.bin` pickles are read
-with `torch.load(weights_only=True)`, only when torch is installed.
+safetensors files are read with the `safetensors` library, one tensor per lookup (numpy arrays,
+bfloat16 through ml_dtypes, no torch needed); its errors become one-line CheckpointErrors that
+name the file. `.bin` pickles are read with `torch.load(weights_only=True)`, only when torch is
+installed, and one that holds anything but tensors is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
+import pickle
+import re
 import struct
-import tempfile
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+from ipadapter_jax.storage import atomic_path
 
 
 class CheckpointError(ValueError):
   """A weight file that cannot be read, or that does not fit the model it is loaded into."""
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a .safetensors file, memory-mapped (read-only numpy arrays)."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    prefix = f.read(8)
-    if len(prefix) < 8:
-      raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-    (header_len,) = struct.unpack("<Q", prefix)
-    if 8 + header_len > size:
-      raise CheckpointError(f"{path}: truncated or not a safetensors file "
-                            f"(header of {header_len} bytes, file of {size})")
+class SafetensorsFile(Mapping):
+  """The tensors of a .safetensors file by name; each lookup reads that one tensor from disk."""
+
+  def __init__(self, path: str):
+    self.path = path
     try:
-      header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+      # pread, not mmap: a lookup copies its tensor either way, and a file replaced or truncated
+      # while this is open then fails with an error rather than a SIGBUS on a mapped page.
+      self._file = safetensors.safe_open(path, framework="numpy", backend="pread")
+    except safetensors.SafetensorError as e:
+      raise CheckpointError(f"{path}: {_open_problem(path, e)}") from None
+    except OSError as e:
+      raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from None
+    self._names = tuple(self._file.keys())
+    self._known = frozenset(self._names)
+    self.metadata = self._file.metadata() or {}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self._known:
+      raise KeyError(name)
+    try:
+      return self._file.get_tensor(name)
+    except safetensors.SafetensorError as e:
+      raise CheckpointError(f"{self.path}: tensor '{name}' cannot be read "
+                            f"({_one_line(str(e))})") from None
+    except (AttributeError, TypeError, ValueError):  # a dtype numpy lacks (e.g. F8_E4M3)
+      raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype "
+                            f"{self._file.get_slice(name).get_dtype()}") from None
+
+  def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+    return name in self._known
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __repr__(self) -> str:
+    return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
+def _open_problem(path: str, error: Exception) -> str:
+  """The library's reason a file does not open, in this project's words."""
+  reason = _one_line(str(error)).removeprefix("Error while deserializing header: ")
+  size = os.path.getsize(path)
+  if reason.startswith("header too small"):
+    return f"not a safetensors file (only {size} bytes)"
+  if reason.startswith(("header too large", "invalid header length")):
+    return (f"truncated or not a safetensors file (its header length does not fit a file of "
+            f"{size} bytes)")
+  if reason.startswith("incomplete metadata"):
+    return _uncovered(path, size)
+  unknown = re.search(r"unknown variant `([^`]*)`", reason)
+  if unknown:  # the library lists every dtype it knows after this; the name is enough
+    return f"unsupported dtype {unknown.group(1)} in the header"
+  if reason.startswith("invalid"):  # JSON, UTF-8, or a tensor's shape, dtype or offsets
+    return f"corrupt safetensors header ({reason})"
+  return f"cannot be read as safetensors ({reason})"
+
+
+def _uncovered(path: str, size: int) -> str:
+  """Which tensor runs past the end, when the library found that the tensors do not cover the
+  data exactly (it does not say which); its header has already parsed."""
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
   header.pop("__metadata__", None)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if header else None
-  tensors = {}
-  for name, info in header.items():
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-      raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-    dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
-    start, end = info["data_offsets"]
-    if 8 + header_len + end > size:
-      raise CheckpointError(f"{path}: truncated file: tensor '{name}' ends at byte "
-                            f"{8 + header_len + end} of {size}")
-    if (end - start) != dtype.itemsize * int(np.prod(info["shape"])):
-      raise CheckpointError(f"{path}: tensor '{name}' has {end - start} bytes for shape "
-                            f"{info['shape']} {info['dtype']}")
-    tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-  return tensors
+  ends = sorted((8 + header_len + info["data_offsets"][1], name) for name, info in header.items())
+  past = [(end, name) for end, name in ends if end > size]
+  if past:
+    return f"truncated file: tensor '{past[0][1]}' ends at byte {past[0][0]} of {size}"
+  last = ends[-1][0] if ends else 8 + header_len
+  return f"corrupt file: its tensors end at byte {last}, but it has {size} bytes"
+
+
+def read_safetensors(path: str) -> SafetensorsFile:
+  """The tensors of a .safetensors file as a mapping that reads each one when it is looked up."""
+  return SafetensorsFile(path)
 
 
 def torch_to_numpy(tensor) -> np.ndarray:
@@ -73,6 +121,25 @@ def torch_to_numpy(tensor) -> np.ndarray:
   return tensor.numpy()
 
 
+# How torch's weights-only unpickler names a reference it refused (a class or function to call).
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _pickle_problem(error: Exception) -> str:
+  """Why torch.load(weights_only=True) refused a file, without torch's advice to lift the guard."""
+  text = str(error)
+  refused = _REFUSED_GLOBAL.search(text)
+  if refused:
+    return (f"holds objects other than tensors ({refused.group(1)}), which unpickling could "
+            "run as code; it was not loaded")
+  # torch wraps the unpickler's own reason (e.g. an unknown opcode) in that advice
+  _, marker, after = text.partition("WeightsUnpickler error:")
+  reason = _one_line((after if marker else text).strip().split("\n\n")[0])
+  if not reason or "weights_only" in reason:
+    reason = type(error).__name__
+  return f"cannot be read as a torch checkpoint (corrupt or not a torch file: {reason})"
+
+
 def read_torch_pickle(path: str) -> dict:
   """A torch .bin checkpoint (nested dicts kept), loaded with weights_only=True."""
   try:
@@ -82,8 +149,13 @@ def read_torch_pickle(path: str) -> dict:
                           ".safetensors file") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for corrupt pickles
-    raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e})") from None
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(f"{path}: {_pickle_problem(e)}") from None
+  except Exception as e:  # torch raises many types for corrupt files
+    reason = _one_line(str(e).split(". ")[0])
+    if not reason or "weights_only" in reason:
+      reason = type(e).__name__
+    raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({reason})") from None
 
   def convert(value):
     if isinstance(value, dict):
@@ -94,8 +166,8 @@ def read_torch_pickle(path: str) -> dict:
   return convert(obj)
 
 
-def read_weight_file(path: str) -> dict:
-  """A .safetensors or .bin file as a dict of numpy arrays."""
+def read_weight_file(path: str) -> Mapping:
+  """A .safetensors file (read lazily, tensor by tensor) or a .bin file, as numpy arrays by name."""
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
   if path.endswith(".safetensors"):
@@ -103,6 +175,25 @@ def read_weight_file(path: str) -> dict:
   if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
     return read_torch_pickle(path)
   raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+
+
+class _Shards(Mapping):
+  """The shards of one checkpoint as one mapping; a lookup reads only from the shard holding it."""
+
+  def __init__(self, shards: list[Mapping]):
+    self._owner = {name: shard for shard in shards for name in shard}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._owner[name][name]
+
+  def __contains__(self, name) -> bool:
+    return name in self._owner
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._owner)
+
+  def __len__(self) -> int:
+    return len(self._owner)
 
 
 def _with_variant(filename: str, variant: str | None) -> str:
@@ -113,7 +204,7 @@ def _with_variant(filename: str, variant: str | None) -> str:
 
 
 def read_model_folder(folder: str, weights_name: str,
-                      variant: str | None = None) -> tuple[dict, str]:
+                      variant: str | None = None) -> tuple[Mapping, str]:
   """The state dict of a diffusers/transformers model folder, and the file it came from.
 
   Looks for `{weights_name}.safetensors`, its sharded index, then `{weights_name}.bin` and its
@@ -129,9 +220,8 @@ def read_model_folder(folder: str, weights_name: str,
       return read_weight_file(path), path
     with open(path) as f:
       weight_map = json.load(f)["weight_map"]
-    state = {}
-    for shard in sorted(set(weight_map.values())):
-      state.update(read_weight_file(os.path.join(folder, shard)))
+    state = _Shards([read_weight_file(os.path.join(folder, shard))
+                     for shard in sorted(set(weight_map.values()))])
     missing = sorted(set(weight_map) - set(state))
     if missing:
       raise CheckpointError(f"{path}: key '{missing[0]}' listed in the index is in no shard")
@@ -140,51 +230,26 @@ def read_model_folder(folder: str, weights_name: str,
   raise CheckpointError(f"{folder}: no weights found (looked for {tried})")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a temporary path beside `path` (a file or a folder); it replaces `path` only when the
-  block succeeds, so a failed conversion never leaves a half-written or clobbered result."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp_dir = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-  tmp = os.path.join(tmp_dir, os.path.basename(path))
-  try:
-    yield tmp
-    if os.path.isdir(path):  # os.replace cannot overwrite a folder: move the old one aside
-      old = os.path.join(tmp_dir, ".previous")
-      os.replace(path, old)
-      try:
-        os.replace(tmp, path)
-      except OSError:
-        os.replace(old, path)
-        raise
-    else:
-      os.replace(tmp, path)
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: dict[str, str] | None = None):
   """Writes numpy arrays (bfloat16 included) as a .safetensors file, atomically."""
-  header, offset, arrays = {}, 0, []
-  for name, array in tensors.items():
-    array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-d)
-    if array.dtype not in _DTYPE_NAMES:
-      raise CheckpointError(f"{path}: tensor '{name}' has dtype {array.dtype}, which "
-                            "safetensors cannot store")
-    header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + array.nbytes]}
-    offset += array.nbytes
-    arrays.append(array)
-  header["__metadata__"] = {"format": "pt", **(metadata or {})}
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  # The library writes each array's buffer as it lies in memory, so make every one C-ordered
+  # (asarray rather than ascontiguousarray, which would turn a scalar into a 1-d array).
+  arrays = {name: np.asarray(array, order="C") for name, array in tensors.items()}
   with atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for array in arrays:
-        f.write(array.tobytes())
+    try:
+      safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt", **(metadata or {})})
+    except safetensors.SafetensorError as e:
+      raise CheckpointError(f"{path}: {_write_problem(arrays, e)}") from None
+
+
+def _write_problem(arrays: dict[str, np.ndarray], error: Exception) -> str:
+  """The library's refusal to write, naming the first tensor of the dtype it names."""
+  reason = _one_line(str(error))
+  bad = next((name for name, array in arrays.items() if f'"{array.dtype.name}"' in reason), None)
+  if bad is None:
+    return f"cannot be written as safetensors ({reason.split('. ')[0]})"
+  return f"tensor '{bad}' has dtype {arrays[bad].dtype}, which safetensors cannot store"
 
 
 def numpy_to_torch(array: np.ndarray):

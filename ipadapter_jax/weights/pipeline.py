@@ -9,14 +9,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ipadapter_jax.data.preprocessing import CLIPImageConfig
-from ipadapter_jax.data.tokenizer import load_tokenizer
+from ipadapter_jax.preprocessing import CLIPImageConfig
+from ipadapter_jax.tokenizer import load_tokenizer
 from ipadapter_jax.models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from ipadapter_jax.models.image_proj import AdapterConfig
+from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.vae import AutoencoderKL
 from ipadapter_jax.weights.diffusers import load_unet, load_vae, save_unet, save_vae
-from ipadapter_jax.weights.files import CheckpointError, atomic_path
+from ipadapter_jax.storage import atomic_path
+from ipadapter_jax.weights.files import CheckpointError
 from ipadapter_jax.weights.folders import local_path, read_config
 from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
 
@@ -41,6 +43,11 @@ class StableDiffusion:
   @property
   def is_sdxl(self) -> bool:
     return self.text_encoder_2 is not None
+
+  def networks(self) -> Networks:
+    """The networks as one NNX graph (sharing these modules: updating one updates the other)."""
+    return Networks(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
+                    text_encoder_2=self.text_encoder_2, image_encoder=self.image_encoder)
 
 
 def _hub_patterns(variant: str | None) -> list[str]:

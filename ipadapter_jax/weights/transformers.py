@@ -11,7 +11,8 @@ from flax import nnx
 
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
-from ipadapter_jax.weights.files import atomic_path, read_model_folder, write_safetensors
+from ipadapter_jax.storage import atomic_path
+from ipadapter_jax.weights.files import read_model_folder, write_safetensors
 from ipadapter_jax.weights.folders import read_config
 from ipadapter_jax.weights.tables import assign, export_named, named_variables, torch_name
 
@@ -22,12 +23,8 @@ LEGACY_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings
 def _canonical_text_keys(state: dict) -> dict:
   """transformers 5 saves a bare CLIPTextModel without the `text_model.` prefix that every
   earlier checkpoint (and CLIPTextModelWithProjection) has; both forms are accepted."""
-  out = {}
-  for key, value in state.items():
-    if not key.startswith(("text_model.", "text_projection.")):
-      key = "text_model." + key
-    out[key] = value
-  return out
+  return {(key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key):
+          state[key] for key in state}
 
 
 def load_clip_text(folder: str, *, with_projection: bool | None = None, dtype=jnp.float32,
@@ -47,7 +44,7 @@ def load_clip_text(folder: str, *, with_projection: bool | None = None, dtype=jn
   state, source = read_model_folder(folder, "model", variant)
   if "text_config" in raw:  # a whole CLIPModel folder: take the text tower (and its projection)
     keep = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
-    state = {k: v for k, v in state.items() if k.startswith(keep)}
+    state = {k: state[k] for k in state if k.startswith(keep)}  # reads only the kept tensors
   else:
     state = _canonical_text_keys(state)
   assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
@@ -63,8 +60,7 @@ def load_clip_vision(folder: str, *, dtype=jnp.float32, param_dtype=None,
       config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0)))
   state, source = read_model_folder(folder, "model", variant)
   if "vision_config" in raw:  # a whole CLIPModel folder: take the vision tower only
-    state = {k: v for k, v in state.items()
-             if k.startswith(("vision_model.", "visual_projection."))}
+    state = {k: state[k] for k in state if k.startswith(("vision_model.", "visual_projection."))}
   assign(named_variables(model, torch_name), state, source=source, ignore=LEGACY_BUFFERS)
   return model
 

@@ -1,4 +1,5 @@
-"""Runs one train step on 8 CPU devices sharded data=4 x fsdp=2 and on one device; prints both.
+"""One train step's gradients and SGD update on 8 CPU devices (data=4 x fsdp=2, trainable and
+frozen weights sharded over fsdp) and on one device; writes both as JSON.
 
 Run by tests/test_train.py in a subprocess (the device count must be set before jax starts).
 """
@@ -10,38 +11,49 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ipadapter_jax.train import sharding  # noqa: E402
-from ipadapter_jax.train.loop import empty_conditions, load_models, step_spec  # noqa: E402
-from ipadapter_jax.train.step import TrainState, make_optimizer, train_step, trainable_filter  # noqa: E402
+from ipadapter_jax.train.models import empty_conditions, load_models, step_spec  # noqa: E402
+from ipadapter_jax.train.step import init_state, loss_fn, train_step, trainable_filter  # noqa: E402
+
+sharding.MIN_SHARDED_SIZE = 0  # the tiny weights would all be replicated otherwise
+
+
+def _flat(tree) -> dict:
+  return {".".join(map(str, p)): np.asarray(v.get_value()).tolist()
+          for p, v in nnx.to_flat_state(tree)}
 
 
 def run(cfg, mesh, batch):
   sd = load_models(cfg)
-  spec = step_spec(cfg, sd)
-  modules = (sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.image_encoder)
-  graphdef, params, frozen = nnx.split(modules, trainable_filter(cfg.model.trainable), ...)
-  optimizer = make_optimizer(cfg.optimizer, cfg.num_steps)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None)
+  spec = step_spec(cfg, sd, cached=False)
+  graphdef, params, frozen = nnx.split(sd.networks(), trainable_filter(cfg.model.trainable), ...)
+  optimizer = optax.sgd(cfg.optimizer.learning_rate)  # the update is the gradient, scaled
+  state = init_state(params, optimizer=optimizer, ema=False)
   state_sh = sharding.tree_shardings(mesh, state, True)
   frozen_sh = sharding.tree_shardings(mesh, frozen, True)
   state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  empty = jax.device_put(empty_conditions(cfg, sd, spec), sharding.replicated(mesh))
+  batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch = jax.device_put(batch, batch_sh)
+  empty = jax.device_put(empty_conditions(cfg, sd, spec), replicated)
+  key = jax.random.key(0)
+  split = sorted(".".join(map(str, p)) for p, v in nnx.to_flat_state(state.params)
+                 if v.get_value().addressable_shards[0].data.shape != v.get_value().shape)
+  grad = jax.jit(jax.grad(loss_fn), static_argnums=(2, 6),
+                 in_shardings=(state_sh.params, frozen_sh, batch_sh, replicated, replicated),
+                 out_shardings=state_sh.params)
+  grads = grad(state.params, frozen, graphdef, batch, empty, jax.random.fold_in(key, 0), spec)
   step = jax.jit(lambda s, f, b, e, k: train_step(s, f, b, e, k, graphdef=graphdef, spec=spec,
                                                    optimizer=optimizer),
-                 in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh),
-                               sharding.replicated(mesh), sharding.replicated(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
-  key = jax.random.key(0)
+                 in_shardings=(state_sh, frozen_sh, batch_sh, replicated, replicated),
+                 out_shardings=(state_sh, replicated))
   state, out = step(state, frozen, batch, empty, key)
-  flat = {".".join(map(str, p)): np.asarray(v.get_value()).tolist()
-          for p, v in nnx.to_flat_state(state.params)}
-  return float(out["loss"]), flat
+  return {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+          "grads": _flat(grads), "params": _flat(state.params), "split": split}
 
 
 def main(config_json, batch_npz, out_json):

@@ -8,7 +8,7 @@ runs them all; each also runs alone once the stage before it has finished):
 Paths assume the toy world's default directory, runs/toy.
 """
 
-from configs import sd15_ip_adapter
+from ipadapter_jax.configs import sd15_ip_adapter
 
 WORKDIR = "runs/toy"
 IMAGE_SIZE = 16

@@ -1,20 +1,26 @@
 """Images -> the pixel arrays the frozen encoders take.
 
-CLIP pixels follow transformers' CLIPImageProcessor (PIL backend) step for step, driven by a
-folder's preprocessor_config.json; VAE pixels follow the IP-Adapter training script
+CLIP pixels come from transformers' CLIPImageProcessorPil (the PIL backend that
+CLIPImageProcessor uses without torchvision), built once per CLIPImageConfig, which holds a
+folder's preprocessor_config.json. A step-by-step numpy copy measured only about 20% faster on
+2 CPU cores (4.2 vs 5.0 ms for a 640x480 JPEG, next to 6.1 ms of decoding and VAE pixels), too
+little to keep a second implementation. VAE pixels follow the IP-Adapter training script
 (torchvision Resize + CenterCrop + Normalize(0.5, 0.5)).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,6 +41,12 @@ class CLIPImageConfig:
   image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
   image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
+  def __post_init__(self):  # tuples, not lists, so that a config is hashable (see _processor)
+    for name in ("size", "crop_size", "image_mean", "image_std"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+
   @classmethod
   def from_dict(cls, raw: dict[str, Any], source: str = "preprocessor config") -> "CLIPImageConfig":
     values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
@@ -42,9 +54,6 @@ class CLIPImageConfig:
       values["size"] = _parse_size(raw["size"], "size", source, shortest_edge_ok=True)
     if "crop_size" in raw:
       values["crop_size"] = _parse_size(raw["crop_size"], "crop_size", source)
-    for key in ("image_mean", "image_std"):
-      if key in values:
-        values[key] = tuple(values[key])
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
@@ -105,44 +114,21 @@ def shortest_side_size(width: int, height: int, shortest: int) -> tuple[int, int
   return int(shortest * width / height), shortest
 
 
-def _centre_crop_or_pad(array_HWC: np.ndarray, height: int, width: int) -> np.ndarray:
-  """transformers' centre crop: offsets floor((in - out) / 2), zero padding when too small."""
-  h, w = array_HWC.shape[:2]
-  if h < height or w < width:
-    padded = np.zeros((max(h, height), max(w, width)) + array_HWC.shape[2:], array_HWC.dtype)
-    top, left = math.ceil((padded.shape[0] - h) / 2), math.ceil((padded.shape[1] - w) / 2)
-    padded[top:top + h, left:left + w] = array_HWC
-    array_HWC = padded
-  top, left = (array_HWC.shape[0] - height) // 2, (array_HWC.shape[1] - width) // 2
-  return array_HWC[top:top + height, left:left + width]
-
-
 def clip_pixels(images: Sequence, config: CLIPImageConfig = CLIPImageConfig()) -> np.ndarray:
   """PIL images of any size and mode -> CLIP pixel values [B, H, W, 3] float32 (NHWC)."""
-  return np.stack([_clip_one(to_pil(image), config) for image in images])
+  pixels_BCHW = _processor(config)([to_pil(image) for image in images],
+                                   return_tensors="np")["pixel_values"]
+  return np.ascontiguousarray(pixels_BCHW.transpose(0, 2, 3, 1), dtype=np.float32)
 
 
-def _clip_one(image: Image.Image, cfg: CLIPImageConfig) -> np.ndarray:
-  image = to_rgb(image) if cfg.do_convert_rgb else image
-  if cfg.do_resize:
-    if isinstance(cfg.size, int):
-      size = shortest_side_size(image.width, image.height, cfg.size)
-    else:
-      size = (cfg.size[1], cfg.size[0])
-    image = image.resize(size, resample=Image.Resampling(cfg.resample))
-  array = np.asarray(image)
-  if array.ndim == 2:
-    array = array[:, :, None]
-  if cfg.do_center_crop:
-    array = _centre_crop_or_pad(array, *cfg.crop_size)
-  if cfg.do_rescale:  # float64 product, then float32, as transformers does
-    array = (array.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-  if cfg.do_normalize:
-    array = array.astype(np.float32) if not np.issubdtype(array.dtype, np.floating) else array
-    mean = np.asarray(cfg.image_mean, array.dtype)
-    std = np.asarray(cfg.image_std, array.dtype)
-    array = (array - mean) / std
-  return array.astype(np.float32)
+@functools.lru_cache(maxsize=None)
+def _processor(config: CLIPImageConfig) -> "CLIPImageProcessorPil":
+  """The processor for `config`, built once per config (and per grain worker process)."""
+  # Imported here: where torch is installed, transformers' image processing imports it too.
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # pylint: disable=import-outside-toplevel
+  settings = config.to_dict()
+  del settings["image_processor_type"]
+  return CLIPImageProcessorPil(**settings)
 
 
 def vae_pixels(image, resolution: int) -> np.ndarray:

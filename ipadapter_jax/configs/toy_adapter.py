@@ -1,0 +1,24 @@
+r"""Toy world, stage 3: the IP-Adapter on the frozen toy base, with the toy CLIP's image tower.
+
+  python train.py --config configs/toy_adapter.py --workdir runs/toy/adapter
+Exports runs/toy/adapter/ip_adapter.safetensors in the official format.
+
+Captions often name the shape and colour already; dropping the text more often than the paper's
+5% makes the image prompt carry them.
+"""
+
+from ipadapter_jax.configs import toy_world
+
+
+def get_config():
+  c = toy_world.stage_config()
+  c.model.pretrained = f"{toy_world.WORKDIR}/base/pipeline"
+  c.model.image_encoder = f"{toy_world.WORKDIR}/clip/clip"
+  c.model.trainable = "adapter"
+  c.model.adapter.num_tokens = 4
+  c.num_steps = 500
+  c.optimizer.learning_rate = 1e-3
+  c.dropout.image = 0.05
+  c.dropout.text = 0.4
+  c.dropout.both = 0.05
+  return c

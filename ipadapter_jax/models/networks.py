@@ -1,0 +1,21 @@
+"""The networks of one Stable Diffusion model, by name, as a single NNX graph."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+
+class Networks(nnx.Module):
+  """UNet, VAE, text encoder(s) and image encoder; any may be None.
+
+  Training, the embedding cache, sampling and the benchmarks split and merge this one structure,
+  so a weight's path starts with the network's name ("unet", "text_encoder", ...).
+  """
+
+  def __init__(self, *, unet=None, vae=None, text_encoder=None, text_encoder_2=None,
+               image_encoder=None):
+    self.unet = unet
+    self.vae = vae
+    self.text_encoder = text_encoder
+    self.text_encoder_2 = text_encoder_2
+    self.image_encoder = image_encoder

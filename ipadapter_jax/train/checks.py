@@ -1,0 +1,63 @@
+"""A run's configuration checked against the mesh and the file system before any work."""
+
+from __future__ import annotations
+
+import os
+
+from ipadapter_jax import storage
+from ipadapter_jax.train.step import TRAINABLE
+
+DTYPES = ("float32", "bfloat16")
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop: a non-finite loss, a bad configuration."""
+
+
+def _local_inputs(cfg):
+  """(config key, path) of every input the run reads from the file system."""
+  yield "data.source", cfg.data.source
+  yield "data.data_dir", cfg.data.data_dir
+  yield "model.pretrained", cfg.model.pretrained
+  yield "model.image_encoder", cfg.model.image_encoder
+  yield "model.init_adapter", cfg.model.init_adapter
+  yield from ((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))
+
+
+def validate(cfg, mesh):
+  """Raises TrainingError (one line) for a config that cannot run on `mesh`."""
+  devices = mesh.size
+  if cfg.batch_size % devices:
+    raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {devices} devices "
+                        f"of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  m = cfg.model
+  if m.trainable not in TRAINABLE:
+    raise TrainingError(f"model.trainable must be one of {', '.join(TRAINABLE)}, "
+                        f"got {m.trainable!r}")
+  for key in ("frozen_dtype", "compute_dtype"):
+    if m[key] not in DTYPES:
+      raise TrainingError(f"model.{key} must be one of {list(DTYPES)}, got {m[key]!r}")
+  if m.remat not in ("none", "full", "dots"):
+    raise TrainingError(f"model.remat must be none, full or dots, got {m.remat!r}")
+  if not cfg.data.source:
+    raise TrainingError("data.source is empty: give a built dataset folder or a TFDS name")
+  for key, path in _local_inputs(cfg):
+    if path and storage.is_remote(path):  # outputs may be remote (workdir); inputs are not
+      raise TrainingError(f"{key}: {path} is remote; inputs are read from local disk (copy it "
+                          "there first, e.g. with gsutil -m cp -r)")
+  for key, path in (("model.init_adapter", m.init_adapter),
+                    *((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))):
+    if path and not os.path.exists(path):
+      raise TrainingError(f"{key}: {path} does not exist")
+  if m.init_adapter and m.trainable not in ("adapter", "all"):
+    raise TrainingError(f"model.init_adapter is set, but model.trainable={m.trainable!r} trains "
+                        "no adapter")
+  if m.init_adapter and m.adapter.attention != "decoupled":
+    raise TrainingError(f"model.init_adapter: official files hold decoupled adapters; "
+                        f"model.adapter.attention={m.adapter.attention!r} cannot start from one")
+  if m.adapter.attention != "decoupled" and cfg.export_adapter:
+    raise TrainingError(f"model.adapter.attention={m.adapter.attention!r} has no official "
+                        "file format: set export_adapter=False (the checkpoints keep it)")
+  probabilities = (cfg.dropout.image, cfg.dropout.text, cfg.dropout.both)
+  if min(probabilities) < 0 or sum(probabilities) > 1:
+    raise TrainingError(f"dropout probabilities {probabilities} must be >= 0 and sum to <= 1")

@@ -1,0 +1,78 @@
+"""What a run writes besides checkpoints and metrics: its config, sample grids, the exports.
+
+Every file goes through `ipadapter_jax.storage`, so a `gs://` work directory gets all of them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from ipadapter_jax import storage
+from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.sampling import image_grid
+from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
+                                   save_stable_diffusion)
+from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, adapter_metadata
+
+
+def write_run_files(cfg, sd: StableDiffusion, workdir: str):
+  """The resolved config, and what `convert to-official` needs to read the checkpoints."""
+  storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+  if sd.unet is not None and sd.unet.adapter_config is not None:
+    storage.write_text(storage.join(workdir, CONFIG_NAME),
+                       json.dumps(adapter_metadata(sd.unet), indent=2))
+
+
+def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
+  """The trained weights in PyTorch-world formats: the official adapter and/or a diffusers folder
+  (or, for the contrastive stage, a transformers CLIPModel folder). `sd` holds the final weights."""
+  written = []
+  if sd.unet is None:  # the contrastive stage
+    path = storage.join(workdir, "clip")
+    with storage.staged(path) as local:
+      save_clip_model(sd.text_encoder, sd.image_encoder, local, tokenizer=sd.tokenizer,
+                      processor=sd.image_processor,
+                      logit_scale=float(np.log(1.0 / cfg.contrastive_temperature)))
+    return [path]
+  if sd.unet.adapter_config is not None and cfg.export_adapter:
+    path = storage.join(workdir, "ip_adapter.safetensors")
+    with storage.staged(path) as local:
+      save_ip_adapter(sd.unet, local, dtype=np.float32)
+    written.append(path)
+  if cfg.model.trainable in ("unet", "all"):
+    path = storage.join(workdir, "pipeline")
+    with storage.staged(path) as local:
+      save_stable_diffusion(sd, local)
+    written.append(path)
+  return written
+
+
+class SampleGrids:
+  """Periodic samples from fixed prompts (columns) and images (rows) with the run's current
+  weights: one pipeline and one compiled program for the whole run."""
+
+  def __init__(self, cfg, sd: StableDiffusion, workdir: str, metrics):
+    self.pipe = IPAdapterPipeline(sd)
+    self.images = ([Image.open(p) for p in cfg.sample_images]
+                   if sd.unet.image_proj is not None else [])
+    self.prompts = list(cfg.sample_prompts)
+    self.request = dict(num_inference_steps=cfg.sample_steps, seed=cfg.seed,
+                        height=cfg.data.resolution, width=cfg.data.resolution)
+    self.workdir, self.metrics = workdir, metrics
+
+  def __call__(self, step: int, weights):
+    """Samples with `weights` (the trainable nnx.State, on the host) and writes
+    `samples/step_N.png` and a TensorBoard image."""
+    self.pipe.update_weights(weights)
+    prompts = self.prompts * max(1, len(self.images))  # one batched call: row by row
+    images = [image for image in self.images for _ in self.prompts] or None
+    grid = image_grid(self.pipe(prompts, images, **self.request))
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    storage.write_bytes(storage.join(self.workdir, "samples", f"step_{step:07d}.png"),
+                        png.getvalue())
+    self.metrics.write_image(step, "samples", np.asarray(grid))

@@ -1,0 +1,82 @@
+"""The train step's pieces: min-SNR weighting, latent scaling, condition dropout, the loop's
+read-back of step outputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ipadapter_jax.models.vae import VAEConfig, scale_latents, unscale_latents
+from ipadapter_jax.schedulers import NoiseSchedule
+from ipadapter_jax.train import loop
+from ipadapter_jax.train.checks import TrainingError
+from ipadapter_jax.train.step import StepSpec, clean_latents, drop_masks, min_snr_weight
+
+
+def _spec(**kw):
+  base = dict(schedule=NoiseSchedule.stable_diffusion(), image_features=None, drop_image=0.0,
+              drop_text=0.0, drop_both=0.0, cached=True, latents=None)
+  return StepSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_is_the_papers_x0_weight(prediction_type, gamma):
+  """Hang et al. 2023: the loss is min(SNR_t, gamma) * ||x0 - x0_hat||^2 whatever the model
+  predicts; a prediction of eps or v converts to an x0 estimate through x_t."""
+  rng = np.random.default_rng(0)
+  abar = NoiseSchedule.stable_diffusion().alphas_cumprod().astype(np.float64)
+  t = np.array([0, 10, 200, 500, 999])
+  a = abar[t][:, None]
+  x0, eps, x0_hat = (rng.standard_normal((len(t), 16)) for _ in range(3))
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+  eps_hat = (x_t - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
+  v, v_hat = (np.sqrt(a) * e - np.sqrt(1 - a) * x for e, x in ((eps, x0), (eps_hat, x0_hat)))
+  pairs = {"epsilon": (eps_hat, eps), "v_prediction": (v_hat, v), "sample": (x0_hat, x0)}
+  pred, target = pairs[prediction_type]
+  snr = abar[t] / (1 - abar[t])
+  weight = np.asarray(min_snr_weight(jnp.asarray(snr, jnp.float32), gamma, prediction_type))
+  ours = weight * np.mean((pred - target) ** 2, axis=1)
+  paper = np.minimum(snr, gamma) * np.mean((x0_hat - x0) ** 2, axis=1)
+  np.testing.assert_allclose(ours, paper, rtol=1e-5)
+
+
+def test_latents_are_shifted_then_scaled():
+  config = VAEConfig(scaling_factor=0.5, shift_factor=0.1)
+  mean = jnp.full((2, 4, 4, 4), 0.7)
+  batch = {"latent_mean": mean, "latent_logvar": jnp.full(mean.shape, -30.0)}  # std ~ 3e-7
+  x0 = clean_latents(None, batch, jax.random.key(0), _spec(latents=config))
+  np.testing.assert_allclose(x0, (0.7 - 0.1) * 0.5, atol=1e-6)
+  np.testing.assert_allclose(unscale_latents(scale_latents(mean, config), config), mean,
+                             rtol=1e-6)
+  pixels = {"pixels": jnp.ones((1, 4, 4, 3))}  # pixel space: no scaling at all
+  np.testing.assert_array_equal(clean_latents(None, pixels, jax.random.key(0), _spec()), 1.0)
+
+
+def test_drop_masks_follow_one_draw_per_example():
+  spec = _spec(drop_image=0.1, drop_text=0.2, drop_both=0.3)
+  image, text = (np.asarray(m) for m in drop_masks(jax.random.key(0), 20_000, spec))
+  assert abs(np.mean(image & ~text) - 0.1) < 0.01
+  assert abs(np.mean(text & ~image) - 0.2) < 0.01
+  assert abs(np.mean(image & text) - 0.3) < 0.01
+
+
+def test_step_outputs_measure_the_real_interval(monkeypatch):
+  clock = iter([100.0, 103.0, 104.0])
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+  outputs = loop.StepOutputs(batch_size=8, lr_schedule=lambda step: 0.5)
+  for step, loss in ((6, 1.0), (7, 2.0), (8, 3.0)):  # a run resumed at step 5, logging at 8
+    outputs.add(step, {"loss": jnp.float32(loss), "grad_norm": jnp.float32(2 * loss)})
+  first = outputs.summary(last_checkpoint=5)
+  assert first == {"loss": 2.0, "grad_norm": 4.0, "learning_rate": 0.5,
+                   "examples_per_second": 3 * 8 / 3.0}
+  outputs.add(9, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})  # a short last one
+  assert outputs.summary(last_checkpoint=8)["examples_per_second"] == 1 * 8 / 1.0
+
+
+def test_a_non_finite_loss_is_named_by_its_step():
+  outputs = loop.StepOutputs(batch_size=8, lr_schedule=lambda step: 0.5)
+  outputs.add(11, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})
+  outputs.add(12, {"loss": jnp.float32(np.inf), "grad_norm": jnp.float32(1.0)})
+  with pytest.raises(TrainingError, match=r"non-finite loss \(inf\) at step 12.*step 10\) is "):
+    outputs.check(last_checkpoint=10)

@@ -272,12 +272,12 @@ def torch_measurements(bench: Bench, paths: dict, args, compiled: bool) -> dict:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  pipe = StableDiffusionPipeline.from_pretrained(paths["sd"], torch_dtype=dtype).to(device)
+  pipe = StableDiffusionPipeline.from_pretrained(paths["sd"], dtype=dtype).to(device)
   pipe.load_ip_adapter(os.path.dirname(paths["adapter"]), subfolder="",
                        weight_name=os.path.basename(paths["adapter"]), image_encoder_folder=None)
   from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
   pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-      paths["image_encoder"], torch_dtype=dtype).to(device)
+      paths["image_encoder"], dtype=dtype).to(device)
   pipe.feature_extractor = CLIPImageProcessor.from_pretrained(paths["image_encoder"])
   unet = pipe.unet
   if compiled:

@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
+import diffusers
 import jax
+import torch
 from flax import nnx
 
 from ipadapter_jax.models import AdapterConfig, AdapterParam
@@ -27,9 +29,7 @@ def test_sd15_small_is_the_pinned_size():
 
 def _diffusers_counts(bench, num_tokens: int) -> dict:
   """The parameters of the benchmark's diffusers UNet and of an adapter on it, counted there."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from diffusers import UNet2DConditionModel as TorchUNet  # pylint: disable=import-outside-toplevel
-  unet = TorchUNet(**bench.unet)
+  unet = diffusers.UNet2DConditionModel(**bench.unet)
   context = bench.unet["cross_attention_dim"]
   cross = [m for n, m in unet.named_modules() if n.endswith("attn2")]
   assert cross and all(isinstance(m.to_k, torch.nn.Linear) for m in cross)

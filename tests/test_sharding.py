@@ -70,7 +70,8 @@ def test_weight_sharding_replicates_when_not_asked_or_fsdp_is_one():
   assert sharding.weight_sharding(_mesh(4, 2), (512, 256), False).spec == P()
   assert sharding.weight_sharding(_mesh(8, 1), (512, 256), True).spec == P()
   assert sharding.weight_sharding(_mesh(2, 4), (6, BIG // 2), True).spec == P(None, "fsdp")
-  assert sharding.weight_sharding(_mesh(2, 4), (BIG // 2 + 2, 6), True).spec == P()  # 4 divides neither
+  # fsdp=4 divides neither axis
+  assert sharding.weight_sharding(_mesh(2, 4), (BIG // 2 + 2, 6), True).spec == P()
 
 
 def test_tree_shardings_follows_the_tree_of_shape_dtype_structs():

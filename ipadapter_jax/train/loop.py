@@ -67,9 +67,11 @@ class StepOutputs:
     self.check(last_checkpoint)
     now = time.perf_counter()
     steps = [step for step, _ in self.values]
+    with jax.transfer_guard("allow"):  # optax evaluates the schedule as a small jax computation
+      learning_rate = float(self.lr_schedule(steps[-1] - 1))
     summary = {"loss": float(np.mean([out["loss"] for _, out in self.values])),
                "grad_norm": float(np.mean([out["grad_norm"] for _, out in self.values])),
-               "learning_rate": float(self.lr_schedule(steps[-1] - 1)),
+               "learning_rate": learning_rate,
                "examples_per_second": len(steps) * self.batch_size / (now - self.tick)}
     self.values, self.tick = [], now
     return summary

@@ -115,7 +115,7 @@ def test_sdxl_folder(tmp_path):
   assert sd.is_sdxl and sd.text_encoder_2.text_projection is not None
   ids = jnp.asarray(tokenize(sd.tokenizer_2, ["a blue square"]))
   with torch.no_grad():
-    expected = pipe.text_encoder_2(torch.from_numpy(np.asarray(ids)).long()).text_embeds.numpy()
+    expected = pipe.text_encoder_2(torch.from_numpy(np.array(ids)).long()).text_embeds.numpy()
   ref.assert_close(sd.text_encoder_2(ids).text_embeds, expected)
 
 

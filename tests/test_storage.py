@@ -359,29 +359,6 @@ def test_orbax_checkpoints_on_gcs(gcs_emulator):
   assert _nothing_local()
 
 
-def test_adapter_checkpoint_on_gcs(gcs_emulator, tiny_world):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.models.layers import AdapterParam  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights import load_unet  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights.adapter_checkpoint import (  # pylint: disable=import-outside-toplevel
-      CONFIG_NAME, abstract_unet_for, adapter_arrays, load_adapter_checkpoint,
-      save_adapter_checkpoint)
-  model = load_unet(str(tiny_world / "sd"),
-                    ip_adapter=str(tiny_world / "adapter" / "ip-adapter.safetensors"))
-  expected = {k: np.asarray(v) for k, v in adapter_arrays(model).items()}
-  directory = "gs://bucket/adapter"
-  save_adapter_checkpoint(model, directory)
-  save_adapter_checkpoint(model, directory)  # replacing a checkpoint works too
-  assert storage.listdir(directory) == ["adapter", CONFIG_NAME]
-  assert abstract_unet_for(directory).adapter_config == model.adapter_config
-  for _, variable in nnx.to_flat_state(nnx.state(model, AdapterParam)):
-    variable.set_value(variable.get_value() * 0)
-  load_adapter_checkpoint(model, directory)
-  for key, value in adapter_arrays(model).items():
-    np.testing.assert_array_equal(np.asarray(value), expected[key], err_msg=key)
-  assert _nothing_local()
-
-
 def test_training_run_writes_every_output_through_storage(gcs_emulator, tiny_world, tiny_dataset):
   from ipadapter_jax.train.loop import train  # pylint: disable=import-outside-toplevel
   from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel

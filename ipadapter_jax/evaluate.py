@@ -22,7 +22,6 @@ import os
 import sys
 from typing import NamedTuple, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

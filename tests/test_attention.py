@@ -3,7 +3,6 @@
 import numpy as np
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import pytest
 from flax import nnx
 

@@ -1,4 +1,4 @@
-r"""Toy world, stage 2: the text-to-image base model, a pixel-space UNet (no VAE: 16x16 RGB is
+r"""Toy world, pretraining stage 2: the text-to-image base model, a pixel-space UNet (no VAE: 16x16 RGB is
 small enough) conditioned on the toy CLIP's text tower, trained from scratch.
 
   python train.py --config configs/toy_base.py --workdir runs/toy/base

@@ -33,7 +33,7 @@ from ipadapter_jax.tokenizer import tokenize
 CLIPSCORE_WEIGHT = 2.5
 
 
-def _to_uint8(images) -> list[np.ndarray]:
+def to_uint8(images) -> list[np.ndarray]:
   """Float images in [0, 1] (as the pipeline returns them) or uint8 images -> uint8 arrays."""
   out = []
   for image in images:
@@ -61,7 +61,7 @@ def _normalise(x):
 
 def image_embeddings(encoder, processor: CLIPImageConfig, images) -> np.ndarray:
   """L2-normalised CLIP image embeddings [N, P] of PIL images or arrays."""
-  return _normalise(_image_embeds(encoder, jnp.asarray(clip_pixels(_to_uint8(images), processor))))
+  return _normalise(_image_embeds(encoder, jnp.asarray(clip_pixels(to_uint8(images), processor))))
 
 
 def text_embeddings(encoder, tokenizer, captions: Sequence[str]) -> np.ndarray:
@@ -92,13 +92,40 @@ def clip_t(image_encoder, processor: CLIPImageConfig, text_encoder, tokenizer, g
                          text_embeddings(text_encoder, tokenizer, captions))
 
 
+def attribute_matches(generated, targets: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Toy world: per generated image, whether its shape colour / shape class (read from the
+  pixels by `shapes.judge`, no trained model) equals the target's ({"colour", "shape"} bools)."""
+  judged = [shapes.judge(image) for image in to_uint8(generated)]
+  return {key: np.array([j[key] == t[key] for j, t in zip(judged, targets)])
+          for key in ("colour", "shape")}
+
+
 def attribute_scores(generated, targets: Sequence[dict]) -> dict[str, float]:
-  """Toy world: the fraction of generated images whose shape colour / shape class (read from
-  the pixels by `shapes.judge`, no trained model) equals the target's."""
-  judged = [shapes.judge(image) for image in _to_uint8(generated)]
-  colour = np.mean([j["colour"] == t["colour"] for j, t in zip(judged, targets)])
-  shape = np.mean([j["shape"] == t["shape"] for j, t in zip(judged, targets)])
-  return {"colour_match": float(colour), "shape_match": float(shape)}
+  """The fractions of `attribute_matches`: {"colour_match", "shape_match"}."""
+  matches = attribute_matches(generated, targets)
+  return {f"{key}_match": float(np.mean(hits)) for key, hits in matches.items()}
+
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+  """The Wilson score interval of a binomial rate (95% by default): unlike the normal
+  approximation it stays inside [0, 1] and is honest at rates near 0 or 1."""
+  if n <= 0:
+    raise ValueError(f"a rate needs at least one trial, got n={n}")
+  p = successes / n
+  denominator = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denominator
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+  return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def rate(hits) -> dict:
+  """{"rate", "ci95", "n"} of a boolean array: the fraction and its Wilson interval."""
+  hits = np.asarray(hits, bool)
+  return {"rate": float(hits.mean()), "ci95": list(wilson_interval(int(hits.sum()), hits.size)),
+          "n": int(hits.size)}
 
 
 class CLIPScorer(NamedTuple):
@@ -167,14 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(args) -> dict:
-  """Evaluates as `args` say; returns (and writes) the scores and settings."""
+def load_annotated_images(annotations: str, limit: int | None = None,
+                          data_root: str | None = None) -> tuple[list, list[dict]]:
+  """(PIL images, records) of the first `limit` records of a COCO-style annotation file
+  (`{image_file, text}` per record; paths relative to `data_root`, by default the file's
+  folder). A missing or unreadable image is a ValueError naming it."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.data.image_text import read_annotations  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
-  records = read_annotations(args.annotations)[:args.limit]
-  root = args.data_root or os.path.dirname(os.path.abspath(args.annotations))
+  records = read_annotations(annotations)[:limit]
+  root = data_root or os.path.dirname(os.path.abspath(annotations))
   images = []
   for record in records:
     path = os.path.join(root, record["image_file"])
@@ -182,6 +210,14 @@ def run(args) -> dict:
       images.append(Image.open(path).convert("RGB"))
     except OSError as e:
       raise ValueError(f"{path}: not a readable image ({e})") from None
+  return images, records
+
+
+def run(args) -> dict:
+  """Evaluates as `args` say; returns (and writes) the scores and settings."""
+  from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
+  images, records = load_annotated_images(args.annotations, args.limit, args.data_root)
   captions = [record["text"] for record in records]
   pipe = IPAdapterPipeline(load_stable_diffusion(args.pretrained, image_encoder=args.image_encoder,
                                                  ip_adapter=args.ip_adapter))

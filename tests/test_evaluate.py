@@ -1,6 +1,7 @@
 """CLIP-I / CLIP-T against transformers' CLIPModel, and the toy attribute scores."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -73,3 +74,15 @@ def test_attribute_scores_use_pixels_only():
   assert evaluate.attribute_scores(images, targets) == {"colour_match": 1.0, "shape_match": 1.0}
   wrong = [{"colour": "none", "shape": ex.shape} for ex in examples]
   assert evaluate.attribute_scores(images, wrong) == {"colour_match": 0.0, "shape_match": 1.0}
+
+
+@pytest.mark.parametrize("successes,n", [(5, 10), (0, 10), (10, 10), (81, 263), (370, 384)])
+def test_wilson_interval_matches_scipy(successes, n):
+  from scipy.stats import binomtest
+  expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+  lo, hi = evaluate.wilson_interval(successes, n)
+  assert (lo, hi) == pytest.approx((expected.low, expected.high), abs=1e-9)
+  r = evaluate.rate([True] * successes + [False] * (n - successes))
+  assert r == {"rate": successes / n, "ci95": [lo, hi], "n": n}
+  with pytest.raises(ValueError, match="at least one trial"):
+    evaluate.wilson_interval(0, 0)

@@ -1,5 +1,6 @@
 """Every notebook runs headless on the toy world; its checks hold, its words match its numbers."""
 
+import ast
 import json
 import os
 import re
@@ -9,13 +10,15 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from ipadapter_jax import evaluate, toy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Parameters that replace the notebooks' defaults. 48 adapter steps logged every 4 give the
 # notebooks' loss check 12 values to compare (it judges from 8 on); over the toy warm-up the
-# loss falls by about 15% in that time.
+# loss falls by about 15% in that time. Two seeds per setting keep it short and still aggregate.
 SMALL = {
-    "token_ablation": {"TOKENS": [1, 4], "NUM_STEPS": 48, "LOG_EVERY": 4},
-    "decoupled_vs_simple": {"NUM_STEPS": 48, "LOG_EVERY": 4},
+    "token_ablation": {"TOKENS": [1, 4], "SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
+    "decoupled_vs_simple": {"SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
     "weights_roundtrip": {"STEPS": 5},
 }
 
@@ -29,7 +32,8 @@ def _with_parameters(book, values: dict):
 
 def _losses(stage_dir: str) -> np.ndarray:
   with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-    return np.array([json.loads(line)["loss"] for line in f])
+    rows = [json.loads(line) for line in f]
+  return np.array([r["loss"] for r in rows if "loss" in r])  # not the validation lines
 
 
 def _assert_the_loss_check_compared(stage_dir: str):
@@ -38,64 +42,178 @@ def _assert_the_loss_check_compared(stage_dir: str):
   assert len(loss) >= 8, f"{stage_dir}: {len(loss)} logged losses, too few to judge"
 
 
-def _pct(x: float) -> str:
-  return f"{x:.0%}"
+def _assert_seeded_runs(stage_dirs: dict, overrides: dict):
+  """Every seed's run exists, was trained with its seed (and `overrides`), and the seeds gave
+  different runs."""
+  curves = {}
+  for seed, stage_dir in stage_dirs.items():
+    _assert_the_loss_check_compared(stage_dir)
+    with open(os.path.join(stage_dir, "stage.json")) as f:
+      recorded = json.load(f)["overrides"]
+    assert recorded["seed"] == seed, (stage_dir, recorded)
+    assert all(recorded.get(k) == v for k, v in overrides.items()), (stage_dir, recorded)
+    curves[seed] = tuple(_losses(stage_dir))
+  assert len(set(curves.values())) == len(curves), f"seeds gave identical runs: {stage_dirs}"
+
+
+# The notebooks' summary of a setting over its seeds, recomputed here from their per-seed rows.
+LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "colour_asked": "colour = asked",
+          "colour_of_image": "colour = image", "shape_of_image": "shape = image"}
+SEPARATES = "What separates (both the 95% intervals and the seed ranges apart):"
+
+
+def _over_seeds(measures: list) -> dict:
+  """mean of the per-seed values, their [min, max], and the 95% interval: for rates Wilson on
+  the hits pooled over the seeds; for CLIP scores mean +- sqrt(mean(half-width^2) / seeds)."""
+  if "rate" in measures[0]:
+    values = [m["rate"] for m in measures]
+    hits = sum(round(m["rate"] * m["n"]) for m in measures)
+    ci95 = list(evaluate.wilson_interval(hits, sum(m["n"] for m in measures)))
+  else:
+    values = [m["mean"] for m in measures]
+    mean = float(np.mean(values))
+    halves = np.array([(m["ci95"][1] - m["ci95"][0]) / 2 for m in measures])
+    half = float(np.sqrt(np.mean(halves ** 2) / len(measures)))
+    ci95 = [mean - half, mean + half]
+  return {"mean": float(np.mean(values)), "ci95": ci95, "range": [min(values), max(values)]}
+
+
+def _assert_same_aggregate(saved: dict, expected: dict, where: str):
+  for key in ("mean", "ci95", "range"):
+    np.testing.assert_allclose(saved[key], expected[key], rtol=1e-9, atol=1e-12,
+                               err_msg=f"{where}: {key}")
+
+
+def _fmt(key: str, x: float) -> str:
+  return f"{x:.3f}" if key.startswith("clip") else f"{x:.1%}"
+
+
+def _cell(key: str, a: dict) -> str:
+  f = lambda x: _fmt(key, x)
+  (low, high), (least, most) = a["ci95"], a["range"]
+  return f"{f(a['mean'])} [{f(low)}, {f(high)}] ({f(least)}-{f(most)})"
+
+
+def _higher(a: dict, b: dict):
+  """'a' or 'b' where that one's interval and seed range both lie above the other's, else None."""
+  for name, (x, y) in (("a", (a, b)), ("b", (b, a))):
+    if x["ci95"][0] > y["ci95"][1] and x["range"][0] > y["range"][1]:
+      return name
+  return None
+
+
+def _why_not(pairs: list) -> str:
+  overlap = lambda p, q: p[0] <= q[1] and q[0] <= p[1]
+  intervals = all(overlap(a["ci95"], b["ci95"]) for a, b in pairs)
+  ranges = all(overlap(a["range"], b["range"]) for a, b in pairs)
+  return ("intervals and seed ranges overlap" if intervals and ranges else
+          "intervals overlap" if intervals else "seed ranges overlap" if ranges else
+          "intervals or seed ranges overlap")
+
+
+def _conclusions(printed: str) -> list[str]:
+  """The lines after the notebook's conclusions header (its last output)."""
+  lines = printed.splitlines()
+  assert lines.count(SEPARATES) == 1, printed
+  return lines[lines.index(SEPARATES) + 1:]
+
+
+def _per_seed_rows(by_seed: dict, seeds: list, where: str) -> list:
+  assert sorted(by_seed) == sorted(str(s) for s in seeds), f"{where}: seeds {sorted(by_seed)}"
+  rows = [by_seed[str(s)] for s in seeds]
+  for row in rows:
+    assert row["clip_i"]["n"] == toy.QUICK.eval_images, (where, row)
+  return rows
 
 
 def _check_decoupled_vs_simple(workdir: str, printed: str):
-  for stage in ("tokens_4", "simple_4"):
-    _assert_the_loss_check_compared(os.path.join(workdir, "ablation", stage))
-  with open(os.path.join(workdir, "ablation", "decoupled_vs_simple.json")) as f:
+  seeds = SMALL["decoupled_vs_simple"]["SEEDS"]
+  ablation = os.path.join(workdir, "ablation")
+  for attention in ("decoupled", "simple"):
+    _assert_seeded_runs({s: os.path.join(ablation, f"{attention}_4_seed{s}") for s in seeds},
+                        {"model.adapter.num_tokens": 4})
+  with open(os.path.join(ablation, "decoupled_vs_simple.json")) as f:
     results = json.load(f)
+  assert results["seeds"] == seeds
+  settings = ("image only", "image + text")
+  keys = ["clip_i", "clip_t", "colour_asked", "colour_of_image", "shape_of_image"]
+  agg = {}
+  for attention in ("decoupled", "simple"):
+    assert list(results["per_seed"][attention]) == list(settings)
+    for setting in settings:
+      where = f"{attention}, {setting}"
+      rows = _per_seed_rows(results["per_seed"][attention][setting], seeds, where)
+      agg[attention, setting] = {k: _over_seeds([r[k] for r in rows]) for k in keys}
+      for k in keys:
+        _assert_same_aggregate(results["aggregate"][attention][setting][k],
+                               agg[attention, setting][k], f"{where}, {k}")
   lines = printed.splitlines()
   table = [line for line in lines if line.startswith(("| decoupled |", "| simple |"))]
-  assert table == [f"| {name} | {setting} | {r['clip_i']:.3f} | {r['clip_t']:.3f} | "
-                   f"{_pct(r['colour_asked'])} | {_pct(r['colour_of_image'])} | "
-                   f"{_pct(r['shape_of_image'])} |"
-                   for name in ("decoupled", "simple") for setting, r in results[name].items()]
-  verdicts = [line for line in lines if " ahead by " in line]
+  assert table == [f"| {attention} | {setting} | "
+                   + " | ".join(_cell(k, agg[attention, setting][k]) for k in keys) + " |"
+                   for attention in ("decoupled", "simple") for setting in settings]
   expected = []
-  for setting in ("image only", "image + text"):
-    for key, label in (("clip_i", "CLIP-I"), ("colour_asked", "colour match"),
-                       ("shape_of_image", "shape match")):
-      d, s = results["decoupled"][setting][key], results["simple"][setting][key]
-      winner = "decoupled" if d > s else "simple" if s > d else "neither"
-      expected.append(f"{setting}, {label}: decoupled {d:.3f} vs simple {s:.3f} -> {winner} "
-                      f"ahead by {abs(d - s):.3f}")
-  assert verdicts == expected
-  assert os.path.isfile(os.path.join(workdir, "ablation", "decoupled_vs_simple.png"))
+  for setting in settings:
+    for key in keys:
+      if setting == "image only" and key == "colour_asked":
+        continue  # the colour asked is the image's
+      d, s = agg["decoupled", setting][key], agg["simple", setting][key]
+      higher = _higher(d, s)
+      label = f"{setting}, {LABELS[key]}"
+      if higher is None:
+        expected.append(f"{label}: decoupled and simple do not separate ({_why_not([(d, s)])}).")
+      else:
+        (hi, h), (lo, l) = ((("decoupled", d), ("simple", s)) if higher == "a" else
+                            (("simple", s), ("decoupled", d)))
+        expected.append(f"{label}: {hi} above {lo} ({_fmt(key, h['mean'])} vs "
+                        f"{_fmt(key, l['mean'])}).")
+  assert _conclusions(printed) == expected, printed
+  assert os.path.isfile(os.path.join(ablation, "decoupled_vs_simple.png"))
 
 
 def _check_token_ablation(workdir: str, printed: str):
-  tokens = SMALL["token_ablation"]["TOKENS"]
+  tokens, seeds = SMALL["token_ablation"]["TOKENS"], SMALL["token_ablation"]["SEEDS"]
+  ablation = os.path.join(workdir, "ablation")
+  final = {}
   for n in tokens:
-    _assert_the_loss_check_compared(os.path.join(workdir, "ablation", f"tokens_{n}"))
-  with open(os.path.join(workdir, "ablation", "tokens.json")) as f:
-    rows = {int(n): r["image only"] for n, r in json.load(f).items()}
-  assert sorted(rows) == tokens
-  final = {n: _losses(os.path.join(workdir, "ablation", f"tokens_{n}"))[-4:].mean() for n in tokens}
-  metrics = [("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("colour_of_image", "colour = image"),
-             ("shape_of_image", "shape = image")]
+    stages = {s: os.path.join(ablation, f"tokens_{n}_seed{s}") for s in seeds}
+    _assert_seeded_runs(stages, {"model.adapter.num_tokens": n})
+    per_run = [float(_losses(stages[s])[-4:].mean()) for s in seeds]
+    final[n] = (float(np.mean(per_run)), min(per_run), max(per_run))
+  with open(os.path.join(ablation, "tokens.json")) as f:
+    results = json.load(f)
+  assert results["tokens"] == tokens and results["seeds"] == seeds
+  assert sorted(results["per_seed"]) == sorted(str(n) for n in tokens)
+  keys = ["clip_i", "clip_t", "colour_of_image", "shape_of_image"]
+  agg = {}
+  for n in tokens:
+    rows = _per_seed_rows(results["per_seed"][str(n)], seeds, f"N={n}")
+    agg[n] = {k: _over_seeds([r[k] for r in rows]) for k in keys}
+    for k in keys:
+      _assert_same_aggregate(results["aggregate"][str(n)][k], agg[n][k], f"N={n}, {k}")
   lines = printed.splitlines()
   table = [line for line in lines if re.match(r"\| \d+ \|", line)]
-  assert table == [f"| {n} | " + " | ".join(
-      f"{rows[n][k]:.3f}" if k.startswith("clip") else _pct(rows[n][k]) for k, _ in metrics)
-      + f" | {final[n]:.4f} |" for n in tokens]
+  assert table == [f"| {n} | " + " | ".join(_cell(k, agg[n][k]) for k in keys)
+                   + f" | {final[n][0]:.4f} ({final[n][1]:.4f}-{final[n][2]:.4f}) |"
+                   for n in tokens]
+  pairs = [(a, b) for i, a in enumerate(tokens) for b in tokens[i + 1:]]
   expected = []
-  for key, label in metrics:
-    values = [rows[n][key] for n in tokens]
-    best = tokens[values.index(max(values))]  # the first of equal maxima
-    expected.append(f"{label}: best at N={best} ({max(values):.3f}); range {min(values):.3f}-"
-                    f"{max(values):.3f} over N.")
-  expected.append(f"Final training loss ranges {min(final.values()):.4f}-"
-                  f"{max(final.values()):.4f}; lowest at N={min(final, key=final.get)}.")
-  spread = max(r["clip_i"] for r in rows.values()) - min(r["clip_i"] for r in rows.values())
-  expected.append("CLIP-I barely moves with N here" if spread < 0.02 else
-                  f"CLIP-I changes by {spread:.3f} across N: the number of tokens matters here.")
-  assert expected[0] in lines, printed
-  conclusions = lines[lines.index(expected[0]):]
-  assert conclusions[:-1] == expected[:-1] and conclusions[-1].startswith(expected[-1])
-  assert os.path.isfile(os.path.join(workdir, "ablation", "tokens.png"))
+  for key in keys:
+    found = []
+    for a, b in pairs:
+      higher = _higher(agg[a][key], agg[b][key])
+      if higher is not None:
+        hi, lo = (a, b) if higher == "a" else (b, a)
+        found.append(f"N={hi} above N={lo} ({_fmt(key, agg[hi][key]['mean'])} vs "
+                     f"{_fmt(key, agg[lo][key]['mean'])})")
+    if found:
+      expected.append(f"{LABELS[key]}: " + "; ".join(found) + f" ({len(found)} of {len(pairs)} "
+                      "pairs).")
+    else:
+      reason = _why_not([(agg[a][key], agg[b][key]) for a, b in pairs])
+      expected.append(f"{LABELS[key]}: no two N separate ({reason}).")
+  assert _conclusions(printed) == expected, printed
+  assert os.path.isfile(os.path.join(ablation, "tokens.png"))
 
 
 def _check_weights_roundtrip(workdir: str, printed: str):
@@ -107,6 +225,57 @@ def _check_weights_roundtrip(workdir: str, printed: str):
   # float32 on both sides: measured 1.3e-6 over 5 DDIM steps (the notebook itself allows 1e-4)
   assert 0 <= mean <= largest <= 1e-5, (largest, mean)
   assert os.path.isfile(os.path.join(workdir, "roundtrip", "side_by_side.png"))
+
+
+def _notebook_helpers(name: str) -> dict:
+  """The functions of a notebook's aggregation cell (the one defining `separation`)."""
+  book = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
+  source = next(c.source for c in book.cells
+                if c.cell_type == "code" and "def separation" in c.source)
+  namespace = {"np": np, "evaluate": evaluate}
+  for node in ast.parse(source).body:
+    if isinstance(node, ast.FunctionDef):
+      exec(compile(ast.Module([node], []), name, "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+@pytest.mark.parametrize("name", ["decoupled_vs_simple", "token_ablation"])
+def test_separation_rule(name):
+  """The notebooks' aggregation and separation on made-up seeds, where the answer is known:
+  a pair separates only where both its intervals and its seed ranges are apart."""
+  h = _notebook_helpers(name)
+  clip = lambda mean, half: {"mean": mean, "ci95": [mean - half, mean + half], "n": 100}
+  both = lambda a, b: (h["combine"]([clip(m, half) for m in a]),
+                       h["combine"]([clip(m, half) for m in b]))
+  half = 0.01
+  high, low = both([0.60, 0.62], [0.50, 0.52])
+  for agg, seeds in ((high, [0.60, 0.62]), (low, [0.50, 0.52])):
+    _assert_same_aggregate(agg, _over_seeds([clip(m, half) for m in seeds]), name)
+  np.testing.assert_allclose(high["ci95"], [0.61 - half / np.sqrt(2), 0.61 + half / np.sqrt(2)])
+  assert h["separation"](high, low) == 1 and h["separation"](low, high) == -1
+  assert h["summary"]("clip_i", high) == _cell("clip_i", high) == \
+      "0.610 [0.603, 0.617] (0.600-0.620)"
+  half = 0.3  # seed ranges apart, intervals overlapping
+  high, low = both([0.60, 0.61], [0.50, 0.51])
+  assert h["separation"](high, low) == h["separation"](low, high) == 0
+  assert h["overlap_reason"]([(high, low)]) == _why_not([(high, low)]) == "intervals overlap"
+  half = 0.001  # intervals apart, seed ranges overlapping
+  high, low = both([0.45, 0.75], [0.40, 0.50])
+  assert h["separation"](high, low) == h["separation"](low, high) == 0
+  assert h["overlap_reason"]([(high, low)]) == "seed ranges overlap"
+  # rates: Wilson on the hits pooled over the seeds
+  seeds = [evaluate.rate([True] * 30 + [False] * 70), evaluate.rate([True] * 50 + [False] * 50)]
+  agg = h["combine"](seeds)
+  _assert_same_aggregate(agg, _over_seeds(seeds), name)
+  np.testing.assert_allclose(agg["ci95"], evaluate.wilson_interval(80, 200))
+  assert agg["mean"] == pytest.approx(0.4) and agg["range"] == [0.3, 0.5] and agg["n"] == 200
+  assert h["summary"]("shape_of_image", agg) == _cell("shape_of_image", agg)
+  # CLIP scores without intervals (the real world's) never separate
+  bare = lambda m: {"mean": m, "ci95": None, "n": 100}
+  a, b = h["combine"]([bare(0.9), bare(0.91)]), h["combine"]([bare(0.1), bare(0.11)])
+  assert a["ci95"] is None and h["separation"](a, b) == 0
+  assert h["overlap_reason"]([(a, b)]) == "no 95% intervals to compare"
+  assert h["summary"]("clip_i", a) == "0.905 (0.900-0.910)"
 
 
 CHECKS = {"decoupled_vs_simple": _check_decoupled_vs_simple,

@@ -80,3 +80,25 @@ def test_a_non_finite_loss_is_named_by_its_step():
   outputs.add(12, {"loss": jnp.float32(np.inf), "grad_norm": jnp.float32(1.0)})
   with pytest.raises(TrainingError, match=r"non-finite loss \(inf\) at step 12.*step 10\) is "):
     outputs.check(last_checkpoint=10)
+
+
+def test_ema_follows_diffusers_ema_model():
+  """Our train step's EMA equals diffusers' EMAModel (default warm-up (1 + s) / (10 + s),
+  capped) over a run's first updates and past the cap; a constant decay from the start would
+  keep 0.999 of the initial weights after one step."""
+  import torch
+  from diffusers.training_utils import EMAModel
+  from ipadapter_jax.train.step import ema_decay_at
+  rng = np.random.default_rng(0)
+  weights = [rng.standard_normal(5).astype(np.float32) for _ in range(40)]
+  param = torch.nn.Parameter(torch.tensor(weights[0]))
+  reference = EMAModel([param], decay=0.9)
+  ours = weights[0].astype(np.float64)
+  for step, w in enumerate(weights[1:]):  # `step` earlier updates
+    param.data = torch.tensor(w)
+    reference.step([param])
+    decay = float(ema_decay_at(step, 0.9))
+    assert decay == pytest.approx(reference.cur_decay_value, abs=1e-7), step
+    ours = decay * ours + (1 - decay) * w
+  np.testing.assert_allclose(ours, reference.shadow_params[0].numpy(), rtol=1e-5, atol=1e-6)
+  assert float(ema_decay_at(0, 0.9)) == 0.0 and float(ema_decay_at(1000, 0.9)) == 0.9

@@ -28,56 +28,146 @@ def world(quick_toy_world):
   return quick_toy_world
 
 
+SETTINGS = ["base", "base", "adapter", "adapter", "full fine-tune",
+            "community model + the same adapter"]
+
+
 def test_every_stage_runs_and_reports(world, capsys):
   workdir, result = world
   with open(os.path.join(workdir, "eval.json")) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(result))
-  assert [r["setting"].split(",")[0] for r in saved["rows"]] == ["base", "base", "adapter",
-                                                                  "adapter"]
+  assert [r["setting"].split(",")[0] for r in saved["rows"]] == SETTINGS
   count, zoom, size = 8, 4, toy.VISION_CONFIG["image_size"]
   grid = Image.open(os.path.join(workdir, "grid.png"))
-  assert grid.size == (count * size * zoom, 4 * size * zoom)  # prompt, text, image, image + text
+  assert grid.size == (count * size * zoom, len(SETTINGS) * size * zoom)  # prompt + settings
   _assert_scores_are_the_grids(workdir, saved["rows"], np.asarray(grid)[::zoom, ::zoom], size)
-  for stage in ("clip", "base", "adapter"):  # every stage logged its losses, all finite
+  for stage in ("adapter", "finetune"):  # every stage logged its losses, all finite
     with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
-      losses = [json.loads(line)["loss"] for line in f]
+      losses = [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
     assert losses and np.all(np.isfinite(losses)), stage
+  p = saved["parameters"]
+  assert 0 < p["adapter"] < p["full fine-tune"] and saved["training"]["finetune"]["steps"] == 10
+  measured = {(c["claim"][:2], c["measure"]) for c in saved["claims"]}
+  assert {claim for claim, _ in measured} >= {"1.", "2.", "3.", "4."}
 
   exports = {p: os.path.getmtime(os.path.join(workdir, p))
-             for p in ("clip/clip", "base/pipeline", "adapter/ip_adapter.safetensors")}
+             for p in ("adapter/ip_adapter.safetensors", "finetune/pipeline")}
   capsys.readouterr()
   toy.run(workdir, quick=True)  # a rerun reuses every finished stage
   err = capsys.readouterr().err
-  assert err.count("reusing") == 3
+  assert err.count("reusing") == 2
   assert exports == {p: os.path.getmtime(os.path.join(workdir, p)) for p in exports}
 
 
 def _assert_scores_are_the_grids(workdir, rows, grid, size):
-  """eval.json's rows equal the scores of the images grid.png shows (the same uint8 pixels)."""
+  """eval.json's rows equal the scores of the images grid.png shows (the same uint8 pixels),
+  and each rate's interval is the Wilson interval of its count."""
   ps = toy.PromptSet.make(toy.QUICK.eval_images)
-  cells = [[grid[r * size:(r + 1) * size, c * size:(c + 1) * size]
-            for c in range(len(ps.examples))] for r in range(4)]
+  n = len(ps.examples)
+  cells = [[grid[r * size:(r + 1) * size, c * size:(c + 1) * size] for c in range(n)]
+           for r in range(len(SETTINGS))]
   np.testing.assert_array_equal(np.stack(cells[0]), np.stack([np.asarray(i) for i in ps.images]))
-  scorer = evaluate.CLIPScorer.load(os.path.join(workdir, "clip", "clip"))
+  scorer = evaluate.CLIPScorer.load(toy.shipped_weights()["clip"])
   own = [ex.colour for ex in ps.examples]
   mixed = [f"a {c} shape" for c in ps.other_colours]
-  # grid rows 1-3: base text only, adapter image only, adapter image + another colour in text
-  for images, row, asked, captions in zip(cells[1:], rows[1:], (own, own, ps.other_colours),
-                                          (ps.captions, ps.captions, mixed)):
+  # grid rows 1-5: base text only, adapter image only, adapter image + another colour in text,
+  # full fine-tune image only, community model + adapter image only
+  asked_colours = (own, own, ps.other_colours, own, own)
+  clip_captions = (ps.captions, ps.captions, mixed, ps.captions, ps.captions)
+  for images, row, asked, captions in zip(cells[1:], rows[1:], asked_colours, clip_captions):
     scores = scorer.score(images, ps.images, captions)
-    assert abs(scores["clip_i"] - row["clip_i"]) <= 1e-5, (row, scores)
-    assert abs(scores["clip_t"] - row["clip_t"]) <= 1e-5, (row, scores)
+    assert abs(scores["clip_i"] - row["clip_i"]["mean"]) <= 1e-5, (row, scores)
+    assert abs(scores["clip_t"] - row["clip_t"]["mean"]) <= 1e-5, (row, scores)
     judged = [shapes.judge(image) for image in images]
-    assert row["colour_asked"] == np.mean([j["colour"] == c for j, c in zip(judged, asked)]), row
-    assert row["colour_of_image"] == np.mean([j["colour"] == c for j, c in zip(judged, own)]), row
-    assert row["shape_of_image"] == np.mean([j["shape"] == ex.shape
-                                             for j, ex in zip(judged, ps.examples)]), row
+    hits = {"colour_asked": [j["colour"] == c for j, c in zip(judged, asked)],
+            "colour_of_image": [j["colour"] == c for j, c in zip(judged, own)],
+            "shape_of_image": [j["shape"] == ex.shape for j, ex in zip(judged, ps.examples)],
+            "community_background": [j["background"] in shapes.WORLDS["community"]
+                                     for j in judged]}
+    for key, h in hits.items():
+      lo, hi = evaluate.wilson_interval(sum(h), n)
+      assert row[key] == {"rate": np.mean(h), "ci95": [lo, hi], "n": n}, (key, row)
 
 
-def test_toy_clip_is_a_transformers_clip_model(world):
+def test_validation_scores_what_the_run_exports(world):
+  """The adapter stage's last validation line equals the held-out images sampled again with
+  the exported adapter and scored independently."""
   workdir, _ = world
-  folder = os.path.join(workdir, "clip", "clip")
+  with open(os.path.join(workdir, "adapter", "metrics.jsonl")) as f:
+    evals = [json.loads(line) for line in f if "eval/clip_i" in line]
+  assert [e["step"] for e in evals] == [10]  # eval_every > the run's steps: at its end only
+  with open(os.path.join(workdir, "data", "heldout", "data.json")) as f:
+    records = json.load(f)[:toy.QUICK.validation_images]
+  images = [Image.open(os.path.join(workdir, "data", "heldout", r["image_file"])).convert("RGB")
+            for r in records]
+  weights = toy.shipped_weights()
+  pipe = IPAdapterPipeline(load_stable_diffusion(
+      weights["base"], image_encoder=weights["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
+  generated = evaluate.generate(pipe, [""] * len(records), images, batch_size=len(records),
+                                seed=0, num_inference_steps=toy.QUICK.sampling_steps,
+                                guidance_scale=3.0, height=16, width=16)
+  scores = evaluate.CLIPScorer.load(weights["clip"]).score(
+      generated, images, [r["text"] for r in records])
+  matches = evaluate.attribute_matches(generated, records)
+  assert abs(evals[-1]["eval/clip_i"] - scores["clip_i"]) <= 1e-5, (evals, scores)
+  assert abs(evals[-1]["eval/clip_t"] - scores["clip_t"]) <= 1e-5, (evals, scores)
+  assert evals[-1]["eval/colour"] == np.mean(matches["colour"])
+  assert evals[-1]["eval/shape"] == np.mean(matches["shape"])
+
+
+def test_shipped_weights_match_their_manifest(tmp_path):
+  """The pretrained toy weights in the package are exactly those MANIFEST.json lists and
+  describes; a changed, missing or extra file is refused by name."""
+  folders = toy.shipped_weights()
+  assert sorted(folders) == ["base", "clip", "community"]
+  with open(os.path.join(toy.SHIPPED, toy.MANIFEST)) as f:
+    manifest = json.load(f)
+  assert manifest["command"] == "python -m ipadapter_jax.toy pretrain"
+  for stage in ("clip", "base", "community"):
+    record = manifest["stages"][stage]
+    assert record["steps"] > 0 and record["seconds"] > 0 and np.isfinite(record["final_loss"])
+  assert "eval/shape" in manifest["stages"]["base"]["validation"]
+  for name in ("base", "community"):  # each loads, here and in diffusers
+    sd = load_stable_diffusion(folders[name])
+    assert sd.unet is not None and sd.vae is None
+    UNet2DConditionModel.from_pretrained(folders[name], subfolder="unet")
+  CLIPModel.from_pretrained(folders["clip"])
+
+  copy = tmp_path / "weights"
+  import shutil
+  shutil.copytree(toy.SHIPPED, copy)
+  weights = copy / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-1] ^= 1
+  weights.write_bytes(bytes(data))
+  with pytest.raises(toy.CheckpointError, match="diffusion_pytorch_model.safetensors: sha256"):
+    toy.shipped_weights(str(copy))
+  (copy / "extra.txt").write_text("x")
+  with pytest.raises(toy.CheckpointError, match="the files differ"):
+    toy.shipped_weights(str(copy))
+
+
+def test_pretrain_rebuilds_the_weights_from_nothing(tmp_path, capsys):
+  """`pretrain` trains the CLIP, the base and the community model, then ships them with a
+  manifest that `shipped_weights` accepts."""
+  out = str(tmp_path / "weights")
+  assert toy.main(["pretrain", "--quick", "--workdir", str(tmp_path / "run"), "--out", out]) == 0
+  folders = toy.shipped_weights(out)
+  with open(os.path.join(out, toy.MANIFEST)) as f:
+    manifest = json.load(f)
+  assert manifest["command"] == "python -m ipadapter_jax.toy pretrain --quick"
+  assert [manifest["stages"][s]["steps"] for s in ("clip", "base", "community")] == [10] * 3
+  for stage in ("base", "community"):  # validated on their own world's held-out images
+    assert 0 <= manifest["stages"][stage]["validation"]["eval/colour"] <= 1
+  community = load_stable_diffusion(folders["community"])
+  assert community.tokenizer("a red circle on a pink background")["input_ids"][6] != \
+      community.tokenizer.unk_token_id  # the community world's words are in the vocabulary
+
+
+def test_toy_clip_is_a_transformers_clip_model():
+  folder = toy.shipped_weights()["clip"]
   model = CLIPModel.from_pretrained(folder).eval()
   processor = CLIPProcessor.from_pretrained(folder)
   images = [Image.fromarray(shapes.render(ex, 16)) for ex in toy.held_out(3)]
@@ -100,7 +190,7 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
   os.makedirs(os.path.dirname(out))
   assert convert.main(["to-official", os.path.join(workdir, "adapter"), "--out", out]) == 0
 
-  base = os.path.join(workdir, "base", "pipeline")
+  base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
   pipe = StableDiffusionPipeline(  # the toy base is pixel space; the VAE is never used here
       vae=AutoencoderKL(**ref.VAE_LIKE), unet=unet,
@@ -111,7 +201,7 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
   pipe.load_ip_adapter(str(tmp_path / "adapter"), subfolder="",
                        weight_name="toy_ip_adapter.safetensors", image_encoder_folder=None)
 
-  ours = load_stable_diffusion(base, image_encoder=os.path.join(workdir, "clip", "clip"),
+  ours = load_stable_diffusion(base, image_encoder=clip,
                                ip_adapter=out)
   g = torch.Generator().manual_seed(0)
   x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([900, 20])
@@ -130,8 +220,8 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
 def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   workdir, _ = world
   annotations = shapes.write_dataset(str(tmp_path / "prompts"), 3, seed=1, size=16,
-                                     full_captions=True)
-  base, clip = os.path.join(workdir, "base", "pipeline"), os.path.join(workdir, "clip", "clip")
+                                     full_captions=True)  # held-out shapes
+  base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   adapter = os.path.join(workdir, "adapter", "ip_adapter.safetensors")
   argv = ["--pretrained", base, "--image_encoder", clip, "--ip_adapter", adapter,
           "--clip", clip, "--annotations", annotations,

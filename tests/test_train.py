@@ -179,6 +179,15 @@ def test_bad_config_is_reported(tiny_world, tiny_dataset, tmp_path):
     with pytest.raises(TrainingError, match=message):
       validate(tiny_config(tiny_world, tiny_dataset, **{"model.init_adapter": official,
                                                         **overrides}), one)
+  for overrides, message in (
+      ({"eval_every": 5}, r"eval_every=5 needs eval_annotations"),
+      ({"eval_every": 5, "eval_annotations": "/nope.json", "eval_clip": "clip"},
+       r"eval_annotations: /nope.json does not exist"),
+      ({"eval_every": 5, "eval_annotations": official, "eval_clip": "clip", "eval_steps": 0},
+       r"eval_limit, eval_steps and eval_batch_size must be >= 1"),
+      ({"eval_every": 5, "model.trainable": "clip"}, r"the contrastive stage generates no images")):
+    with pytest.raises(TrainingError, match=message):
+      validate(tiny_config(tiny_world, tiny_dataset, **overrides), one)
   with pytest.raises(TrainingError, match=r"has num_tokens=4, the config asks for 8"):
     train(tiny_config(tiny_world, tiny_dataset, **{"model.init_adapter": official,
                                                    "model.adapter.num_tokens": 8}),

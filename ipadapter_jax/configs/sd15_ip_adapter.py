@@ -84,5 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample_prompts = ("", "best quality, high quality")
   c.sample_images = ()                     # image files for the periodic grids
   c.sample_steps = 30
+  c.eval_every = 0                         # validation every N steps (and at the end); 0 = off
+  c.eval_annotations = ""                  # held-out {image_file, text} records (JSON / JSONL)
+  c.eval_clip = ""                         # CLIPModel folder or hub id that scores them
+  c.eval_limit = 64                        # records used
+  c.eval_steps = 20                        # DDIM steps per validation image
+  c.eval_guidance_scale = 7.5
+  c.eval_batch_size = 16                   # images per compiled sampling call
   c.export_adapter = True                  # write the official-format adapter at the end
   return c

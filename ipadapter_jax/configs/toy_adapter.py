@@ -1,4 +1,4 @@
-r"""Toy world, stage 3: the IP-Adapter on the frozen toy base, with the toy CLIP's image tower.
+r"""Toy world: the IP-Adapter on the frozen, pretrained toy base, with the toy CLIP's image tower.
 
   python train.py --config configs/toy_adapter.py --workdir runs/toy/adapter
 Exports runs/toy/adapter/ip_adapter.safetensors in the official format.
@@ -12,8 +12,8 @@ from ipadapter_jax.configs import toy_world
 
 def get_config():
   c = toy_world.stage_config()
-  c.model.pretrained = f"{toy_world.WORKDIR}/base/pipeline"
-  c.model.image_encoder = f"{toy_world.WORKDIR}/clip/clip"
+  c.model.pretrained = f"{toy_world.SHIPPED}/base"
+  c.model.image_encoder = f"{toy_world.SHIPPED}/clip"
   c.model.trainable = "adapter"
   c.model.adapter.num_tokens = 4
   c.num_steps = 500
@@ -21,4 +21,5 @@ def get_config():
   c.dropout.image = 0.05
   c.dropout.text = 0.4
   c.dropout.both = 0.05
+  c.eval_every = 250       # the prompt image alone: does it come back?
   return c

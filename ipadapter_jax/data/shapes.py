@@ -21,7 +21,12 @@ COLOURS = {  # shape colours; the background palette below is disjoint from it
     "yellow": (235, 215, 50), "purple": (150, 60, 190), "orange": (245, 140, 30),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128),
-               "brown": (110, 75, 45)}
+               "brown": (110, 75, 45), "pink": (240, 175, 205), "navy": (25, 35, 95)}
+# Each world draws its backgrounds from its own part of the palette: the base model learns the
+# first, a "community model" fine-tuned from it the second (a shift like a real fine-tune's new
+# style); the toy CLIP sees both.
+WORLDS = {"base": ("white", "black", "grey", "brown"), "community": ("pink", "navy"),
+          "all": tuple(BACKGROUNDS)}
 WORDS = ("a", "an", "on", "background", "shape", *SHAPES, *COLOURS, *BACKGROUNDS)
 
 
@@ -68,12 +73,12 @@ def describe(ex: "Example") -> str:
   return _caption(FULL, ex.shape, ex.colour, ex.background)
 
 
-def example(seed: int, index: int, size: int = 32) -> Example:
-  """The attributes of example `index` of the dataset with `seed`."""
+def example(seed: int, index: int, size: int = 32, world: str = "base") -> Example:
+  """The attributes of example `index` of the dataset with `seed` in `world` (WORLDS)."""
   rng = np.random.default_rng([seed, index])
   shape = SHAPES[rng.integers(len(SHAPES))]
   colour = list(COLOURS)[rng.integers(len(COLOURS))]
-  background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+  background = WORLDS[world][rng.integers(len(WORLDS[world]))]
   radius = int(rng.integers(max(2, size * 6 // 32), max(3, size * 11 // 32) + 1))
   centre = tuple(int(c) for c in rng.integers(radius + 1, size - radius - 1, size=2))
   # A random subset of the attributes (possibly none) is named.
@@ -90,16 +95,18 @@ def render(ex: Example, size: int = 32) -> np.ndarray:
 
 
 def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32,
-                  full_captions: bool = False) -> str:
+                  full_captions: float = 0.0, world: str = "base") -> str:
   """Writes PNGs and the official annotation list `data.json`; returns the annotation path.
-  `full_captions` names every attribute in every caption instead of a random subset."""
+  `full_captions`: the fraction of the captions (True: all) that name every attribute instead
+  of the example's random subset."""
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   records = []
   for i in range(num_examples):
-    ex = example(seed, i, size)
+    ex = example(seed, i, size, world)
     name = f"images/{i:06d}.png"
     Image.fromarray(render(ex, size)).save(os.path.join(folder, name))
-    records.append({"image_file": name, "text": describe(ex) if full_captions else ex.caption,
+    full = np.random.default_rng([seed, i, 1]).random() < full_captions
+    records.append({"image_file": name, "text": describe(ex) if full else ex.caption,
                     "id": str(i),
                     "shape": ex.shape, "colour": ex.colour, "background": ex.background})
   path = os.path.join(folder, "data.json")

@@ -22,6 +22,7 @@ def _local_inputs(cfg):
   yield "model.image_encoder", cfg.model.image_encoder
   yield "model.init_adapter", cfg.model.init_adapter
   yield from ((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))
+  yield "eval_annotations", cfg.eval_annotations
 
 
 def validate(cfg, mesh):
@@ -49,6 +50,16 @@ def validate(cfg, mesh):
                     *((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))):
     if path and not os.path.exists(path):
       raise TrainingError(f"{key}: {path} does not exist")
+  if cfg.eval_every:
+    if m.trainable == "clip":
+      raise TrainingError("eval_every: the contrastive stage generates no images to validate")
+    for key in ("eval_annotations", "eval_clip"):
+      if not cfg[key]:
+        raise TrainingError(f"eval_every={cfg.eval_every} needs {key}")
+    if not os.path.exists(cfg.eval_annotations):
+      raise TrainingError(f"eval_annotations: {cfg.eval_annotations} does not exist")
+    if min(cfg.eval_limit, cfg.eval_steps, cfg.eval_batch_size) < 1:
+      raise TrainingError("eval_limit, eval_steps and eval_batch_size must be >= 1")
   if m.init_adapter and m.trainable not in ("adapter", "all"):
     raise TrainingError(f"model.init_adapter is set, but model.trainable={m.trainable!r} trains "
                         "no adapter")

@@ -16,12 +16,14 @@ from tqdm import tqdm
 
 from ipadapter_jax import storage
 from ipadapter_jax.data import input_pipeline
+from ipadapter_jax.pipeline import IPAdapterPipeline
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.checks import TrainingError, validate
 from ipadapter_jax.train.checkpoint import Checkpoints
 from ipadapter_jax.train.metrics import MetricsWriter
 from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.outputs import SampleGrids, export, write_run_files
+from ipadapter_jax.train.validation import Validation
 from ipadapter_jax.train.step import (init_state, make_optimizer, make_schedule, train_step,
                                       trainable_filter)
 from ipadapter_jax.weights.files import CheckpointError
@@ -131,8 +133,11 @@ def train(cfg, workdir: str) -> dict:
     state, data_state = checkpoints.restore(start, abstract)
     batches.set_state(data_state)
   metrics = MetricsWriter(workdir, resume_step=start)
-  samples = (SampleGrids(cfg, sd, workdir, metrics)
-             if cfg.sample_every and sd.unet is not None and jax.process_index() == 0 else None)
+  # Sample grids and validation share one pipeline, made on process 0 only.
+  reporting = sd.unet is not None and (cfg.sample_every or cfg.eval_every)
+  pipe = IPAdapterPipeline(sd) if reporting and jax.process_index() == 0 else None
+  samples = SampleGrids(cfg, pipe, workdir, metrics) if pipe and cfg.sample_every else None
+  validation = Validation(cfg, pipe) if pipe and cfg.eval_every else None
 
   # ----- Step function, compiled ahead of the loop -----------------------------------------
   key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=replicated)()  # on every host
@@ -169,12 +174,16 @@ def train(cfg, workdir: str) -> dict:
           outputs.check(checkpoints.latest_step())  # a non-finite state is never saved
           with jax.transfer_guard("allow"):
             checkpoints.save(step, state, batches.get_state(), force=True)
-        if cfg.sample_every and sd.unet is not None and (step % cfg.sample_every == 0 or last):
+        sample_now = reporting and _due(step, cfg.sample_every, last)
+        eval_now = reporting and _due(step, cfg.eval_every, last)
+        if sample_now or eval_now:
           outputs.check(checkpoints.latest_step())
           with jax.transfer_guard("allow"):
-            weights = _gather(state.params)  # every process joins the gather
-            if samples is not None:
+            weights = _gather(_exported(state))  # every process joins the gather
+            if samples is not None and sample_now:
               samples(step, weights)
+            if validation is not None and eval_now:
+              metrics.write(step, validation(weights))
         if stop["signal"]:
           break
         if not last:
@@ -191,10 +200,19 @@ def train(cfg, workdir: str) -> dict:
   summary = {"step": step, "loss": outputs.last_loss,
              "stopped_by_signal": stop["signal"] is not None}
   if step >= cfg.num_steps:
-    nnx.update(networks, _gather(state.ema if state.ema is not None else state.params))
+    nnx.update(networks, _gather(_exported(state)))
     if jax.process_index() == 0:
       summary["exported"] = export(cfg, sd, workdir)
   return summary
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+  return bool(every) and (step % every == 0 or last)
+
+
+def _exported(state):
+  """The weights a run exports, samples and validates: the EMA when there is one."""
+  return state.ema if state.ema is not None else state.params
 
 
 def _gather(tree):

@@ -53,12 +53,12 @@ def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
 
 class SampleGrids:
   """Periodic samples from fixed prompts (columns) and images (rows) with the run's current
-  weights: one pipeline and one compiled program for the whole run."""
+  weights: one pipeline (shared with the validation) and one compiled program for the run."""
 
-  def __init__(self, cfg, sd: StableDiffusion, workdir: str, metrics):
-    self.pipe = IPAdapterPipeline(sd)
+  def __init__(self, cfg, pipe: IPAdapterPipeline, workdir: str, metrics):
+    self.pipe = pipe
     self.images = ([Image.open(p) for p in cfg.sample_images]
-                   if sd.unet.image_proj is not None else [])
+                   if pipe.models.unet.image_proj is not None else [])
     self.prompts = list(cfg.sample_prompts)
     self.request = dict(num_inference_steps=cfg.sample_steps, seed=cfg.seed,
                         height=cfg.data.resolution, width=cfg.data.resolution)

@@ -212,6 +212,14 @@ def denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_tex
   return jnp.mean(per_example)
 
 
+def ema_decay_at(step, decay: float):
+  """The EMA's decay for the update after `step` earlier updates, as diffusers' EMAModel sets it
+  by default: 0 at first (the EMA starts as the trained weights), then (1 + s) / (10 + s)
+  capped at `decay`, so a short run's EMA is not dominated by its initial weights."""
+  s = jnp.asarray(step, jnp.float32)
+  return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1 + s) / (10 + s)))
+
+
 def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: StepSpec,
                optimizer: optax.GradientTransformation):
   """One optimizer step; returns the new state and {loss, grad_norm}.
@@ -224,7 +232,8 @@ def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: 
   params = optax.apply_updates(state.params, updates)
   ema = state.ema
   if spec.ema_decay > 0:
-    ema = jax.tree.map(lambda e, p: spec.ema_decay * e + (1 - spec.ema_decay) * p, ema, params)
+    decay = ema_decay_at(state.step, spec.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
   finite = jnp.isfinite(loss)
   new = TrainState(state.step + 1, params, opt_state, ema)
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)

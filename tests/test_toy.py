@@ -97,8 +97,10 @@ def test_validation_scores_what_the_run_exports(world):
   with open(os.path.join(workdir, "adapter", "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if "eval/clip_i" in line]
   assert [e["step"] for e in evals] == [10]  # eval_every > the run's steps: at its end only
+  with open(os.path.join(workdir, "adapter", "config.json")) as f:
+    cfg = json.load(f)  # the run's resolved config
   with open(os.path.join(workdir, "data", "heldout", "data.json")) as f:
-    records = json.load(f)[:toy.QUICK.validation_images]
+    records = json.load(f)[:cfg["eval_limit"]]
   images = [Image.open(os.path.join(workdir, "data", "heldout", r["image_file"])).convert("RGB")
             for r in records]
   weights = toy.shipped_weights()
@@ -106,8 +108,8 @@ def test_validation_scores_what_the_run_exports(world):
       weights["base"], image_encoder=weights["clip"],
       ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
   generated = evaluate.generate(pipe, [""] * len(records), images, batch_size=len(records),
-                                seed=0, num_inference_steps=toy.QUICK.sampling_steps,
-                                guidance_scale=3.0, height=16, width=16)
+                                seed=cfg["seed"], num_inference_steps=cfg["eval_steps"],
+                                guidance_scale=cfg["eval_guidance_scale"], height=16, width=16)
   scores = evaluate.CLIPScorer.load(weights["clip"]).score(
       generated, images, [r["text"] for r in records])
   matches = evaluate.attribute_matches(generated, records)

@@ -100,12 +100,6 @@ def attribute_matches(generated, targets: Sequence[dict]) -> dict[str, np.ndarra
           for key in ("colour", "shape")}
 
 
-def attribute_scores(generated, targets: Sequence[dict]) -> dict[str, float]:
-  """The fractions of `attribute_matches`: {"colour_match", "shape_match"}."""
-  matches = attribute_matches(generated, targets)
-  return {f"{key}_match": float(np.mean(hits)) for key, hits in matches.items()}
-
-
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 

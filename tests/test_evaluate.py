@@ -67,13 +67,15 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
   assert evaluate.clip_i(vision, clip_config, prompts[:1], prompts[1:2]) < 0.99
 
 
-def test_attribute_scores_use_pixels_only():
+def test_attribute_matches_use_pixels_only():
   examples = [shapes.example(2, i) for i in range(8)]
   images = [shapes.render(ex) / 255.0 for ex in examples]
   targets = [{"colour": ex.colour, "shape": ex.shape} for ex in examples]
-  assert evaluate.attribute_scores(images, targets) == {"colour_match": 1.0, "shape_match": 1.0}
+  matches = evaluate.attribute_matches(images, targets)
+  assert matches["colour"].tolist() == [True] * 8 and matches["shape"].tolist() == [True] * 8
   wrong = [{"colour": "none", "shape": ex.shape} for ex in examples]
-  assert evaluate.attribute_scores(images, wrong) == {"colour_match": 0.0, "shape_match": 1.0}
+  matches = evaluate.attribute_matches(images, wrong)
+  assert matches["colour"].tolist() == [False] * 8 and matches["shape"].all()
 
 
 @pytest.mark.parametrize("successes,n", [(5, 10), (0, 10), (10, 10), (81, 263), (370, 384)])

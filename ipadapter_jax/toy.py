@@ -181,8 +181,7 @@ def train_stage(name: str, config_module, workdir: str, output: str | None,
   cfg.update_from_flattened_dict(overrides or {})
   for key in ("pretrained", "image_encoder"):  # configs name paths under the default workdir
     cfg.model[key] = _in_workdir(cfg.model[key], workdir)
-  for key in ("source",):
-    cfg.data[key] = _in_workdir(cfg.data[key], workdir)
+  cfg.data.source = _in_workdir(cfg.data.source, workdir)
   for key in ("eval_annotations", "eval_clip"):
     cfg[key] = _in_workdir(cfg[key], workdir)
   cfg.num_steps = num_steps or cfg.num_steps
@@ -314,11 +313,11 @@ def pretrained_weights(workdir: str, sizes: Sizes, from_scratch: bool) -> dict[s
 
 
 def trainable_parameters(folder: str, clip_dir: str, adapter_file: str) -> dict[str, int]:
-  """{"adapter", "unet"}: the adapter's parameter count, and the UNet's without it."""
+  """{"adapter", "full fine-tune"}: what each trains, the adapter alone or the whole UNet."""
   unet = load_stable_diffusion(folder, image_encoder=clip_dir, ip_adapter=adapter_file).unet
   count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-  adapter = count(nnx.state(unet, AdapterParam))
-  return {"adapter": adapter, "unet": count(nnx.state(unet, nnx.Param)) - adapter}
+  return {"adapter": count(nnx.state(unet, AdapterParam)),
+          "full fine-tune": count(nnx.state(unet, nnx.Param))}
 
 
 # ----- Evaluation --------------------------------------------------------------------------------
@@ -444,11 +443,8 @@ def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, fi
             "chance": {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES)},
             "sampling": {"num_inference_steps": sizes.sampling_steps,
                          "guidance_scale": sizes.guidance_scale},
-            "parameters": {"adapter": trainable_parameters(base_dir, clip_dir, adapter_file)},
+            "parameters": trainable_parameters(base_dir, clip_dir, adapter_file),
             "training": {name: stage_record(workdir, name) for name in ("adapter", "finetune")}}
-  counts = result["parameters"]["adapter"]
-  result["parameters"] = {"adapter": counts["adapter"],
-                          "full fine-tune": counts["adapter"] + counts["unet"]}
   result["claims"] = claims(result)
   columns = [np.stack([np.asarray(i, np.float32) / 255 for i in ps.images])]
   columns += [generated[s.name] for s in settings[1:]]

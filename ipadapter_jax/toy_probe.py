@@ -42,16 +42,23 @@ def swapped_values(examples, attribute: str) -> list[str]:
   return out
 
 
-def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
-  """The model's one-step clean image from x_t (epsilon, v or sample prediction)."""
-  out = np.asarray(model.unet(jnp.asarray(x_t), jnp.full((x_t.shape[0],), t), context))
-  kind = model.scheduler_config.get("prediction_type", "epsilon")
+def predicted_clean(output, x_t, alpha_bar: float, kind: str):
+  """The clean image a model output implies at x_t, for diffusers' prediction types."""
   a, s = np.sqrt(alpha_bar), np.sqrt(1 - alpha_bar)
   if kind == "v_prediction":
-    return a * x_t - s * out
+    return a * x_t - s * output
   if kind == "sample":
-    return out
-  return (x_t - s * out) / a
+    return output
+  if kind == "epsilon":
+    return (x_t - s * output) / a
+  raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
+  """The model's one-step clean image from x_t."""
+  output = np.asarray(model.unet(jnp.asarray(x_t), jnp.full((x_t.shape[0],), t), context))
+  return predicted_clean(output, x_t, alpha_bar,
+                         model.scheduler_config.get("prediction_type", "epsilon"))
 
 
 def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ipadapter_jax.conditioning import encode_image_or_null, encode_text
+from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
+from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as prepare_adapters
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.models.vae import unscale_latents
@@ -33,14 +34,48 @@ class Plan:
   num_samples: int
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
   stochastic: bool                    # eta > 0
-  image_prompt: bool
-  image_features: str | None          # the adapter's (AdapterConfig.image_features)
+  adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
 
 
 def _repeat_pairs(x, n: int):
   """[2B, ...] (B negatives, B positives) -> [2Bn, ...]: each row n times, negatives first."""
   return jnp.repeat(x, n, axis=0)
+
+
+def image_features(image_encoder, plan: AdapterPlan, x: dict):
+  """(negative [1, I, ...], positive [R, I, ...]) image features of one adapter's prompt: saved
+  ones, or its R x I images through the encoder, against the unconditional features (diffusers'
+  zero embedding / mean-grey image) or the negative image's."""
+  if plan.precomputed:
+    return x["embeds"][:1], x["embeds"][1:]
+  pixels = x["pixels"]
+  rows, images = pixels.shape[:2]
+  positive = encode_image(image_encoder, pixels.reshape((-1,) + pixels.shape[2:]),
+                          plan.image_features)
+  positive = positive.reshape((rows, images) + positive.shape[1:])
+  if plan.negative_image:
+    negative = encode_image(image_encoder, x["negative_pixels"], plan.image_features)
+  else:
+    negative = null_image_features(image_encoder, plan.image_features)[None]
+  return jnp.broadcast_to(negative[:, None], (1, images) + negative.shape[1:]), positive
+
+
+def _image_prompts(models, plan: Plan, adapter_inputs, requests: int):
+  """Per adapter the `ImagePrompt` of the whole CFG batch ([negatives; positives], each request
+  `num_samples` times), or of its positive half without guidance."""
+  prompts = []
+  for adapter, a_plan, x in zip(models.adapters(), plan.adapters, adapter_inputs):
+    negative, positive = image_features(models.image_encoder, a_plan, x)
+    features = jnp.concatenate([jnp.broadcast_to(f, (requests,) + f.shape[1:])
+                                for f in (negative, positive)])
+    features = _repeat_pairs(features, plan.num_samples)
+    if not plan.guidance:
+      features = features[features.shape[0] // 2:]
+    prompts.append(adapter.encode_image_prompt(
+        features.reshape((-1,) + features.shape[2:]), x["scale"], num_images=a_plan.num_images,
+        weights=x.get("weights"), masks=x.get("masks")))
+  return tuple(prompts)
 
 
 def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
@@ -54,13 +89,8 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
   if plan.sdxl_zero_negative:  # the first half of the rows are the (empty) negative prompts
     negatives = context.shape[0] // 2
     context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
-  image_prompt = None
-  if plan.image_prompt:  # [unconditional, conditional] features of every request's image
-    pixels = inputs["pixels"]
-    null_B = jnp.arange(2 * pixels.shape[0]) < pixels.shape[0]
-    features = encode_image_or_null(models.image_encoder, jnp.concatenate([pixels, pixels]),
-                                    null_B, plan.image_features)
-    image_prompt = unet.encode_image_prompt(_repeat_pairs(features, n), inputs["scale"])
+  # The image tokens' keys/values: once, outside the loop.
+  image_prompts = _image_prompts(models, plan, inputs.get("adapters", ()), context.shape[0] // 2)
   context = _repeat_pairs(context, n)
   added = {}
   if pooled is not None:
@@ -68,15 +98,15 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
   if not plan.guidance:  # only the positive half
     context = context[half:]
     added = {k: v[half:] for k, v in added.items()}
-    if image_prompt is not None:
-      image_prompt = image_prompt._replace(kv=jax.tree.map(lambda a: a[half:], image_prompt.kv))
 
   timesteps = jnp.asarray(plan.ddim.timesteps(plan.num_inference_steps))
 
   def denoise(i, latents):
     t = timesteps[i]
     x = jnp.concatenate([latents, latents]) if plan.guidance else latents
-    out = unet(x, t, context, image_prompt=image_prompt, **added).astype(jnp.float32)
+    step_prompts = tuple(p._replace(scale=p.scale * a["window"][i])  # the timestep windows
+                         for p, a in zip(image_prompts, inputs.get("adapters", ())))
+    out = unet(x, t, context, image_prompt=step_prompts or None, **added).astype(jnp.float32)
     if plan.guidance:
       uncond, cond = jnp.split(out, 2)
       out = uncond + inputs["guidance_scale"] * (cond - uncond)
@@ -92,6 +122,13 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
                               inputs["latents"].astype(jnp.float32))
   images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def encode_embeds(graphdef, state, adapter_inputs, *, plans):
+  """Per adapter its [2, I, ...] (negative, positive) image features, for saving."""
+  models = nnx.merge(graphdef, state)
+  return tuple(jnp.concatenate(image_features(models.image_encoder, p, x))
+               for p, x in zip(plans, adapter_inputs))
 
 
 def _finite(name: str, value):
@@ -130,6 +167,7 @@ class IPAdapterPipeline:
                               axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
     self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
+    self._encode_embeds = jax.jit(encode_embeds, static_argnames=("graphdef", "plans"))
     self._on_step = on_step
 
   def update_weights(self, weights) -> None:
@@ -149,14 +187,18 @@ class IPAdapterPipeline:
     return size * self.vae_scale_factor, size * self.vae_scale_factor
 
   def prepare(self, prompt: str | Sequence[str] = "", image=None, *,
+              adapters: Sequence[AdapterPrompt] | None = None,
               negative_prompt: str | None = None, scale=1.0, guidance_scale: float = 7.5,
               num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
               seed: int = 0, latents=None, height: int | None = None, width: int | None = None):
     """Checks the request and builds (plan, inputs) for `generate`.
 
     `prompt` and `image` may be lists (one entry per request, a single value is shared); every
-    request gets `num_samples` images. `negative_prompt=None` is diffusers' default: the empty
-    text, or zero embeddings for SDXL models with `force_zeros_for_empty_prompt`.
+    request gets `num_samples` images. `image` with `scale` is the one-adapter shorthand; with
+    several adapters (or several images, masks, windows, negative images, saved embeddings)
+    pass `adapters`, one `AdapterPrompt` per loaded adapter, shared by every request.
+    `negative_prompt=None` is diffusers' default: the empty text, or zero embeddings for SDXL
+    models with `force_zeros_for_empty_prompt`.
     """
     m = self.models
     prompts, images = _requests(prompt, image)
@@ -166,7 +208,7 @@ class IPAdapterPipeline:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
     if num_samples < 1:
       raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    for name, value in (("scale", scale), ("guidance_scale", guidance_scale), ("eta", eta)):
+    for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
       _finite(name, value)
     channels, total = m.unet.config.in_channels, len(prompts) * num_samples
     shape = (total, height // f, width // f, channels)
@@ -180,10 +222,6 @@ class IPAdapterPipeline:
         raise ValueError(f"initial latents have shape {list(latents.shape)}, expected "
                          f"{list(expected)} (prompts x num_samples, C, height/{f}, width/{f})")
       latents = jnp.asarray(latents.transpose(0, 2, 3, 1))
-    if images is not None and m.unet.image_proj is None:
-      raise ValueError("an image prompt needs an IP-Adapter (load the model with ip_adapter=...)")
-    if images is not None and m.image_encoder is None:
-      raise ValueError("an image prompt needs a CLIP image encoder (image_encoder=...)")
 
     sdxl_zero = m.is_sdxl and negative_prompt is None and m.model_index.get(
         "force_zeros_for_empty_prompt", True)
@@ -196,16 +234,54 @@ class IPAdapterPipeline:
       inputs["ids_2"] = tokenize(m.tokenizer_2, texts)
       ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
       inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
-    if images is not None:
-      processor = m.image_processor or CLIPImageConfig()
-      inputs["pixels"] = clip_pixels([to_pil(i) for i in images], processor)
-      inputs["scale"] = jnp.asarray(scale, jnp.float32)
-    kind = None if m.unet.adapter_config is None else m.unet.adapter_config.image_features
+    plans = ()
+    if images is not None or adapters is not None:
+      plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
+                                                       num_inference_steps, height // f, width // f,
+                                                       height, width)
     plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0, image_prompt=images is not None, image_features=kind,
-                sdxl_zero_negative=bool(sdxl_zero))
+                stochastic=eta > 0, adapters=plans, sdxl_zero_negative=bool(sdxl_zero))
     return plan, inputs
+
+  def _adapter_inputs(self, images, scale, adapters, num_steps, latent_h, latent_w, height, width):
+    m = self.models
+    loaded = m.adapters()
+    if not loaded:
+      raise ValueError("an image prompt needs an IP-Adapter (load the model with ip_adapter=...)")
+    if images is not None and adapters is not None:
+      raise ValueError("give either image (with scale) or adapters, not both")
+    feature_shapes = None
+    if m.image_encoder is not None:
+      c = m.image_encoder.config
+      tokens = (c.image_size // c.patch_size) ** 2 + 1
+      feature_shapes = {"image_embeds": (c.projection_dim,),
+                        "hidden_states": (tokens, c.hidden_size)}
+    context = dict(layer_names=m.unet.cross_attention_names(),
+                   queries=m.unet.cross_attention_queries(latent_h, latent_w),
+                   num_steps=num_steps, height=height, width=width,
+                   processor=m.image_processor, has_encoder=m.image_encoder is not None,
+                   feature_shapes=feature_shapes)
+    if adapters is not None:
+      return prepare_adapters(list(adapters), loaded, **context)
+    if len(loaded) > 1:
+      raise ValueError(f"{len(loaded)} adapters are loaded: give one AdapterPrompt each "
+                       "(adapters=[...])")
+    # The shorthand: one image per request for the one adapter.
+    plans, arrays = prepare_adapters([AdapterPrompt(images=images[:1], scale=scale)], loaded,
+                                     **context)
+    processor = m.image_processor or CLIPImageConfig()
+    arrays[0]["pixels"] = clip_pixels([to_pil(i) for i in images], processor)[:, None]
+    return plans, arrays
+
+  def image_embeds(self, adapters: Sequence[AdapterPrompt]) -> list[np.ndarray]:
+    """Per adapter its images' features [2, I, ...] (negative, positive), to save with
+    `image_prompts.save_image_embeds` and reuse as `AdapterPrompt(embeds=...)`."""
+    h, w = self.default_size
+    f = self.vae_scale_factor
+    plans, arrays = self._adapter_inputs(None, 1.0, adapters, 1, h // f, w // f, h, w)
+    return [np.asarray(e) for e in self._encode_embeds(self._graphdef, self._state, arrays,
+                                                       plans=plans)]
 
   def _shard(self, inputs):
     n = inputs["latents"].shape[0]

@@ -9,6 +9,7 @@ Tensor names end in one letter per axis (docs/conventions.md), the same letters 
   F other features (sinusoidal timestep features); 1 a size-1 broadcasting axis.
 """
 
+from ipadapter_jax.models.adapters import IPAdapter
 from ipadapter_jax.models.attention import ImagePrompt
 from ipadapter_jax.models.image_proj import (AdapterConfig, FullFaceProjection, ImageProjection,
                                              Resampler)

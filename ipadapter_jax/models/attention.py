@@ -15,14 +15,19 @@ from ipadapter_jax.models.layers import AdapterParam, Conv2d, GroupNorm, LayerNo
 
 
 class ImagePrompt(NamedTuple):
-  """Image-token keys/values for every decoupled layer, and each layer's adapter scale.
+  """One adapter's image-token keys/values for every decoupled layer, and how they are applied.
 
-  `kv[i]` is the (key, value) pair, each [B, N, H, K], of the i-th decoupled layer in checkpoint
-  order (down blocks, up blocks, mid block; docs/reference.md §2); `scale` has one float32 entry
-  per layer. Both are ordinary traced values, so new images or scales never recompile.
+  `kv[i]` is the (key, value) pair, each [B, I*N, H, K], of the i-th decoupled layer in
+  checkpoint order (down blocks, up blocks, mid block; docs/reference.md §2): the N tokens of each
+  of the adapter's I images, concatenated. `scale` has one float32 entry per layer. Optional:
+  `weights` [I], one per image, and `masks`, per layer a [B or 1, T, I] array of each image's
+  region at that layer's resolution (docs/composition.md). All are ordinary traced values, so new
+  images, scales, weights or masks of the same shapes never recompile.
   """
   kv: tuple
   scale: jax.Array
+  weights: jax.Array | None = None
+  masks: tuple | None = None
 
 
 def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, *,
@@ -60,7 +65,9 @@ class Attention(nnx.Module):
   With `image_context_dim` set, the layer owns the adapter's `to_k_ip`/`to_v_ip` and, given an
   `ImagePrompt` with this layer's scale s, computes the decoupled cross-attention
   to_out(softmax(Q K_text^T / sqrt(K)) V_text + s * softmax(Q K_img^T / sqrt(K)) V_img):
-  two softmaxes sharing Q, so s scales the image branch's output linearly.
+  two softmaxes sharing Q, so s scales the image branch's output linearly. Several adapters
+  add one such branch each (the first adapter's weights live here; the others' keys/values are
+  computed by their own `IPAdapter` modules).
 
   With `joint_softmax` (the paper's "simple adapter" ablation) text and image keys share one
   softmax and s multiplies the image tokens' unnormalised attention weights exp(q.k / sqrt(K)):
@@ -99,28 +106,62 @@ class Attention(nnx.Module):
     return (self._split_heads(self.to_k_ip(image_tokens_BND)),
             self._split_heads(self.to_v_ip(image_tokens_BND)))
 
-  def __call__(self, x_BTD, context_BSD=None, image_prompt: ImagePrompt | None = None):
+  def __call__(self, x_BTD, context_BSD=None, image_prompt=None):
+    """`image_prompt`: an `ImagePrompt`, a tuple of them (one per adapter) or None."""
     context_BSD = x_BTD if context_BSD is None else context_BSD
     q_BTHK = self._split_heads(self.to_q(x_BTD))
     k_BSHK = self._split_heads(self.to_k(context_BSD))
     v_BSHK = self._split_heads(self.to_v(context_BSD))
     out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation)
     if image_prompt is not None and self.to_k_ip is not None:
-      k_BNHK, v_BNHK = (a.astype(q_BTHK.dtype) for a in image_prompt.kv[self.ip_index])
-      scale = image_prompt.scale[self.ip_index]
+      prompts = (image_prompt,) if isinstance(image_prompt, ImagePrompt) else image_prompt
       if self.joint_softmax:
-        S, N = k_BSHK.shape[1], k_BNHK.shape[1]
-        bias = jnp.concatenate([jnp.zeros((S,), jnp.float32),
-                                jnp.broadcast_to(_log_scale(scale), (N,))])
-        joint_BTHK = dot_product_attention(
-            q_BTHK, jnp.concatenate([k_BSHK, k_BNHK], axis=1),
-            jnp.concatenate([v_BSHK, v_BNHK], axis=1), self.implementation, bias=bias)
-        # The image keys' weights are exactly 0 at scale 0, but the softmax over S + N keys
-        # sums in another order than over S: the text-only result keeps scale 0 bit-exact.
-        out_BTHK = jnp.where(scale > 0, joint_BTHK, out_BTHK)
+        if len(prompts) != 1 or prompts[0].masks is not None or prompts[0].weights is not None:
+          raise ValueError("a 'simple' adapter takes one image prompt without masks or weights")
+        out_BTHK = self._joint_attention(q_BTHK, k_BSHK, v_BSHK, out_BTHK, prompts[0])
       else:
-        out_BTHK = out_BTHK + scale.astype(q_BTHK.dtype) * dot_product_attention(
-            q_BTHK, k_BNHK, v_BNHK, self.implementation)
+        for prompt in prompts:  # out = text attention + sum over adapters of their branches
+          out_BTHK = out_BTHK + self._image_branch(q_BTHK, prompt)
+    return self.to_out(out_BTHK.reshape(x_BTD.shape[:-1] + (-1,)))
+
+  def _image_branch(self, q_BTHK, prompt: ImagePrompt):
+    """scale * softmax(Q K_img^T / sqrt(K)) V_img for one adapter: one softmax over all of its
+    images' tokens, each image's weight multiplying its tokens' unnormalised attention weights;
+    with masks, each image its own softmax, weighted and confined to its region."""
+    k_BSHK, v_BSHK = (a.astype(q_BTHK.dtype) for a in prompt.kv[self.ip_index])
+    scale = prompt.scale[self.ip_index].astype(q_BTHK.dtype)
+    if prompt.masks is None:
+      bias = None
+      if prompt.weights is not None:
+        per_image = k_BSHK.shape[1] // prompt.weights.shape[0]
+        bias = jnp.repeat(_log_scale(prompt.weights), per_image)
+      return scale * dot_product_attention(q_BTHK, k_BSHK, v_BSHK, self.implementation, bias=bias)
+    mask_BTI = prompt.masks[self.ip_index].astype(q_BTHK.dtype)
+    images = mask_BTI.shape[-1]
+    per_image = k_BSHK.shape[1] // images
+    out_BTHK = 0.0
+    for i in range(images):
+      tokens = slice(i * per_image, (i + 1) * per_image)
+      weight = scale if prompt.weights is None else scale * prompt.weights[i].astype(scale.dtype)
+      attended_BTHK = dot_product_attention(q_BTHK, k_BSHK[:, tokens], v_BSHK[:, tokens],
+                                            self.implementation)
+      out_BTHK = out_BTHK + weight * (attended_BTHK * mask_BTI[:, :, None, i:i + 1])
+    return out_BTHK
+
+  def _joint_attention(self, q_BTHK, k_BSHK, v_BSHK, text_BTHK, prompt: ImagePrompt):
+    """The "simple" adapter: text and image keys in one softmax, the image's weighted by s."""
+    k_BNHK, v_BNHK = (a.astype(q_BTHK.dtype) for a in prompt.kv[self.ip_index])
+    scale = prompt.scale[self.ip_index]
+    S, N = k_BSHK.shape[1], k_BNHK.shape[1]
+    bias = jnp.concatenate([jnp.zeros((S,), jnp.float32),
+                            jnp.broadcast_to(_log_scale(scale), (N,))])
+    joint_BTHK = dot_product_attention(
+        q_BTHK, jnp.concatenate([k_BSHK, k_BNHK], axis=1),
+        jnp.concatenate([v_BSHK, v_BNHK], axis=1), self.implementation, bias=bias)
+    # The image keys' weights are exactly 0 at scale 0, but the softmax over S + N keys sums in
+    # another order than over S: the text-only result keeps scale 0 bit-exact.
+    return jnp.where(scale > 0, joint_BTHK, text_BTHK)
+
     return self.to_out(out_BTHK.reshape(x_BTD.shape[:-1] + (-1,)))
 
 

@@ -6,16 +6,24 @@ from flax import nnx
 
 
 class Networks(nnx.Module):
-  """UNet, VAE, text encoder(s) and image encoder; any may be None.
+  """UNet, VAE, text encoder(s), image encoder and the adapters used beside the UNet's own;
+  any may be None.
 
   Training, the embedding cache, sampling and the benchmarks split and merge this one structure,
   so a weight's path starts with the network's name ("unet", "text_encoder", ...).
   """
 
   def __init__(self, *, unet=None, vae=None, text_encoder=None, text_encoder_2=None,
-               image_encoder=None):
+               image_encoder=None, extra_adapters=()):
     self.unet = unet
     self.vae = vae
     self.text_encoder = text_encoder
     self.text_encoder_2 = text_encoder_2
     self.image_encoder = image_encoder
+    self.extra_adapters = nnx.List(extra_adapters)
+
+  def adapters(self) -> list:
+    """Every adapter in use, in load order: the UNet's own first, then `extra_adapters` (each
+    has `adapter_config` and `encode_image_prompt`)."""
+    own = [] if self.unet is None or self.unet.image_proj is None else [self.unet]
+    return own + list(self.extra_adapters)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
+from ipadapter_jax.models.adapters import encode_image_prompt
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.image_proj import AdapterConfig, make_image_projection
@@ -364,27 +365,52 @@ class UNet2DConditionModel(nnx.Module):
     """The cross-attention layers that carry to_k_ip/to_v_ip (all of them, with an adapter)."""
     return [layer for layer in self.cross_attention_layers() if layer.to_k_ip is not None]
 
-  def encode_image_prompt(self, image_features, scale=1.0) -> ImagePrompt:
+  def cross_attention_names(self) -> list[str]:
+    """diffusers' module path ("down_blocks.1.attentions.0", ..., "mid_block.attentions.0") of
+    the attention holding each cross-attention layer, in checkpoint order (what block
+    dictionaries of adapter scales address)."""
+    names = []
+    for kind, blocks in (("down_blocks", self.down_blocks), ("up_blocks", self.up_blocks),
+                         ("mid_block", [self.mid_block])):
+      for i, block in enumerate(blocks):
+        prefix = kind if kind == "mid_block" else f"{kind}.{i}"
+        for j, attention in enumerate(block.attentions if block.attentions is not None else ()):
+          names += [f"{prefix}.attentions.{j}"] * len(attention.transformer_blocks)
+    return names
+
+  def cross_attention_queries(self, height: int, width: int) -> list[int]:
+    """The number of queries (positions) of each cross-attention layer, in checkpoint order,
+    for latents of height x width (each downsampler halves a side, rounding up)."""
+    sizes = [(height, width)]
+    for _ in range(len(self.down_blocks) - 1):
+      h, w = sizes[-1]
+      sizes.append(((h + 1) // 2, (w + 1) // 2))
+    counts = []
+    for level, block in enumerate(self.down_blocks):
+      counts += [sizes[level][0] * sizes[level][1]] * self._layers_in(block)
+    for j, block in enumerate(self.up_blocks):
+      level = len(sizes) - 1 - j
+      counts += [sizes[level][0] * sizes[level][1]] * self._layers_in(block)
+    return counts + [sizes[-1][0] * sizes[-1][1]] * self._layers_in(self.mid_block)
+
+  @staticmethod
+  def _layers_in(block) -> int:
+    if block.attentions is None:
+      return 0
+    return sum(len(attention.transformer_blocks) for attention in block.attentions)
+
+  def encode_image_prompt(self, image_features, scale=1.0, **kw) -> ImagePrompt:
     """Image features -> image tokens -> every layer's keys/values; once per generation.
 
     `image_features` are CLIP `image_embeds` [B, E] for the basic adapter, the vision tower's
     `hidden_states[-2]` [B, T, E] for plus and full_face. `scale` is a scalar or one value per
-    decoupled layer (checkpoint order).
+    decoupled layer (checkpoint order). `num_images`, `weights` and `masks`: see
+    `ipadapter_jax.models.adapters.encode_image_prompt`.
     """
     if self.image_proj is None:
       raise ValueError("this UNet was built without an adapter: no image prompt can be used")
-    image_tokens_BND = self.image_proj(image_features.astype(self.dtype))
-    layers = self.decoupled_layers()
-    return ImagePrompt(kv=tuple(layer.image_kv(image_tokens_BND) for layer in layers),
-                       scale=self._layer_scales(scale, len(layers)))
-
-  @staticmethod
-  def _layer_scales(scale, num_layers: int):
-    scale = jnp.asarray(scale, jnp.float32)
-    if scale.shape not in ((), (num_layers,)):
-      raise ValueError(f"adapter scale must be a scalar or have {num_layers} entries "
-                       f"(one per cross-attention layer), got shape {scale.shape}")
-    return jnp.broadcast_to(scale, (num_layers,))
+    return encode_image_prompt(self.image_proj, self.decoupled_layers(), image_features, scale,
+                               dtype=self.dtype, **kw)
 
   def __call__(self, sample, timesteps, encoder_hidden_states, *, image_embeds=None,
                ip_scale=1.0, image_prompt: ImagePrompt | None = None, text_embeds=None,
@@ -401,7 +427,8 @@ class UNet2DConditionModel(nnx.Module):
         of the image tokens the official implementation appends after the text tokens.
       ip_scale: adapter scale, a scalar or one value per cross-attention layer in checkpoint
         order; traced, so changing it never recompiles.
-      image_prompt: precomputed `encode_image_prompt(...)` output, instead of image_embeds.
+      image_prompt: precomputed `encode_image_prompt(...)` output (or a tuple of them, one per
+        adapter), instead of image_embeds.
       text_embeds, time_ids: SDXL's pooled text embedding [B, P] and size/crop ids [B, 6].
     """
     if image_embeds is not None:

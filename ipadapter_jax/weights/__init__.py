@@ -4,7 +4,8 @@ IP-Adapter files."""
 from ipadapter_jax.weights.diffusers import load_unet, load_vae, save_unet, save_vae
 from ipadapter_jax.weights.files import CheckpointError, read_model_folder, read_weight_file
 from ipadapter_jax.weights.ip_adapter import (AdapterFileInfo, describe, ip_adapter_state_dict,
-                                              load_ip_adapter, read_ip_adapter, save_ip_adapter)
+                                              load_extra_adapter, load_ip_adapter, read_ip_adapter,
+                                              save_ip_adapter)
 from ipadapter_jax.weights.pipeline import (StableDiffusion, load_stable_diffusion,
                                             save_stable_diffusion)
 from ipadapter_jax.weights.transformers import (load_clip_text, load_clip_vision, save_clip,

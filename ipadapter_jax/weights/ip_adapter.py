@@ -16,7 +16,9 @@ import os
 import re
 
 import numpy as np
+from flax import nnx
 
+from ipadapter_jax.models.adapters import IPAdapter
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.unet import UNet2DConditionModel
@@ -45,8 +47,9 @@ class AdapterFileInfo:
             f"{self.num_layers} layers, {self.num_params:,} parameters, {self.dtype}")
 
 
-def adapter_variables(model: UNet2DConditionModel) -> dict[str, NamedVariable]:
-  """{official key: variable} for every adapter weight of `model`."""
+def adapter_variables(model: UNet2DConditionModel | IPAdapter) -> dict[str, NamedVariable]:
+  """{official key: variable} for every adapter weight of `model` (a UNet's own adapter or an
+  `IPAdapter`: both list their layers by `decoupled_layers()`)."""
   if model.image_proj is None:
     raise ValueError("this UNet was built without an adapter")
   table = named_variables(model.image_proj, lambda path: "image_proj." + torch_name(path),
@@ -136,7 +139,7 @@ def check_fits(info: AdapterFileInfo, model: UNet2DConditionModel, source: str):
     raise ValueError("this UNet was built without an adapter; build it with "
                      f"adapter={info.adapter} (or use load_unet(..., ip_adapter=path))")
   layers = len(model.decoupled_layers())
-  context_dim = model.config.cross_attention_dim[0]
+  context_dim = model.decoupled_layers()[0].to_k_ip.kernel.shape[0]
   if info.num_layers != layers:
     key = f"ip_adapter.{2 * min(info.num_layers, layers) + 1}.to_k_ip.weight"
     raise CheckpointError(f"{source}: {info.num_layers} cross-attention layers for a UNet with "
@@ -150,7 +153,8 @@ def check_fits(info: AdapterFileInfo, model: UNet2DConditionModel, source: str):
                           f"'{expected.kind}'")
 
 
-def load_ip_adapter(model: UNet2DConditionModel, weights: str | dict, *, source: str | None = None):
+def load_ip_adapter(model: UNet2DConditionModel | IPAdapter, weights: str | dict, *,
+                    source: str | None = None):
   """Sets `model`'s adapter from an official file path or an (official, possibly nested) dict."""
   if isinstance(weights, str):
     source = source or weights
@@ -162,7 +166,18 @@ def load_ip_adapter(model: UNet2DConditionModel, weights: str | dict, *, source:
   assign(adapter_variables(model), state, source=source)
 
 
-def ip_adapter_state_dict(model: UNet2DConditionModel, dtype=np.float32) -> dict[str, np.ndarray]:
+def load_extra_adapter(unet: UNet2DConditionModel, path: str) -> IPAdapter:
+  """An official file as an `IPAdapter` for `unet`'s topology, to use beside its own adapter."""
+  state = read_ip_adapter(path)
+  config = describe(state, path).adapter
+  shapes = [(layer.to_k.kernel.shape[1], layer.heads) for layer in unet.cross_attention_layers()]
+  adapter = nnx.eval_shape(lambda: IPAdapter(config, unet.config.cross_attention_dim[0], shapes,
+                                             dtype=unet.dtype, rngs=nnx.Rngs(0)))
+  load_ip_adapter(adapter, state, source=path)
+  return adapter
+
+
+def ip_adapter_state_dict(model: UNet2DConditionModel | IPAdapter, dtype=np.float32) -> dict[str, np.ndarray]:
   """The adapter as an official flat state dict (PyTorch layout), layers in index order."""
   if model.adapter_config is not None and model.adapter_config.attention != "decoupled":
     raise ValueError("the official format holds decoupled adapters only; this one is "
@@ -170,7 +185,7 @@ def ip_adapter_state_dict(model: UNet2DConditionModel, dtype=np.float32) -> dict
   return export_named(adapter_variables(model), dtype)
 
 
-def save_ip_adapter(model: UNet2DConditionModel, path: str, *, dtype=np.float16) -> int:
+def save_ip_adapter(model: UNet2DConditionModel | IPAdapter, path: str, *, dtype=np.float16) -> int:
   """Writes the adapter in the official format (.safetensors flat, .bin nested); returns bytes.
 
   The released files are float16, which is the default here too; pass np.float32 to keep full

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer
+from ipadapter_jax.models.adapters import IPAdapter
 from ipadapter_jax.models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.networks import Networks
@@ -20,6 +21,7 @@ from ipadapter_jax.weights.diffusers import load_unet, load_vae, save_unet, save
 from ipadapter_jax.storage import atomic_path
 from ipadapter_jax.weights.files import CheckpointError
 from ipadapter_jax.weights.folders import local_path, read_config
+from ipadapter_jax.weights.ip_adapter import load_extra_adapter
 from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")  # no vae: a pixel-space model
@@ -39,6 +41,7 @@ class StableDiffusion:
   image_encoder: CLIPVisionModelWithProjection | None = None
   image_processor: CLIPImageConfig | None = None
   model_index: dict = dataclasses.field(default_factory=dict)
+  extra_adapters: tuple[IPAdapter, ...] = ()  # the second and later adapters, beside the UNet's
 
   @property
   def is_sdxl(self) -> bool:
@@ -47,7 +50,12 @@ class StableDiffusion:
   def networks(self) -> Networks:
     """The networks as one NNX graph (sharing these modules: updating one updates the other)."""
     return Networks(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
-                    text_encoder_2=self.text_encoder_2, image_encoder=self.image_encoder)
+                    text_encoder_2=self.text_encoder_2, image_encoder=self.image_encoder,
+                    extra_adapters=self.extra_adapters)
+
+  def adapters(self) -> list:
+    """Every adapter in use, in load order (`Networks.adapters`)."""
+    return self.networks().adapters()
 
 
 def _hub_patterns(variant: str | None) -> list[str]:
@@ -69,7 +77,8 @@ def _component(root: str, name: str) -> str:
 
 
 def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
-                          adapter: AdapterConfig | None = None, ip_adapter: str | None = None,
+                          adapter: AdapterConfig | None = None,
+                          ip_adapter: str | Sequence[str] | None = None,
                           dtype=jnp.float32,
                           param_dtype=None, variant: str | None = None,
                           revision: str | None = None, seed: int = 0,
@@ -77,7 +86,8 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
   """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
   Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
   ("h94/IP-Adapter/models/image_encoder"). `ip_adapter` (an official file) or `adapter` (a
-  shape, for training) builds the UNet with an adapter.
+  shape, for training) builds the UNet with an adapter; a list of files loads the first into
+  the UNet and the others as `extra_adapters`, all applied together.
 
   `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
   `attention_implementation="cudnn"` runs the UNet's attention as cuDNN's fused kernel (GPUs).
@@ -88,8 +98,10 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
     if not _listed(index, name):
       raise CheckpointError(f"{root}/model_index.json: required component '{name}' is missing")
   kw = dict(dtype=dtype, param_dtype=param_dtype)
+  files = [ip_adapter] if isinstance(ip_adapter, str) else list(ip_adapter or ())
   parts = dict(
-      unet=load_unet(_component(root, "unet"), adapter=adapter, ip_adapter=ip_adapter,
+      unet=load_unet(_component(root, "unet"), adapter=adapter,
+                     ip_adapter=files[0] if files else None,
                      variant=variant, seed=seed, attention_implementation=attention_implementation,
                      **kw),
       vae=load_vae(_component(root, "vae"), variant=variant, **kw) if _listed(index, "vae") else None,
@@ -98,6 +110,7 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
       scheduler_config=read_config(_component(root, "scheduler"), "scheduler_config.json"),
       model_index=index,
   )
+  parts["extra_adapters"] = tuple(load_extra_adapter(parts["unet"], f) for f in files[1:])
   if _listed(index, "text_encoder_2"):
     parts["text_encoder_2"] = load_clip_text(_component(root, "text_encoder_2"),
                                              variant=variant, **kw)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +22,30 @@ def build_parser() -> argparse.ArgumentParser:
                  help="diffusers Stable Diffusion folder or hub id")
   p.add_argument("--image_encoder", default=None,
                  help="CLIP image encoder folder or hub id (h94/IP-Adapter/models/image_encoder)")
-  p.add_argument("--ip_adapter", default=None, help="official IP-Adapter file (.bin/.safetensors)")
-  p.add_argument("--image", default=None, help="the image prompt")
+  p.add_argument("--ip_adapter", action="append", default=[], metavar="FILE",
+                 help="official IP-Adapter file (.bin/.safetensors); repeat for several adapters "
+                      "(each flag below is then given once per --ip_adapter, in the same order)")
+  p.add_argument("--image", action="append", default=[], metavar="PATHS",
+                 help="one adapter's image prompt(s), comma-separated (their tokens are "
+                      "concatenated)")
+  p.add_argument("--scale", action="append", default=[], metavar="VALUE",
+                 help="one adapter's scale: a float (0 = off), a preset (style, "
+                      "style_and_layout) or a JSON block dictionary such as "
+                      "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (default 1.0)")
+  p.add_argument("--mask", action="append", default=[], metavar="PATHS",
+                 help="one adapter's masks, one per image, comma-separated ('' = none)")
+  p.add_argument("--ip_window", action="append", default=[], metavar="START,END",
+                 help="fractions of the sampling steps in which the adapter acts (default 0,1)")
+  p.add_argument("--negative_image", action="append", default=[], metavar="PATH",
+                 help="one adapter's negative image prompt ('' = the unconditional one)")
+  p.add_argument("--save_image_embeds", default=None, metavar="FILE",
+                 help="also write the adapters' image embeddings to FILE (.safetensors)")
+  p.add_argument("--image_embeds", action="append", default=[], metavar="FILE",
+                 help="saved image embeddings instead of --image (no image encoder needed)")
   p.add_argument("--prompt", default="", help="text prompt (empty for image-only prompts)")
   p.add_argument("--negative_prompt", default=None,
                  help="negative text prompt (default: diffusers' default, the empty text; zero "
                       "embeddings for SDXL models with force_zeros_for_empty_prompt)")
-  p.add_argument("--scale", type=float, default=1.0, help="adapter scale (0 = base model)")
   p.add_argument("--guidance_scale", type=float, default=7.5)
   p.add_argument("--num_inference_steps", type=int, default=50)
   p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -59,13 +76,70 @@ def image_grid(images: np.ndarray) -> Image.Image:
   return Image.fromarray(grid)
 
 
-def _check_inputs(args):
-  for flag in ("image", "ip_adapter", "latents"):
-    path = getattr(args, flag)
-    if path is not None and not os.path.isfile(path):
-      raise FileNotFoundError(f"--{flag} {path}: no such file")
-  if args.image is not None and (args.ip_adapter is None or args.image_encoder is None):
+def _per_adapter(args, flag: str, count: int) -> list:
+  values = getattr(args, flag)
+  if values and len(values) != count:
+    raise ValueError(f"--{flag} given {len(values)} times for {count} --ip_adapter: give it "
+                     "once per adapter, in the same order")
+  return values
+
+
+def _paths(text: str) -> list[str]:
+  return [p for p in text.split(",") if p]
+
+
+def adapter_prompts(args) -> list | None:
+  """The per-adapter flags as `AdapterPrompt`s (None: no image prompt), all files read."""
+  from ipadapter_jax.image_prompts import AdapterPrompt, load_image_embeds, open_image
+  from ipadapter_jax.adapter_scales import parse_scale
+  count = len(args.ip_adapter)
+  for path in args.ip_adapter:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"--ip_adapter {path}: no such file")
+  if args.image and args.image_embeds:
+    raise ValueError("give --image or --image_embeds, not both")
+  if not count:
+    if args.image or args.image_embeds:
+      raise ValueError("--image needs --ip_adapter and --image_encoder")
+    for flag in ("scale", "mask", "ip_window", "negative_image", "save_image_embeds"):
+      if getattr(args, flag):
+        raise ValueError(f"--{flag} needs --ip_adapter")
+    return None
+  images = _per_adapter(args, "image", count)
+  if not images and not args.image_embeds:
+    raise ValueError("--ip_adapter needs --image (or --image_embeds)")
+  if images and args.image_encoder is None:
     raise ValueError("--image needs --ip_adapter and --image_encoder")
+  scales = [parse_scale(v) for v in _per_adapter(args, "scale", count)] or [1.0] * count
+  masks = _per_adapter(args, "mask", count) or [""] * count
+  windows = _per_adapter(args, "ip_window", count) or ["0,1"] * count
+  negatives = _per_adapter(args, "negative_image", count) or [""] * count
+  embeds = [e for path in args.image_embeds for e in load_image_embeds(path)]
+  if args.image_embeds and len(embeds) != count:
+    raise ValueError(f"--image_embeds hold {len(embeds)} adapters' embeddings for {count} "
+                     "--ip_adapter")
+  prompts = []
+  for a in range(count):
+    window = windows[a].split(",")
+    if len(window) != 2:
+      raise ValueError(f"--ip_window {windows[a]!r}: expected START,END")
+    try:
+      window = tuple(float(v) for v in window)
+    except ValueError:
+      raise ValueError(f"--ip_window {windows[a]!r}: expected two numbers START,END") from None
+    own = [open_image(p, "--image") for p in _paths(images[a])] if images else []
+    if images and not own:
+      raise ValueError(f"--image {images[a]!r}: no image paths")
+    mask = [open_image(p, "--mask") for p in _paths(masks[a])] or None
+    num_images = len(own) if own else embeds[a].shape[1]
+    if mask is not None and len(mask) != num_images:
+      raise ValueError(f"--mask for adapter {a}: {len(mask)} masks for {num_images} images: "
+                       "give one mask per image")
+    prompts.append(AdapterPrompt(
+        images=own, embeds=embeds[a] if embeds else None, scale=scales[a], masks=mask,
+        window=window, negative_image=open_image(negatives[a], "--negative_image")
+        if negatives[a] else None))
+  return prompts
 
 
 def run(args) -> dict:
@@ -73,36 +147,39 @@ def run(args) -> dict:
   import jax.numpy as jnp
   from tqdm import tqdm
 
+  from ipadapter_jax.image_prompts import save_image_embeds
   from ipadapter_jax.pipeline import IPAdapterPipeline
   from ipadapter_jax.weights import load_stable_diffusion
 
-  _check_inputs(args)
-  image = None
-  if args.image is not None:
-    try:
-      image = Image.open(args.image)
-      image.load()
-    except (UnidentifiedImageError, OSError) as e:
-      raise ValueError(f"--image {args.image}: not a readable image ({e})") from None
+  if args.latents is not None and not os.path.isfile(args.latents):
+    raise FileNotFoundError(f"--latents {args.latents}: no such file")
+  adapters = adapter_prompts(args)
   latents = np.load(args.latents) if args.latents else None
 
   start = time.perf_counter()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   models = load_stable_diffusion(args.pretrained, image_encoder=args.image_encoder,
-                                 ip_adapter=args.ip_adapter, dtype=dtype, param_dtype=dtype)
+                                 ip_adapter=args.ip_adapter or None, dtype=dtype,
+                                 param_dtype=dtype)
   loaded = time.perf_counter()
 
   progress = []
   pipe = IPAdapterPipeline(models, on_step=lambda i: progress[0].update(1))
-  request = dict(negative_prompt=args.negative_prompt, scale=args.scale,
+  request = dict(adapters=adapters, negative_prompt=args.negative_prompt,
                  guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
                  height=args.height, width=args.width)
-  pipe.compile(prompt=args.prompt, image=image, **request)
+  pipe.prepare(args.prompt, **request)  # every check before anything is written
+  if args.save_image_embeds:
+    if adapters is None:
+      raise ValueError("--save_image_embeds needs --ip_adapter and --image")
+    save_image_embeds(args.save_image_embeds, pipe.image_embeds(adapters),
+                      [m.adapter_config.image_features for m in models.adapters()])
+  pipe.compile(prompt=args.prompt, **request)
   compiled = time.perf_counter()
   with tqdm(total=args.num_inference_steps, desc="sampling", unit="step", file=sys.stderr) as bar:
     progress.append(bar)
-    images = pipe(args.prompt, image, **request)
+    images = pipe(args.prompt, **request)
   done = time.perf_counter()
 
   image_grid(images).save(args.out)
@@ -110,6 +187,7 @@ def run(args) -> dict:
     np.save(args.save_array, images.astype(np.float32))
   settings = dict(vars(args))
   settings.update(height=int(images.shape[1]), width=int(images.shape[2]),
+                  scale=[p.scale for p in adapters or ()],
                   seconds_loading=round(loaded - start, 3),
                   seconds_compiling=round(compiled - loaded, 3),
                   seconds_per_image=round((done - compiled) / args.num_samples, 3))

@@ -248,3 +248,125 @@ def test_bad_requests_are_refused_with_one_line(world, ours, prompts, message):
       p.masks = [world["masks"][0] for _ in p.masks]
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     ours.prepare(PROMPT, adapters=prompts, num_inference_steps=STEPS, height=H, width=W)
+
+
+def _files(world, tmp_path):
+  """The test images and masks as files."""
+  paths = {}
+  for kind in ("images", "masks"):
+    for i, image in enumerate(world[kind]):
+      paths[f"{kind[:-1]}{i}"] = str(tmp_path / f"{kind[:-1]}{i}.png")
+      image.save(paths[f"{kind[:-1]}{i}"])
+  return paths
+
+
+def _argv(world, tmp_path, *extra):
+  return ["--pretrained", str(world["root"] / "sd"), "--prompt", PROMPT,
+          "--negative_prompt", NEGATIVE, "--num_inference_steps", str(STEPS), "--num_samples", "2",
+          "--height", str(H), "--width", str(W), "--latents", str(world["root"] / "latents.npy"),
+          "--ip_adapter", str(world["adapters"] / BASIC),
+          "--ip_adapter", str(world["adapters"] / PLUS), *extra]
+
+
+def test_sample_py_composes_as_the_python_api(world, ours, tmp_path):
+  from ipadapter_jax.sampling import main as sample_main
+  f = _files(world, tmp_path)
+  imgs, masks = world["images"], world["masks"]
+  out = tmp_path / "grid.png"
+  embeds = tmp_path / "embeds.safetensors"
+  common = ["--scale", "style", "--scale", "0.6", "--ip_window", "0,1", "--ip_window", "0.3,1",
+            "--mask", f"{f['mask0']},{f['mask1']}", "--mask", "", "--out", str(out),
+            "--save_array", str(tmp_path / "out.npy")]
+  argv = _argv(world, tmp_path, "--image_encoder", world["encoder"],
+               "--image", f"{f['image0']},{f['image2']}", "--image", f["image1"],
+               "--negative_image", "", "--negative_image", f["image3"],
+               "--save_image_embeds", str(embeds), *common)
+  assert sample_main(argv) == 0
+  expected = _ours(world, ours, [
+      AdapterPrompt([imgs[0], imgs[2]], scale="style", masks=masks[:2]),
+      AdapterPrompt([imgs[1]], scale=0.6, window=(0.3, 1.0), negative_image=imgs[3])])
+  ref.assert_close(np.load(tmp_path / "out.npy"), expected)
+  # The saved embeddings, without an image encoder, give the same images.
+  assert sample_main(_argv(world, tmp_path, "--image_embeds", str(embeds), *common)) == 0
+  ref.assert_close(np.load(tmp_path / "out.npy"), expected)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--scale", "0.5"], "--scale given 1 times for 2 --ip_adapter"),
+    (["--mask", "{mask0},{mask1}", "--mask", ""], "2 masks for 1 images"),
+    (["--scale", '{"down": {"block_7": 1.0}}', "--scale", "1"], "down.block_7: no such down block"),
+    (["--scale", '{"up": {"block_1": [1.0]}}', "--scale", '{"up": {"block_2": [1.0, 0.0]}}'],
+     "up.block_2: expected 3 values"),
+    (["--ip_window", "0,1.5", "--ip_window", "0,1"], "needs 0 <= start < end <= 1"),
+    (["--ip_window", "0.5,0.2", "--ip_window", "0,1"], "needs 0 <= start < end <= 1"),
+    (["--scale", "stlye", "--scale", "1"], "not a number, a preset"),
+])
+def test_sample_py_refuses_bad_composition_in_one_line(world, tmp_path, capsys, extra, message):
+  from ipadapter_jax.sampling import main as sample_main
+  f = _files(world, tmp_path)
+  out = tmp_path / "grid.png"
+  argv = _argv(world, tmp_path, "--image_encoder", world["encoder"], "--image", f["image0"],
+               "--image", f["image1"], "--out", str(out),
+               "--save_image_embeds", str(tmp_path / "e.safetensors"),
+               *[e.replace("{mask0}", f["mask0"]).replace("{mask1}", f["mask1"]) for e in extra])
+  capsys.readouterr()
+  assert sample_main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error:") and message in err[-1], err
+  assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("image", "mask"))) == []
+
+
+@pytest.fixture(scope="module")
+def sdxl(world, tmp_path_factory):
+  """A tiny SDXL folder with the test image encoder and a basic adapter for it."""
+  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                            CLIPTokenizer)
+  from ipadapter_jax.tokenizer import write_word_tokenizer
+  tmp = tmp_path_factory.mktemp("sdxl")
+  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
+  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
+  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
+                                 projection_dim=ref.SDXL_POOLED_DIM))
+  unet = ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3)
+  pipe = StableDiffusionXLPipeline(
+      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
+      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
+      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
+      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1))
+  pipe.save_pretrained(tmp / "xl")
+  _save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
+                 tmp / BASIC)
+  theirs = StableDiffusionXLPipeline.from_pretrained(tmp / "xl")
+  theirs.load_ip_adapter(str(tmp), subfolder="", weight_name=BASIC,
+                         image_encoder_folder=world["encoder"])
+  ours = IPAdapterPipeline(load_stable_diffusion(str(tmp / "xl"), image_encoder=world["encoder"],
+                                                 ip_adapter=str(tmp / BASIC)))
+  return theirs, ours
+
+
+@pytest.mark.parametrize("scale,theirs_scale", [
+    ("style", {"up": {"block_0": [0.0, 1.0, 0.0]}}),   # diffusers' documented InstantStyle
+    ("style_and_layout", {"down": {"block_1": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}),
+    ({"down": 0.4, "mid": 0.7, "up": {"block_0": [1.0, 0.0, 0.5]}}, None),
+])
+def test_sdxl_block_scales_and_masks(world, sdxl, scale, theirs_scale):
+  theirs, ours = sdxl
+  imgs, masks = world["images"], world["masks"]
+  latents = world["latents"][:1]
+  theirs.set_ip_adapter_scale(theirs_scale or scale)
+  processor = IPAdapterMaskProcessor()
+  expected = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                    guidance_scale=5.0, latents=torch.from_numpy(latents), height=H, width=W,
+                    output_type="np", ip_adapter_image=[[imgs[0], imgs[1]]],
+                    cross_attention_kwargs={"ip_adapter_masks": [
+                        processor.preprocess(masks[:2], height=H, width=W).reshape(1, 2, H, W)]}
+                    ).images
+  actual = ours(PROMPT, adapters=[AdapterPrompt([imgs[0], imgs[1]], scale=scale, masks=masks[:2])],
+                negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
+                latents=latents, height=H, width=W)
+  err = float(np.abs(actual - expected).max())
+  print(f"SDXL, scale {scale}: max abs image difference {err:.1e}")
+  assert err <= 1e-4

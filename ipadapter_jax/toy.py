@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ipadapter_jax import evaluate
+from ipadapter_jax import evaluate, toy_composition
 from ipadapter_jax.configs import (toy_adapter, toy_base, toy_clip, toy_community, toy_finetune,
                                    toy_world)
 from ipadapter_jax.data import shapes
@@ -431,8 +431,9 @@ def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, fi
   clip_dir, base_dir = pretrained["clip"], pretrained["base"]
   with_adapter = lambda folder, file: IPAdapterPipeline(load_stable_diffusion(
       folder, image_encoder=clip_dir, ip_adapter=file))
+  adapter_pipe = with_adapter(base_dir, adapter_file)
   settings = (base_settings(IPAdapterPipeline(load_stable_diffusion(base_dir)), ps)
-              + adapter_settings(with_adapter(base_dir, adapter_file), ps)
+              + adapter_settings(adapter_pipe, ps)
               + [image_only(with_adapter(os.path.join(finetune_dir, "pipeline"),
                                          os.path.join(finetune_dir, "ip_adapter.safetensors")),
                             ps, "full fine-tune"),
@@ -446,6 +447,11 @@ def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, fi
             "parameters": trainable_parameters(base_dir, clip_dir, adapter_file),
             "training": {name: stage_record(workdir, name) for name in ("adapter", "finetune")}}
   result["claims"] = claims(result)
+  start = time.perf_counter()
+  result["composition"] = toy_composition.composition(
+      adapter_pipe, ps.examples, ps.images, count=max(1, sizes.eval_images // 2),
+      sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale)
+  log(f"eval: composition with left/right masks, {time.perf_counter() - start:.0f} s")
   columns = [np.stack([np.asarray(i, np.float32) / 255 for i in ps.images])]
   columns += [generated[s.name] for s in settings[1:]]
   write_grid(os.path.join(workdir, "grid.png"), columns, count=min(8, len(ps.examples)))
@@ -560,7 +566,8 @@ def run(workdir: str, quick: bool = False, from_scratch: bool = False,
   result["seconds_total"] = round(time.perf_counter() - start, 1)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
-  print(table(result) + "\n\n" + claims_table(result))
+  print(table(result) + "\n\n" + claims_table(result) + "\n\n"
+        + toy_composition.table(result["composition"]))
   print(f"\nwrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'grid.png')} "
         f"(rows: prompt image, then every setting but the first) in "
         f"{result['seconds_total']:.0f} s")

@@ -2,6 +2,7 @@
 presets, saved embeddings; timestep windows and negative images against a loop of diffusers' UNet."""
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -370,3 +371,57 @@ def test_sdxl_block_scales_and_masks(world, sdxl, scale, theirs_scale):
   err = float(np.abs(actual - expected).max())
   print(f"SDXL, scale {scale}: max abs image difference {err:.1e}")
   assert err <= 1e-4
+
+
+def _dot_count(jaxpr) -> int:
+  """dot_general equations in a jaxpr, nested programs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _dot_count(inner)
+  return count
+
+
+def _loop_and_total_dots(pipe, **request):
+  import jax
+  from ipadapter_jax.pipeline import generate
+  plan, inputs = pipe.prepare(PROMPT, num_inference_steps=STEPS, height=H, width=W, **request)
+  closed = jax.make_jaxpr(lambda state, inputs: generate(pipe._graphdef, state, inputs,
+                                                         plan=plan))(pipe._state, inputs)
+  loop = next(e for e in closed.jaxpr.eqns if e.primitive.name in ("scan", "while"))
+  body = loop.params.get("jaxpr") or loop.params["body_jaxpr"]  # fori_loop: a scan
+  return _dot_count(body.jaxpr), _dot_count(closed.jaxpr)
+
+
+def test_an_extra_adapter_adds_only_its_attention_to_the_loop(world, ours):
+  one = IPAdapterPipeline(load_stable_diffusion(
+      str(world["root"] / "sd"), image_encoder=world["encoder"],
+      ip_adapter=str(world["adapters"] / BASIC)))
+  imgs = world["images"]
+  loop_1, total_1 = _loop_and_total_dots(one, image=imgs[0])
+  loop_2, total_2 = _loop_and_total_dots(ours, adapters=[AdapterPrompt([imgs[0]]),
+                                                         AdapterPrompt([imgs[1]])])
+  layers = len(ours.models.unet.decoupled_layers())
+  # Per layer and step: Q K_img^T and the weights times V_img. Its keys/values (and the Plus
+  # projection) are computed once, before the loop.
+  assert loop_2 - loop_1 == 2 * layers
+  assert (total_2 - loop_2) - (total_1 - loop_1) >= 2 * layers
+
+
+@pytest.mark.parametrize("height,width,queries", [(64, 64, 64), (64, 64, 16), (48, 64, 12),
+                                                  (64, 48, 48), (40, 40, 25)])
+def test_masks_are_prepared_and_downsampled_as_diffusers_does(height, width, queries):
+  from ipadapter_jax import masks as mask_ops
+  rng = np.random.default_rng(queries)
+  image = Image.fromarray(rng.integers(0, 256, (height + 7, width + 3, 3), dtype=np.uint8))
+  theirs = IPAdapterMaskProcessor().preprocess([image], height=height, width=width)
+  ours = mask_ops.preprocess_mask(image, height, width)
+  np.testing.assert_array_equal(ours, theirs[0, 0].numpy())
+  with warnings.catch_warnings():  # diffusers warns when the grid does not fill T exactly
+    warnings.simplefilter("ignore")
+    expected = IPAdapterMaskProcessor.downsample(theirs[:, 0], 2, queries, 3)[0, :, 0].numpy()
+  np.testing.assert_array_equal(mask_ops.downsample_mask(ours, queries), expected)

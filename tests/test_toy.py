@@ -259,3 +259,34 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   assert evaluate.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error:") and "000001.png" in err and len(err.splitlines()) == 1
+
+
+def test_composition_rows_score_what_the_pipeline_draws(world):
+  """eval.json's composition rates are the half-colour judgements of the images the adapter
+  draws for those pairs, masks and seeds (re-sampled here), and the judge reads halves."""
+  from ipadapter_jax import toy_composition
+  from ipadapter_jax.image_prompts import AdapterPrompt
+  workdir, result = world
+  rates = result["composition"]
+  assert set(rates) == {"two images, left/right masks", "two images, no masks"}
+  ps = toy.PromptSet.make(toy.QUICK.eval_images)
+  pairs = toy_composition.colour_pairs(ps.examples)[:toy.QUICK.eval_images // 2]
+  assert all(ps.examples[i].colour != ps.examples[j].colour for i, j in pairs)
+  pipe = IPAdapterPipeline(load_stable_diffusion(
+      toy.shipped_weights()["base"], image_encoder=toy.shipped_weights()["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
+  masks = list(toy_composition.half_masks(toy.VISION_CONFIG["image_size"]))
+  left = []
+  for i, j in pairs:
+    image = pipe("", adapters=[AdapterPrompt([ps.images[i], ps.images[j]], masks=masks)],
+                 num_inference_steps=toy.QUICK.sampling_steps,
+                 guidance_scale=toy.QUICK.guidance_scale, seed=i)[0]
+    left.append(toy_composition.half_colours(evaluate.to_uint8(image[None])[0])[0]
+                == ps.examples[i].colour)
+  assert rates["two images, left/right masks"]["left = first image's colour"]["rate"] == np.mean(left)
+  # The judge itself: a red left half and a blue right half on white.
+  drawn = np.full((16, 16, 3), 245, np.uint8)
+  drawn[4:12, 2:8], drawn[4:12, 8:14] = shapes.COLOURS["red"], shapes.COLOURS["blue"]
+  assert toy_composition.half_colours(drawn) == ("red", "blue")
+  drawn[:, 8:] = 245
+  assert toy_composition.half_colours(drawn) == ("red", "none")

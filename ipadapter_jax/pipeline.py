@@ -1,9 +1,10 @@
 """Text + image prompts -> images: prompt encoding, the DDIM loop with classifier-free guidance and
 the VAE decode, compiled as one program.
 
-Everything that changes between calls of the same shape (prompt, negative prompt, image, adapter
-scale, guidance scale, eta, seed, initial latents) is a traced input, so it never recompiles;
-the image tokens' keys/values are computed once per generation, outside the denoising loop.
+Everything that changes between calls of the same shape (prompt, negative prompt, images, every
+adapter's scale, weights, masks and window, guidance scale, eta, seed, initial latents) is a traced
+input, so it never recompiles; each adapter's image keys/values are computed once per generation,
+outside the denoising loop (docs/composition.md).
 """
 
 from __future__ import annotations

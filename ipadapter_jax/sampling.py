@@ -120,13 +120,6 @@ def adapter_prompts(args) -> list | None:
                      "--ip_adapter")
   prompts = []
   for a in range(count):
-    window = windows[a].split(",")
-    if len(window) != 2:
-      raise ValueError(f"--ip_window {windows[a]!r}: expected START,END")
-    try:
-      window = tuple(float(v) for v in window)
-    except ValueError:
-      raise ValueError(f"--ip_window {windows[a]!r}: expected two numbers START,END") from None
     own = [open_image(p, "--image") for p in _paths(images[a])] if images else []
     if images and not own:
       raise ValueError(f"--image {images[a]!r}: no image paths")
@@ -137,8 +130,8 @@ def adapter_prompts(args) -> list | None:
                        "give one mask per image")
     prompts.append(AdapterPrompt(
         images=own, embeds=embeds[a] if embeds else None, scale=scales[a], masks=mask,
-        window=window, negative_image=open_image(negatives[a], "--negative_image")
-        if negatives[a] else None))
+        window=tuple(windows[a].split(",")),  # checked with the rest of the request
+        negative_image=open_image(negatives[a], "--negative_image") if negatives[a] else None))
   return prompts
 
 

@@ -335,12 +335,26 @@ def sdxl(world, tmp_path_factory):
   pipe.save_pretrained(tmp / "xl")
   _save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
                  tmp / BASIC)
+  _save_official(ref.official_adapter(unet, 8, ref.VISION_LIKE["hidden_size"], seed=12,
+                                      kind="plus", resampler_dim=64, heads=1), tmp / PLUS)
   theirs = StableDiffusionXLPipeline.from_pretrained(tmp / "xl")
-  theirs.load_ip_adapter(str(tmp), subfolder="", weight_name=BASIC,
+  theirs.load_ip_adapter([str(tmp)] * 2, subfolder=["", ""], weight_name=[BASIC, PLUS],
                          image_encoder_folder=world["encoder"])
   ours = IPAdapterPipeline(load_stable_diffusion(str(tmp / "xl"), image_encoder=world["encoder"],
-                                                 ip_adapter=str(tmp / BASIC)))
+                                                 ip_adapter=[str(tmp / BASIC), str(tmp / PLUS)]))
   return theirs, ours
+
+
+def _sdxl_theirs(world, theirs, scales, **kw):
+  theirs.set_ip_adapter_scale(scales)
+  return theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
+                latents=torch.from_numpy(world["latents"][:1]), height=H, width=W,
+                output_type="np", **kw).images
+
+
+def _sdxl_ours(world, ours, adapters):
+  return ours(PROMPT, adapters=adapters, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+              guidance_scale=5.0, latents=world["latents"][:1], height=H, width=W)
 
 
 @pytest.mark.parametrize("scale,theirs_scale", [
@@ -348,23 +362,35 @@ def sdxl(world, tmp_path_factory):
     ("style_and_layout", {"down": {"block_1": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}),
     ({"down": 0.4, "mid": 0.7, "up": {"block_0": [1.0, 0.0, 0.5]}}, None),
 ])
-def test_sdxl_block_scales_and_masks(world, sdxl, scale, theirs_scale):
+def test_sdxl_two_adapters_block_scales_and_masks(world, sdxl, scale, theirs_scale):
   theirs, ours = sdxl
   imgs, masks = world["images"], world["masks"]
-  latents = world["latents"][:1]
-  theirs.set_ip_adapter_scale(theirs_scale or scale)
   processor = IPAdapterMaskProcessor()
-  expected = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-                    guidance_scale=5.0, latents=torch.from_numpy(latents), height=H, width=W,
-                    output_type="np", ip_adapter_image=[[imgs[0], imgs[1]]],
-                    cross_attention_kwargs={"ip_adapter_masks": [
-                        processor.preprocess(masks[:2], height=H, width=W).reshape(1, 2, H, W)]}
-                    ).images
-  actual = ours(PROMPT, adapters=[AdapterPrompt([imgs[0], imgs[1]], scale=scale, masks=masks[:2])],
-                negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
-                latents=latents, height=H, width=W)
+  expected = _sdxl_theirs(
+      world, theirs, [theirs_scale or scale, 0.5], ip_adapter_image=[[imgs[0], imgs[1]], imgs[2]],
+      cross_attention_kwargs={"ip_adapter_masks": [
+          processor.preprocess(masks[:2], height=H, width=W).reshape(1, 2, H, W), None]})
+  actual = _sdxl_ours(world, ours, [AdapterPrompt([imgs[0], imgs[1]], scale=scale, masks=masks[:2]),
+                                    AdapterPrompt([imgs[2]], scale=0.5)])
   err = float(np.abs(actual - expected).max())
-  print(f"SDXL, scale {scale}: max abs image difference {err:.1e}")
+  print(f"SDXL basic (masked, scale {scale}) + Plus: max abs image difference {err:.1e}")
+  assert err <= 1e-4
+
+
+def test_sdxl_saved_embeddings(world, sdxl, tmp_path):
+  theirs, ours = sdxl
+  imgs = world["images"]
+  path = str(tmp_path / "embeds.safetensors")
+  save_image_embeds(path, ours.image_embeds([AdapterPrompt([imgs[0]]),
+                                             AdapterPrompt([imgs[1], imgs[2]])]),
+                    ["image_embeds", "hidden_states"])
+  saved = load_image_embeds(path)
+  expected = _sdxl_theirs(world, theirs, [0.6, 0.8],
+                          ip_adapter_image_embeds=[torch.from_numpy(e) for e in saved])
+  actual = _sdxl_ours(world, ours, [AdapterPrompt(embeds=saved[0], scale=0.6),
+                                    AdapterPrompt(embeds=saved[1], scale=0.8)])
+  err = float(np.abs(actual - expected).max())
+  print(f"SDXL saved embeddings: max abs image difference {err:.1e}")
   assert err <= 1e-4
 
 

@@ -1,5 +1,5 @@
-"""Text + image prompts -> images: prompt encoding, the DDIM loop with classifier-free guidance and
-the VAE decode, compiled as one program.
+"""Text + image prompts -> images: prompt encoding, the sampling loop (DDIM, Euler or DPM-Solver++)
+with classifier-free guidance and the VAE decode, compiled as one program.
 
 Everything that changes between calls of the same shape (prompt, negative prompt, images, every
 adapter's scale, weights, masks and window, guidance scale, eta, seed, initial latents) is a traced
@@ -23,6 +23,7 @@ from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as p
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.models.vae import unscale_latents
+from ipadapter_jax.samplers import DDIMSampler, Tables, default_sampler, make_sampler
 from ipadapter_jax.schedulers import DDIM
 from ipadapter_jax.weights.pipeline import StableDiffusion
 
@@ -30,7 +31,7 @@ from ipadapter_jax.weights.pipeline import StableDiffusion
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The static shape of a generation: what one compiled program is specialised to."""
-  ddim: DDIM
+  sampler: Any                        # DDIMSampler, Euler or DPMSolverPP (ipadapter_jax.samplers)
   num_inference_steps: int
   num_samples: int
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
@@ -100,11 +101,15 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
     context = context[half:]
     added = {k: v[half:] for k, v in added.items()}
 
-  timesteps = jnp.asarray(plan.ddim.timesteps(plan.num_inference_steps))
+  sampler = plan.sampler
+  host_tables = sampler.tables(plan.num_inference_steps)
+  tables = Tables(*(jnp.asarray(a) for a in host_tables))
 
-  def denoise(i, latents):
-    t = timesteps[i]
-    x = jnp.concatenate([latents, latents]) if plan.guidance else latents
+  def denoise(i, carry):
+    latents, state = carry
+    t = tables.timesteps[i]
+    x = sampler.scale_model_input(latents, i, tables)
+    x = jnp.concatenate([x, x]) if plan.guidance else x
     step_prompts = tuple(p._replace(scale=p.scale * a["window"][i])  # the timestep windows
                          for p, a in zip(image_prompts, inputs.get("adapters", ())))
     out = unet(x, t, context, image_prompt=step_prompts or None, **added).astype(jnp.float32)
@@ -113,14 +118,14 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
       out = uncond + inputs["guidance_scale"] * (cond - uncond)
     noise = (jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
              if plan.stochastic else None)
-    latents = plan.ddim.step(out, t, latents, num_inference_steps=plan.num_inference_steps,
-                             eta=inputs["eta"], noise=noise)
+    carry = sampler.advance(out, i, latents, state, tables, eta=inputs["eta"], noise=noise)
     if on_step is not None:
       jax.debug.callback(on_step, i)
-    return latents
+    return carry
 
-  latents = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
-                              inputs["latents"].astype(jnp.float32))
+  latents = inputs["latents"].astype(jnp.float32) * sampler.init_noise_sigma(host_tables)
+  latents, _ = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
+                                 (latents, sampler.init_state(latents)))
   images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -154,12 +159,20 @@ def _requests(prompt, image) -> tuple[list[str], list | None]:
 
 
 class IPAdapterPipeline:
-  """Sampling with a Stable Diffusion model and an IP-Adapter (or none), DDIM + CFG."""
+  """Sampling with a Stable Diffusion model and IP-Adapters (or none), with CFG."""
 
-  def __init__(self, models: StableDiffusion, *, scheduler: DDIM | None = None,
+  def __init__(self, models: StableDiffusion, *, scheduler=None,
                on_step: Callable[[int], None] | None = None):
+    """`scheduler`: a sampler name (`samplers.SAMPLERS`: ddim, euler, dpmpp_2m,
+    dpmpp_2m_karras), built from the model folder's scheduler config as diffusers'
+    `from_config` builds it, or a sampler object; None: the one the folder's config names."""
     self.models = models
-    self.scheduler = scheduler or DDIM.from_diffusers(models.scheduler_config)
+    config = models.scheduler_config
+    if scheduler is None or isinstance(scheduler, str):
+      scheduler = make_sampler(scheduler or default_sampler(config), config)
+    elif isinstance(scheduler, DDIM):
+      scheduler = DDIMSampler(scheduler)
+    self.scheduler = scheduler
     self.vae_scale_factor = (1 if models.vae is None else
                              2 ** (len(models.vae.config.block_out_channels) - 1))
     self._graphdef, state = nnx.split(models.networks())
@@ -240,7 +253,7 @@ class IPAdapterPipeline:
       plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
                                                        num_inference_steps, height // f, width // f,
                                                        height, width)
-    plan = Plan(ddim=self.scheduler, num_inference_steps=num_inference_steps,
+    plan = Plan(sampler=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
                 stochastic=eta > 0, adapters=plans, sdxl_zero_negative=bool(sdxl_zero))
     return plan, inputs

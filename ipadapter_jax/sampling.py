@@ -13,11 +13,14 @@ import numpy as np
 from PIL import Image
 
 
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")  # ipadapter_jax.samplers.SAMPLERS
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="sample.py",
-      description="Generate images from a text prompt and an image prompt with an IP-Adapter "
-                  "(DDIM sampling with classifier-free guidance).")
+      description="Generate images from a text prompt and image prompts with IP-Adapters "
+                  "(DDIM, Euler or DPM-Solver++ sampling with classifier-free guidance).")
   p.add_argument("--pretrained", required=True,
                  help="diffusers Stable Diffusion folder or hub id")
   p.add_argument("--image_encoder", default=None,
@@ -47,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="negative text prompt (default: diffusers' default, the empty text; zero "
                       "embeddings for SDXL models with force_zeros_for_empty_prompt)")
   p.add_argument("--guidance_scale", type=float, default=7.5)
+  p.add_argument("--scheduler", default=None, choices=sorted(SAMPLER_NAMES),
+                 help="sampler, built from the model folder's scheduler config as diffusers' "
+                      "from_config builds it (default: the one that config names; DDIM for a "
+                      "scheduler not implemented here, such as SD1.5's PNDM)")
   p.add_argument("--num_inference_steps", type=int, default=50)
   p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
   p.add_argument("--num_samples", type=int, default=4)
@@ -142,6 +149,7 @@ def run(args) -> dict:
 
   from ipadapter_jax.image_prompts import save_image_embeds
   from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.samplers import default_sampler
   from ipadapter_jax.weights import load_stable_diffusion
 
   if args.latents is not None and not os.path.isfile(args.latents):
@@ -157,7 +165,8 @@ def run(args) -> dict:
   loaded = time.perf_counter()
 
   progress = []
-  pipe = IPAdapterPipeline(models, on_step=lambda i: progress[0].update(1))
+  scheduler = args.scheduler or default_sampler(models.scheduler_config)
+  pipe = IPAdapterPipeline(models, scheduler=scheduler, on_step=lambda i: progress[0].update(1))
   request = dict(adapters=adapters, negative_prompt=args.negative_prompt,
                  guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
@@ -181,6 +190,7 @@ def run(args) -> dict:
   settings = dict(vars(args))
   settings.update(height=int(images.shape[1]), width=int(images.shape[2]),
                   scale=[p.scale for p in adapters or ()],
+                  scheduler=scheduler,
                   seconds_loading=round(loaded - start, 3),
                   seconds_compiling=round(compiled - loaded, 3),
                   seconds_per_image=round((done - compiled) / args.num_samples, 3))

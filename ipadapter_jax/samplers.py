@@ -1,0 +1,292 @@
+"""The samplers the pipeline runs: DDIM, Euler and DPM-Solver++ 2M (with Karras sigmas), as
+diffusers' schedulers compute them.
+
+Each sampler is a frozen (hashable) description built from a scheduler config exactly as
+diffusers' `XScheduler.from_config(config)` builds it, with one interface for the loop:
+`tables(n)` computes on the host what a run of n steps needs (the model timesteps, and the sigmas
+as diffusers' `set_timesteps` gives them); `init_noise_sigma`, `scale_model_input`, `init_state`
+and `advance` are pure functions of traced values and the step index, so a whole run is one loop
+in one compiled program. Notation: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); Euler and
+DPM-Solver work on x = x0 + sigma eps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ipadapter_jax.schedulers import DDIM, SPACINGS, NoiseSchedule, _SCHEDULE_FIELDS, _pick
+
+
+class Tables(NamedTuple):
+  """A run's per-step values: model timesteps [n] and sigmas [n + 1] (the last one 0)."""
+  timesteps: np.ndarray
+  sigmas: np.ndarray
+
+
+def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+  """sigma_t for t = 0..T-1 in float32, as diffusers computes it from float32 alphas_cumprod."""
+  a = schedule.alphas_cumprod()
+  return (((1 - a) / a) ** 0.5).astype(np.float32)
+
+
+def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+  """The fractional training timestep of each sigma: linear interpolation in log sigma."""
+  sigma = np.asarray(sigma)
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  high = low + 1
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+  return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
+  """Karras et al. (2022): n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
+  ramp = np.linspace(0, 1, n)
+  return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any]):
+  # diffusers' from_config does not carry over the values another class left at its defaults.
+  defaults = set(raw.get("_use_default_values", ()))
+  raw = {k: v for k, v in raw.items() if k not in defaults}
+  for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+              "use_flow_sigmas"):
+    if {**raw, **overrides}.get(key):
+      raise ValueError(f"{source}: '{key}'=True is not supported by {cls.__name__}")
+  schedule_overrides = {k: overrides.pop(k) for k in list(overrides) if k in _SCHEDULE_FIELDS}
+  schedule = NoiseSchedule.from_diffusers(raw, source, **schedule_overrides)
+  sampler = cls(schedule=schedule, **_pick(cls, raw, overrides, source))
+  if sampler.timestep_spacing not in SPACINGS:
+    raise ValueError(f"{source}: timestep_spacing={sampler.timestep_spacing!r} is not supported")
+  return sampler
+
+
+def _check_steps(n: int, schedule: NoiseSchedule):
+  if not 1 <= n <= schedule.num_train_timesteps:
+    raise ValueError(f"num_inference_steps must be in [1, {schedule.num_train_timesteps}], "
+                     f"got {n}")
+
+
+def _x0(kind: str, out, x, sigma):
+  """The clean-sample estimate in sigma space for diffusers' prediction types."""
+  if kind == "epsilon":
+    return x - sigma * out
+  if kind == "v_prediction":
+    return out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler:
+  """Euler's method on the probability-flow ODE (diffusers' EulerDiscreteScheduler, s_churn = 0)."""
+  schedule: NoiseSchedule = NoiseSchedule()
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+  use_karras_sigmas: bool = False
+  interpolation_type: str = "linear"
+  final_sigmas_type: str = "zero"
+  sigma_min: float | None = None
+  sigma_max: float | None = None
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    if {**raw, **overrides}.get("timestep_type", "discrete") != "discrete":
+      raise ValueError(f"{source}: only timestep_type='discrete' is supported")
+    overrides.pop("timestep_type", None)
+    sampler = _from_config(cls, raw, source, overrides)
+    if sampler.schedule.prediction_type == "sample":
+      raise ValueError(f"{source}: Euler does not support prediction_type='sample' (as diffusers)")
+    return sampler
+
+  def tables(self, n: int) -> Tables:
+    _check_steps(n, self.schedule)
+    T = self.schedule.num_train_timesteps
+    if self.timestep_spacing == "linspace":
+      ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    elif self.timestep_spacing == "leading":
+      ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + self.steps_offset
+    else:
+      ts = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
+    train = _train_sigmas(self.schedule)
+    log_sigmas = np.log(train)
+    if self.interpolation_type == "linear":
+      sigmas = np.interp(ts, np.arange(len(train)), train)
+    elif self.interpolation_type == "log_linear":
+      sigmas = np.exp(np.linspace(np.log(train[-1]), np.log(train[0]), n + 1, dtype=np.float32))
+    else:
+      raise ValueError(f"interpolation_type={self.interpolation_type!r} is not supported")
+    if self.use_karras_sigmas:
+      sigmas = karras_sigmas(self.sigma_max or float(sigmas[0]), self.sigma_min or float(sigmas[-1]),
+                             n)
+      ts = sigma_to_t(sigmas, log_sigmas)
+    last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
+    return Tables(np.asarray(ts, np.float32),
+                  np.concatenate([sigmas, [last]]).astype(np.float32))
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    top = float(tables.sigmas.max())
+    return top if self.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return x / jnp.sqrt(tables.sigmas[i] ** 2 + 1)
+
+  def init_state(self, x):
+    return ()
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+    """(x at step i + 1, state) from the model output at step i (eta and noise: unused)."""
+    sigmas = tables.sigmas
+    sigma = sigmas[i]
+    x, out = x.astype(jnp.float32), out.astype(jnp.float32)
+    x0 = _x0(self.schedule.prediction_type, out, x, sigma)
+    return x + (x - x0) / sigma * (sigmas[i + 1] - sigma), state
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverPP:
+  """DPM-Solver++ (Lu et al., 2022), multistep, order 2, midpoint (diffusers'
+  DPMSolverMultistepScheduler with its defaults); `use_karras_sigmas` gives "DPM++ 2M Karras"."""
+  schedule: NoiseSchedule = NoiseSchedule()
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+  use_karras_sigmas: bool = False
+  solver_order: int = 2
+  algorithm_type: str = "dpmsolver++"
+  solver_type: str = "midpoint"
+  lower_order_final: bool = True
+  euler_at_final: bool = False
+  final_sigmas_type: str = "zero"
+  lambda_min_clipped: float = -float("inf")
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    sampler = _from_config(cls, raw, source, overrides)
+    if (sampler.solver_order, sampler.algorithm_type, sampler.solver_type) != (
+        2, "dpmsolver++", "midpoint") or sampler.lambda_min_clipped != -float("inf"):
+      raise ValueError(f"{source}: only DPM-Solver++ of order 2 with the midpoint solver (and no "
+                       "lambda_min_clipped) is supported")
+    return sampler
+
+  def tables(self, n: int) -> Tables:
+    _check_steps(n, self.schedule)
+    T = self.schedule.num_train_timesteps
+    if self.timestep_spacing == "linspace":
+      ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif self.timestep_spacing == "leading":
+      ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
+      ts = ts + self.steps_offset
+    else:
+      ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    train = _train_sigmas(self.schedule)
+    if self.use_karras_sigmas:
+      sigmas = karras_sigmas(float(train[-1]), float(train[0]), n)
+      ts = sigma_to_t(sigmas, np.log(train))
+      if self.schedule.beta_schedule != "squaredcos_cap_v2":
+        ts = ts.round()
+    else:
+      sigmas = np.interp(ts, np.arange(len(train)), train)
+    last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
+    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
+                  np.concatenate([sigmas, [last]]).astype(np.float32))
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    return 1.0
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return x
+
+  def init_state(self, x):
+    return jnp.zeros_like(x, jnp.float32)  # the previous step's x0 estimate
+
+  @staticmethod
+  def _alpha_sigma(sigma):
+    alpha = 1 / jnp.sqrt(sigma ** 2 + 1)
+    return alpha, sigma * alpha
+
+  def advance(self, out, i, x, previous_x0, tables: Tables, *, eta=0.0, noise=None):
+    """One step; the first step, and the last when lower-order finishing applies, are
+    first-order (diffusers' rules for `lower_order_final`, `euler_at_final`, zero final sigma)."""
+    sigmas = tables.sigmas
+    n = sigmas.shape[0] - 1
+    x, out = x.astype(jnp.float32), out.astype(jnp.float32)
+    alpha_s, sigma_s = self._alpha_sigma(sigmas[i])
+    kind = self.schedule.prediction_type
+    if kind == "epsilon":
+      x0 = (x - sigma_s * out) / alpha_s
+    elif kind == "v_prediction":
+      x0 = alpha_s * x - sigma_s * out
+    else:
+      x0 = out
+    alpha_t, sigma_t = self._alpha_sigma(sigmas[i + 1])
+    lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
+    h = lam_t - lam_s
+    first = (sigma_t / sigma_s) * x - alpha_t * (jnp.exp(-h) - 1.0) * x0
+    alpha_p, sigma_p = self._alpha_sigma(sigmas[jnp.maximum(i - 1, 0)])
+    r0 = (lam_s - (jnp.log(alpha_p) - jnp.log(sigma_p))) / h
+    d1 = (x0 - previous_x0) / r0
+    second = ((sigma_t / sigma_s) * x - alpha_t * (jnp.exp(-h) - 1.0) * x0
+              - 0.5 * alpha_t * (jnp.exp(-h) - 1.0) * d1)
+    last = i == n - 1
+    low_final = self.euler_at_final or (self.lower_order_final and n < 15) or (
+        self.final_sigmas_type == "zero")
+    use_first = (i == 0) | (last & low_final)
+    return jnp.where(use_first, first, second), x0
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSampler:
+  """`schedulers.DDIM` behind the loop interface (eta > 0 takes the step's noise)."""
+  ddim: DDIM
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    defaults = set(raw.get("_use_default_values", ()))
+    return cls(DDIM.from_diffusers({k: v for k, v in raw.items() if k not in defaults}, source,
+                                   **overrides))
+
+  def tables(self, n: int) -> Tables:
+    return Tables(self.ddim.timesteps(n), np.zeros((n + 1,), np.float32))
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    return 1.0
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return x
+
+  def init_state(self, x):
+    return ()
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+    n = tables.timesteps.shape[0]
+    return self.ddim.step(out, tables.timesteps[i], x, num_inference_steps=n, eta=eta,
+                          noise=noise), state
+
+
+# sample.py's --scheduler names -> (class, settings added to the folder's scheduler config).
+SAMPLERS = {"ddim": (DDIMSampler, {}), "euler": (Euler, {}),
+            "dpmpp_2m": (DPMSolverPP, {}), "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True})}
+_BY_CLASS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+             "DPMSolverMultistepScheduler": "dpmpp_2m"}
+
+
+def default_sampler(config: dict) -> str:
+  """The sampler a folder's scheduler config names; DDIM (the paper's sampler) for a scheduler
+  this project does not implement (Stable Diffusion 1.5 folders name PNDM)."""
+  name = _BY_CLASS.get(config.get("_class_name"), "ddim")
+  if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+    return "dpmpp_2m_karras"
+  return name
+
+
+def make_sampler(name: str, config: dict, source: str = "scheduler config"):
+  """The sampler `name` built from a scheduler config, as diffusers' `from_config` builds it."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
+  cls, extra = SAMPLERS[name]
+  return cls.from_diffusers(dict(config), source, **extra)

@@ -1,0 +1,131 @@
+"""The sigma-space samplers against diffusers' schedulers: the same timesteps and sigmas, and the
+same samples over whole runs of a fixed synthetic model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from ipadapter_jax.samplers import DDIMSampler, DPMSolverPP, Euler, Tables
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+          set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's DDIM config
+CONFIGS = {
+    "sd": SD,
+    "sd, v-prediction, trailing": dict(SD, prediction_type="v_prediction",
+                                       timestep_spacing="trailing"),
+    "linear, linspace": dict(beta_schedule="linear", timestep_spacing="linspace"),
+}
+SAMPLERS = {"ddim": (DDIMScheduler, DDIMSampler, {}),
+            "euler": (EulerDiscreteScheduler, Euler, {}),
+            "euler_karras": (EulerDiscreteScheduler, Euler, {"use_karras_sigmas": True}),
+            "dpmpp_2m": (DPMSolverMultistepScheduler, DPMSolverPP, {}),
+            "dpmpp_2m_karras": (DPMSolverMultistepScheduler, DPMSolverPP,
+                                {"use_karras_sigmas": True})}
+
+
+def _model(x, t, xp):
+  """A fixed, smooth stand-in for a UNet: depends on the input and the timestep."""
+  return 0.7 * x * xp.cos(t / 700.0) + 0.2 * xp.sin(3.0 * x + t / 300.0)
+
+
+def _theirs(cls, config, extra, steps, x):
+  scheduler = cls.from_config(DDIMScheduler(**config).config, **extra)
+  scheduler.set_timesteps(steps)
+  x = torch.from_numpy(x) * scheduler.init_noise_sigma
+  for t in scheduler.timesteps:
+    out = _model(scheduler.scale_model_input(x, t), t.float(), torch)
+    x = scheduler.step(out, t, x).prev_sample
+  return scheduler, x.numpy()
+
+
+def _ours(sampler, steps, x):
+  tables = sampler.tables(steps)
+  traced = Tables(*(jnp.asarray(a) for a in tables))
+
+  def body(i, carry):
+    x, state = carry
+    t = traced.timesteps[i].astype(jnp.float32)
+    out = _model(sampler.scale_model_input(x, i, traced), t, jnp)
+    return sampler.advance(out, i, x, state, traced)
+  x = jnp.asarray(x) * sampler.init_noise_sigma(tables)
+  x, _ = jax.lax.fori_loop(0, steps, body, (x, sampler.init_state(x)))
+  return tables, np.asarray(x)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("steps", [10, 20])
+def test_whole_runs_match_diffusers(config, name, steps):
+  theirs_cls, ours_cls, extra = SAMPLERS[name]
+  x = np.random.default_rng(steps).standard_normal((2, 4, 8, 8)).astype(np.float32)
+  scheduler, expected = _theirs(theirs_cls, CONFIGS[config], extra, steps, x)
+  sampler = ours_cls.from_diffusers(dict(DDIMScheduler(**CONFIGS[config]).config), **extra)
+  tables, actual = _ours(sampler, steps, x)
+  expected_t = scheduler.timesteps.numpy()
+  if np.issubdtype(expected_t.dtype, np.integer):
+    np.testing.assert_array_equal(tables.timesteps, expected_t)
+  else:  # interpolated (Karras) timesteps: float32 rounding, measured <= 3.2e-7 relative
+    np.testing.assert_allclose(tables.timesteps, expected_t, rtol=1e-6)
+  np.testing.assert_allclose(tables.sigmas, scheduler.sigmas.numpy(), rtol=1e-6)
+  err = float(np.abs(actual - expected).max())
+  print(f"{name}, {config}, {steps} steps: max abs difference {err:.1e}")
+  assert err <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_unsupported_settings_are_refused():
+  with pytest.raises(ValueError, match="use_exponential_sigmas"):
+    Euler.from_diffusers(dict(SD, use_exponential_sigmas=True))
+  with pytest.raises(ValueError, match="order 2"):
+    DPMSolverPP.from_diffusers(dict(SD, solver_order=3))
+  with pytest.raises(ValueError, match="prediction_type='sample'"):
+    Euler.from_diffusers(dict(SD, prediction_type="sample"))
+
+
+PIPELINE_SAMPLERS = {"euler": (EulerDiscreteScheduler, {}),
+                     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+                     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_SAMPLERS))
+def test_sampling_with_an_image_prompt_matches_diffusers(tiny_world, tmp_path, name):
+  """The whole pipeline (CFG, adapter, VAE) with each sampler, through sample.py's --scheduler."""
+  from diffusers import StableDiffusionPipeline
+  from PIL import Image
+  from ipadapter_jax.sampling import main as sample_main
+  cls, extra = PIPELINE_SAMPLERS[name]
+  pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "sd")
+  pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+  pipe.load_ip_adapter(str(tiny_world / "adapter"), subfolder="",
+                       weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder")
+  pipe.set_ip_adapter_scale(0.6)
+  latents = np.load(tiny_world / "latents.npy")
+  expected = pipe("a red circle", negative_prompt="green", num_inference_steps=4,
+                  guidance_scale=7.5, num_images_per_prompt=2, latents=torch.from_numpy(latents),
+                  height=32, width=32, output_type="np",
+                  ip_adapter_image=Image.open(tiny_world / "prompt.png")).images
+  out = tmp_path / "grid.png"
+  argv = ["--pretrained", str(tiny_world / "sd"), "--prompt", "a red circle",
+          "--negative_prompt", "green", "--num_inference_steps", "4", "--num_samples", "2",
+          "--height", "32", "--width", "32", "--latents", str(tiny_world / "latents.npy"),
+          "--image_encoder", str(tiny_world / "adapter" / "image_encoder"),
+          "--ip_adapter", str(tiny_world / "adapter" / "ip-adapter.safetensors"),
+          "--image", str(tiny_world / "prompt.png"), "--scale", "0.6", "--scheduler", name,
+          "--out", str(out), "--save_array", str(tmp_path / "out.npy")]
+  assert sample_main(argv) == 0
+  err = float(np.abs(np.load(tmp_path / "out.npy") - expected).max())
+  print(f"{name} with an image prompt: max abs image difference {err:.1e}")
+  assert err <= 1e-4
+
+
+def test_the_folder_config_names_the_default_sampler():
+  from ipadapter_jax.samplers import SAMPLERS, default_sampler
+  from ipadapter_jax.sampling import SAMPLER_NAMES
+  assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+  assert default_sampler({"_class_name": "EulerDiscreteScheduler"}) == "euler"
+  assert default_sampler({"_class_name": "DPMSolverMultistepScheduler",
+                          "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+  assert default_sampler({"_class_name": "DDIMScheduler"}) == "ddim"
+  assert default_sampler({"_class_name": "PNDMScheduler"}) == "ddim"  # not implemented here

@@ -35,7 +35,7 @@ class Plan:
   num_inference_steps: int
   num_samples: int
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
-  stochastic: bool                    # eta > 0
+  stochastic: bool                    # eta > 0, or an ancestral sampler: noise at every step
   adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
 
@@ -116,8 +116,11 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
     if plan.guidance:
       uncond, cond = jnp.split(out, 2)
       out = uncond + inputs["guidance_scale"] * (cond - uncond)
-    noise = (jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
-             if plan.stochastic else None)
+    noise = None
+    if "step_noise" in inputs:
+      noise = inputs["step_noise"][i]
+    elif plan.stochastic:
+      noise = jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
     carry = sampler.advance(out, i, latents, state, tables, eta=inputs["eta"], noise=noise)
     if on_step is not None:
       jax.debug.callback(on_step, i)
@@ -204,7 +207,8 @@ class IPAdapterPipeline:
               adapters: Sequence[AdapterPrompt] | None = None,
               negative_prompt: str | None = None, scale=1.0, guidance_scale: float = 7.5,
               num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
-              seed: int = 0, latents=None, height: int | None = None, width: int | None = None):
+              seed: int = 0, latents=None, height: int | None = None, width: int | None = None,
+              step_noise=None):
     """Checks the request and builds (plan, inputs) for `generate`.
 
     `prompt` and `image` may be lists (one entry per request, a single value is shared); every
@@ -212,7 +216,9 @@ class IPAdapterPipeline:
     several adapters (or several images, masks, windows, negative images, saved embeddings)
     pass `adapters`, one `AdapterPrompt` per loaded adapter, shared by every request.
     `negative_prompt=None` is diffusers' default: the empty text, or zero embeddings for SDXL
-    models with `force_zeros_for_empty_prompt`.
+    models with `force_zeros_for_empty_prompt`. `step_noise` [steps, N, C, h, w] (diffusers'
+    layout) replaces the noise a stochastic step draws from the seed (to reproduce another
+    implementation's run).
     """
     m = self.models
     prompts, images = _requests(prompt, image)
@@ -237,6 +243,12 @@ class IPAdapterPipeline:
                          f"{list(expected)} (prompts x num_samples, C, height/{f}, width/{f})")
       latents = jnp.asarray(latents.transpose(0, 2, 3, 1))
 
+    if step_noise is not None:
+      step_noise = np.asarray(step_noise, np.float32)
+      expected = (num_inference_steps,) + shape[:1] + shape[3:] + shape[1:3]
+      if step_noise.shape != expected:
+        raise ValueError(f"step_noise has shape {list(step_noise.shape)}, expected "
+                         f"{list(expected)} (steps, N, C, h, w)")
     sdxl_zero = m.is_sdxl and negative_prompt is None and m.model_index.get(
         "force_zeros_for_empty_prompt", True)
     negative = negative_prompt or ""
@@ -248,6 +260,8 @@ class IPAdapterPipeline:
       inputs["ids_2"] = tokenize(m.tokenizer_2, texts)
       ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
       inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
+    if step_noise is not None:
+      inputs["step_noise"] = jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2))
     plans = ()
     if images is not None or adapters is not None:
       plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
@@ -255,7 +269,7 @@ class IPAdapterPipeline:
                                                        height, width)
     plan = Plan(sampler=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0, adapters=plans, sdxl_zero_negative=bool(sdxl_zero))
+                stochastic=eta > 0 or self.scheduler.needs_noise, adapters=plans, sdxl_zero_negative=bool(sdxl_zero))
     return plan, inputs
 
   def _adapter_inputs(self, images, scale, adapters, num_steps, latent_h, latent_w, height, width):

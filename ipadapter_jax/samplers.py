@@ -1,12 +1,13 @@
-"""The samplers the pipeline runs: DDIM, Euler and DPM-Solver++ 2M (with Karras sigmas), as
-diffusers' schedulers compute them.
+"""The samplers the pipeline runs: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M (with Karras
+sigmas) and DDPM, as diffusers' schedulers compute them.
 
 Each sampler is a frozen (hashable) description built from a scheduler config exactly as
 diffusers' `XScheduler.from_config(config)` builds it, with one interface for the loop:
 `tables(n)` computes on the host what a run of n steps needs (the model timesteps, and the sigmas
 as diffusers' `set_timesteps` gives them); `init_noise_sigma`, `scale_model_input`, `init_state`
 and `advance` are pure functions of traced values and the step index, so a whole run is one loop
-in one compiled program. Notation: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); Euler and
+in one compiled program. The ancestral samplers (`needs_noise`) take a standard normal `noise`
+at every step. Notation: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); the Euler samplers and
 DPM-Solver work on x = x0 + sigma eps.
 """
 
@@ -50,10 +51,15 @@ def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) 
   return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any]):
-  # diffusers' from_config does not carry over the values another class left at its defaults.
+def _explicit(raw: dict[str, Any]) -> dict[str, Any]:
+  """A config without the values its class left at their defaults: diffusers' from_config does
+  not carry those over to another scheduler class."""
   defaults = set(raw.get("_use_default_values", ()))
-  raw = {k: v for k, v in raw.items() if k not in defaults}
+  return {k: v for k, v in raw.items() if k not in defaults}
+
+
+def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any]):
+  raw = _explicit(raw)
   for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
               "use_flow_sigmas"):
     if {**raw, **overrides}.get(key):
@@ -92,6 +98,7 @@ class Euler:
   final_sigmas_type: str = "zero"
   sigma_min: float | None = None
   sigma_max: float | None = None
+  needs_noise = False
 
   @classmethod
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
@@ -162,6 +169,7 @@ class DPMSolverPP:
   euler_at_final: bool = False
   final_sigmas_type: str = "zero"
   lambda_min_clipped: float = -float("inf")
+  needs_noise = False
 
   @classmethod
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
@@ -243,12 +251,11 @@ class DPMSolverPP:
 class DDIMSampler:
   """`schedulers.DDIM` behind the loop interface (eta > 0 takes the step's noise)."""
   ddim: DDIM
+  needs_noise = False
 
   @classmethod
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
-    defaults = set(raw.get("_use_default_values", ()))
-    return cls(DDIM.from_diffusers({k: v for k, v in raw.items() if k not in defaults}, source,
-                                   **overrides))
+    return cls(DDIM.from_diffusers(_explicit(raw), source, **overrides))
 
   def tables(self, n: int) -> Tables:
     return Tables(self.ddim.timesteps(n), np.zeros((n + 1,), np.float32))
@@ -268,10 +275,111 @@ class DDIMSampler:
                           noise=noise), state
 
 
+@dataclasses.dataclass(frozen=True)
+class EulerAncestral:
+  """Euler ancestral (diffusers' EulerAncestralDiscreteScheduler): each step goes down to
+  sigma_down deterministically and adds fresh noise of size sigma_up."""
+  schedule: NoiseSchedule = NoiseSchedule()
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+  needs_noise = True  # (a class constant, not a field) fresh noise at every step
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    sampler = _from_config(cls, raw, source, overrides)
+    if sampler.schedule.prediction_type == "sample":
+      raise ValueError(f"{source}: Euler ancestral does not support prediction_type='sample' "
+                       "(as diffusers)")
+    return sampler
+
+  def _euler(self) -> Euler:
+    return Euler(self.schedule, self.timestep_spacing, self.steps_offset)
+
+  def tables(self, n: int) -> Tables:
+    return self._euler().tables(n)
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    return self._euler().init_noise_sigma(tables)
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return self._euler().scale_model_input(x, i, tables)
+
+  def init_state(self, x):
+    return ()
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+    sigma, sigma_to = tables.sigmas[i], tables.sigmas[i + 1]
+    x, out = x.astype(jnp.float32), out.astype(jnp.float32)
+    x0 = _x0(self.schedule.prediction_type, out, x, sigma)
+    sigma_up = jnp.sqrt(sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2)
+    sigma_down = jnp.sqrt(sigma_to ** 2 - sigma_up ** 2)
+    x = x + (x - x0) / sigma * (sigma_down - sigma)
+    return x + noise.astype(jnp.float32) * sigma_up, state
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM:
+  """Ancestral DDPM sampling (diffusers' DDPMScheduler, fixed_small variance): each step goes to
+  the next timestep of the run through the posterior q(x_prev | x_t, x0_hat), plus its noise."""
+  schedule: NoiseSchedule = NoiseSchedule()
+  timestep_spacing: str = "leading"
+  steps_offset: int = 0
+  clip_sample: bool = True
+  clip_sample_range: float = 1.0
+  variance_type: str = "fixed_small"
+  needs_noise = True
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    sampler = _from_config(cls, raw, source, overrides)
+    if sampler.variance_type != "fixed_small":
+      raise ValueError(f"{source}: DDPM with variance_type={sampler.variance_type!r} is not "
+                       "supported (only 'fixed_small')")
+    return sampler
+
+  def tables(self, n: int) -> Tables:
+    ddim = DDIM(self.schedule, timestep_spacing=self.timestep_spacing,
+                steps_offset=self.steps_offset)  # the same timestep rules as DDIM
+    return Tables(ddim.timesteps(n), np.zeros((n + 1,), np.float32))
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    return 1.0
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return x
+
+  def init_state(self, x):
+    return ()
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+    ts = tables.timesteps
+    alphas = jnp.asarray(self.schedule.alphas_cumprod())
+    t = ts[i]
+    t_prev = jnp.where(i + 1 < ts.shape[0], ts[jnp.minimum(i + 1, ts.shape[0] - 1)], -1)
+    a_t = alphas[t]
+    a_prev = jnp.where(t_prev >= 0, alphas[jnp.maximum(t_prev, 0)], 1.0)
+    x, out = x.astype(jnp.float32), out.astype(jnp.float32)
+    kind = self.schedule.prediction_type
+    if kind == "epsilon":
+      x0 = (x - jnp.sqrt(1 - a_t) * out) / jnp.sqrt(a_t)
+    elif kind == "v_prediction":
+      x0 = jnp.sqrt(a_t) * x - jnp.sqrt(1 - a_t) * out
+    else:
+      x0 = out
+    if self.clip_sample:
+      x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+    alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+    mean = (jnp.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (jnp.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
+    variance = jnp.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    return mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise.astype(jnp.float32), state
+
+
 # sample.py's --scheduler names -> (class, settings added to the folder's scheduler config).
-SAMPLERS = {"ddim": (DDIMSampler, {}), "euler": (Euler, {}),
-            "dpmpp_2m": (DPMSolverPP, {}), "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True})}
+SAMPLERS = {"ddim": (DDIMSampler, {}), "euler": (Euler, {}), "euler_a": (EulerAncestral, {}),
+            "dpmpp_2m": (DPMSolverPP, {}),
+            "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}), "ddpm": (DDPM, {})}
 _BY_CLASS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+             "EulerAncestralDiscreteScheduler": "euler_a", "DDPMScheduler": "ddpm",
              "DPMSolverMultistepScheduler": "dpmpp_2m"}
 
 

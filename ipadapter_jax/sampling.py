@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 
-SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")  # ipadapter_jax.samplers.SAMPLERS
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # = samplers.SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "embeddings for SDXL models with force_zeros_for_empty_prompt)")
   p.add_argument("--guidance_scale", type=float, default=7.5)
   p.add_argument("--scheduler", default=None, choices=sorted(SAMPLER_NAMES),
-                 help="sampler, built from the model folder's scheduler config as diffusers' "
+                 help="sampler (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm), built "
+                      "from the model folder's scheduler config as diffusers' "
                       "from_config builds it (default: the one that config names; DDIM for a "
                       "scheduler not implemented here, such as SD1.5's PNDM)")
   p.add_argument("--num_inference_steps", type=int, default=50)

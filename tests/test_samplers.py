@@ -1,14 +1,16 @@
-"""The sigma-space samplers against diffusers' schedulers: the same timesteps and sigmas, and the
-same samples over whole runs of a fixed synthetic model."""
+"""The samplers against diffusers' schedulers: the same timesteps and sigmas, and the same samples
+over whole runs of a fixed synthetic model (the ancestral ones fed the noise diffusers draws)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
-from ipadapter_jax.samplers import DDIMSampler, DPMSolverPP, Euler, Tables
+from ipadapter_jax.samplers import (DDPM, DDIMSampler, DPMSolverPP, Euler, EulerAncestral,
+                                    Tables)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
           set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's DDIM config
@@ -23,7 +25,9 @@ SAMPLERS = {"ddim": (DDIMScheduler, DDIMSampler, {}),
             "euler_karras": (EulerDiscreteScheduler, Euler, {"use_karras_sigmas": True}),
             "dpmpp_2m": (DPMSolverMultistepScheduler, DPMSolverPP, {}),
             "dpmpp_2m_karras": (DPMSolverMultistepScheduler, DPMSolverPP,
-                                {"use_karras_sigmas": True})}
+                                {"use_karras_sigmas": True}),
+            "euler_a": (EulerAncestralDiscreteScheduler, EulerAncestral, {}),
+            "ddpm": (DDPMScheduler, DDPM, {})}
 
 
 def _model(x, t, xp):
@@ -31,25 +35,37 @@ def _model(x, t, xp):
   return 0.7 * x * xp.cos(t / 700.0) + 0.2 * xp.sin(3.0 * x + t / 300.0)
 
 
-def _theirs(cls, config, extra, steps, x):
+def _theirs(cls, config, extra, steps, x, seed=0):
   scheduler = cls.from_config(DDIMScheduler(**config).config, **extra)
   scheduler.set_timesteps(steps)
   x = torch.from_numpy(x) * scheduler.init_noise_sigma
+  generator = torch.Generator().manual_seed(seed)
+  noisy = "generator" in scheduler.step.__code__.co_varnames
   for t in scheduler.timesteps:
     out = _model(scheduler.scale_model_input(x, t), t.float(), torch)
-    x = scheduler.step(out, t, x).prev_sample
+    x = scheduler.step(out, t, x, **({"generator": generator} if noisy else {})).prev_sample
   return scheduler, x.numpy()
 
 
-def _ours(sampler, steps, x):
+def _step_noise(scheduler, shape, seed=0):
+  """The noise diffusers' ancestral steps draw from a generator seeded `seed`, step by step
+  (DDPM draws none at t = 0)."""
+  generator = torch.Generator().manual_seed(seed)
+  ddpm = isinstance(scheduler, DDPMScheduler)
+  return np.stack([torch.randn(shape, generator=generator).numpy() if not ddpm or t > 0
+                   else np.zeros(shape, np.float32) for t in scheduler.timesteps])
+
+
+def _ours(sampler, steps, x, noise=None):
   tables = sampler.tables(steps)
   traced = Tables(*(jnp.asarray(a) for a in tables))
+  noise = None if noise is None else jnp.asarray(noise)
 
   def body(i, carry):
     x, state = carry
     t = traced.timesteps[i].astype(jnp.float32)
     out = _model(sampler.scale_model_input(x, i, traced), t, jnp)
-    return sampler.advance(out, i, x, state, traced)
+    return sampler.advance(out, i, x, state, traced, noise=None if noise is None else noise[i])
   x = jnp.asarray(x) * sampler.init_noise_sigma(tables)
   x, _ = jax.lax.fori_loop(0, steps, body, (x, sampler.init_state(x)))
   return tables, np.asarray(x)
@@ -63,13 +79,15 @@ def test_whole_runs_match_diffusers(config, name, steps):
   x = np.random.default_rng(steps).standard_normal((2, 4, 8, 8)).astype(np.float32)
   scheduler, expected = _theirs(theirs_cls, CONFIGS[config], extra, steps, x)
   sampler = ours_cls.from_diffusers(dict(DDIMScheduler(**CONFIGS[config]).config), **extra)
-  tables, actual = _ours(sampler, steps, x)
+  noise = _step_noise(scheduler, x.shape) if sampler.needs_noise else None
+  tables, actual = _ours(sampler, steps, x, noise)
   expected_t = scheduler.timesteps.numpy()
   if np.issubdtype(expected_t.dtype, np.integer):
     np.testing.assert_array_equal(tables.timesteps, expected_t)
   else:  # interpolated (Karras) timesteps: float32 rounding, measured <= 3.2e-7 relative
     np.testing.assert_allclose(tables.timesteps, expected_t, rtol=1e-6)
-  np.testing.assert_allclose(tables.sigmas, scheduler.sigmas.numpy(), rtol=1e-6)
+  if hasattr(scheduler, "sigmas"):  # the sigma-space samplers
+    np.testing.assert_allclose(tables.sigmas, scheduler.sigmas.numpy(), rtol=1e-6)
   err = float(np.abs(actual - expected).max())
   print(f"{name}, {config}, {steps} steps: max abs difference {err:.1e}")
   assert err <= 1e-5 * max(1.0, float(np.abs(expected).max()))
@@ -129,3 +147,38 @@ def test_the_folder_config_names_the_default_sampler():
                           "use_karras_sigmas": True}) == "dpmpp_2m_karras"
   assert default_sampler({"_class_name": "DDIMScheduler"}) == "ddim"
   assert default_sampler({"_class_name": "PNDMScheduler"}) == "ddim"  # not implemented here
+
+
+@pytest.mark.parametrize("name,cls", [("euler_a", EulerAncestralDiscreteScheduler),
+                                      ("ddpm", DDPMScheduler)])
+def test_ancestral_sampling_with_the_same_noise_matches_diffusers(tiny_world, name, cls):
+  """Ancestral samplers with an image prompt, given the noise diffusers' steps draw."""
+  from diffusers import StableDiffusionPipeline
+  from PIL import Image
+  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.weights import load_stable_diffusion
+  pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "sd")
+  pipe.scheduler = cls.from_config(pipe.scheduler.config)
+  pipe.load_ip_adapter(str(tiny_world / "adapter"), subfolder="",
+                       weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder")
+  pipe.set_ip_adapter_scale(0.6)
+  latents = np.load(tiny_world / "latents.npy")
+  image = Image.open(tiny_world / "prompt.png")
+  request = dict(negative_prompt="green", num_inference_steps=4, guidance_scale=7.5, height=32,
+                 width=32)
+  expected = pipe("a red circle", num_images_per_prompt=2, latents=torch.from_numpy(latents),
+                  output_type="np", ip_adapter_image=image,
+                  generator=torch.Generator().manual_seed(5), **request).images
+  pipe.scheduler.set_timesteps(4)
+  noise = _step_noise(pipe.scheduler, latents.shape, seed=5)
+  ours = IPAdapterPipeline(load_stable_diffusion(
+      str(tiny_world / "sd"), image_encoder=str(tiny_world / "adapter" / "image_encoder"),
+      ip_adapter=str(tiny_world / "adapter" / "ip-adapter.safetensors")), scheduler=name)
+  actual = ours("a red circle", image, scale=0.6, num_samples=2, latents=latents,
+                step_noise=noise, **request)
+  err = float(np.abs(actual - expected).max())
+  print(f"{name} with an image prompt and diffusers' noise: max abs image difference {err:.1e}")
+  assert err <= 1e-4
+  # Without the noise fed in, the seed's own noise gives another image.
+  assert float(np.abs(ours("a red circle", image, scale=0.6, num_samples=2, latents=latents,
+                           **request) - actual).max()) > 1e-3

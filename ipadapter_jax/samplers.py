@@ -72,6 +72,20 @@ def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any
   return sampler
 
 
+class _Unscaled:
+  """The loop interface's defaults for samplers on x_t itself: unit initial noise, the model
+  input as it is, no state between steps."""
+
+  def init_noise_sigma(self, tables: Tables) -> float:
+    return 1.0
+
+  def scale_model_input(self, x, i, tables: Tables):
+    return x
+
+  def init_state(self, x):
+    return ()
+
+
 def _check_steps(n: int, schedule: NoiseSchedule):
   if not 1 <= n <= schedule.num_train_timesteps:
     raise ValueError(f"num_inference_steps must be in [1, {schedule.num_train_timesteps}], "
@@ -155,7 +169,7 @@ class Euler:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverPP:
+class DPMSolverPP(_Unscaled):
   """DPM-Solver++ (Lu et al., 2022), multistep, order 2, midpoint (diffusers'
   DPMSolverMultistepScheduler with its defaults); `use_karras_sigmas` gives "DPM++ 2M Karras"."""
   schedule: NoiseSchedule = NoiseSchedule()
@@ -202,12 +216,6 @@ class DPMSolverPP:
     return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
                   np.concatenate([sigmas, [last]]).astype(np.float32))
 
-  def init_noise_sigma(self, tables: Tables) -> float:
-    return 1.0
-
-  def scale_model_input(self, x, i, tables: Tables):
-    return x
-
   def init_state(self, x):
     return jnp.zeros_like(x, jnp.float32)  # the previous step's x0 estimate
 
@@ -248,7 +256,7 @@ class DPMSolverPP:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMSampler:
+class DDIMSampler(_Unscaled):
   """`schedulers.DDIM` behind the loop interface (eta > 0 takes the step's noise)."""
   ddim: DDIM
   needs_noise = False
@@ -259,15 +267,6 @@ class DDIMSampler:
 
   def tables(self, n: int) -> Tables:
     return Tables(self.ddim.timesteps(n), np.zeros((n + 1,), np.float32))
-
-  def init_noise_sigma(self, tables: Tables) -> float:
-    return 1.0
-
-  def scale_model_input(self, x, i, tables: Tables):
-    return x
-
-  def init_state(self, x):
-    return ()
 
   def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
     n = tables.timesteps.shape[0]
@@ -318,7 +317,7 @@ class EulerAncestral:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPM:
+class DDPM(_Unscaled):
   """Ancestral DDPM sampling (diffusers' DDPMScheduler, fixed_small variance): each step goes to
   the next timestep of the run through the posterior q(x_prev | x_t, x0_hat), plus its noise."""
   schedule: NoiseSchedule = NoiseSchedule()
@@ -341,15 +340,6 @@ class DDPM:
     ddim = DDIM(self.schedule, timestep_spacing=self.timestep_spacing,
                 steps_offset=self.steps_offset)  # the same timestep rules as DDIM
     return Tables(ddim.timesteps(n), np.zeros((n + 1,), np.float32))
-
-  def init_noise_sigma(self, tables: Tables) -> float:
-    return 1.0
-
-  def scale_model_input(self, x, i, tables: Tables):
-    return x
-
-  def init_state(self, x):
-    return ()
 
   def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
     ts = tables.timesteps

@@ -19,11 +19,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
+from ipadapter_jax.init_images import (check_aspect, default_strength, image_size, inpaint_mask,
+                                      nearest_downsample, vae_image)
 from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as prepare_adapters
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
-from ipadapter_jax.models.vae import unscale_latents
-from ipadapter_jax.samplers import DDIMSampler, Tables, default_sampler, make_sampler
+from ipadapter_jax.models.vae import scale_latents, unscale_latents
+from ipadapter_jax.samplers import (DDIMSampler, Tables, default_sampler, first_step,
+                                    make_sampler)
 from ipadapter_jax.schedulers import DDIM
 from ipadapter_jax.weights.pipeline import StableDiffusion
 
@@ -38,6 +41,7 @@ class Plan:
   stochastic: bool                    # eta > 0, or an ancestral sampler: noise at every step
   adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
+  task: str = "text2img"              # text2img | img2img | inpaint
 
 
 def _repeat_pairs(x, n: int):
@@ -80,6 +84,34 @@ def _image_prompts(models, plan: Plan, adapter_inputs, requests: int):
   return tuple(prompts)
 
 
+def _encode(vae, pixels, noise):
+  """Init pixels [R, H, W, 3] -> the diffusion model's latents: a posterior sample with the
+  given standard normal noise, scaled (a pixel-space model takes the pixels themselves)."""
+  if vae is None:
+    return pixels
+  mean, logvar = vae.encode(pixels)
+  return scale_latents(mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32))
+                       * noise, vae.config)
+
+
+def _initial_latents(models, plan: Plan, inputs, tables: Tables, host_tables: Tables):
+  """(latents at the run's first step, the init image's latents or None).
+
+  text2img: the noise times the sampler's initial sigma. img2img: the init image's latents
+  noised to the first step. Inpainting: the same, or the scaled noise where diffusers starts
+  from noise (strength 1, or `latents=` given)."""
+  sampler, noise = plan.sampler, inputs["latents"].astype(jnp.float32)
+  from_noise = noise * sampler.init_noise_sigma(host_tables)
+  if plan.task == "text2img":
+    return from_noise, None
+  image = jnp.repeat(_encode(models.vae, inputs["init_pixels"], inputs["posterior_noise"]),
+                     plan.num_samples, axis=0)
+  noised = sampler.add_noise(image, noise, inputs["start"], tables)
+  if plan.task == "inpaint":
+    noised = jnp.where(inputs["from_noise"], from_noise, noised)
+  return noised, image
+
+
 def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
   """The whole generation as one pure function of the models' state and the traced inputs."""
   models = nnx.merge(graphdef, state)
@@ -104,12 +136,23 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
   sampler = plan.sampler
   host_tables = sampler.tables(plan.num_inference_steps)
   tables = Tables(*(jnp.asarray(a) for a in host_tables))
+  start = inputs.get("start", 0)  # traced: a new strength does not recompile
+  latents, image_latents = _initial_latents(models, plan, inputs, tables, host_tables)
+  extra_channels = None  # an inpainting UNet's mask and masked-image latents
+  if plan.task == "inpaint":
+    mask = jnp.repeat(inputs["latent_mask"], n, axis=0)
+    if unet.config.in_channels > latents.shape[-1]:
+      masked = jnp.repeat(_encode(vae, inputs["masked_pixels"], inputs["masked_noise"]), n, axis=0)
+      extra_channels = jnp.concatenate([mask, masked], axis=-1)
+      extra_channels = jnp.concatenate([extra_channels] * 2) if plan.guidance else extra_channels
 
   def denoise(i, carry):
     latents, state = carry
     t = tables.timesteps[i]
     x = sampler.scale_model_input(latents, i, tables)
     x = jnp.concatenate([x, x]) if plan.guidance else x
+    if extra_channels is not None:
+      x = jnp.concatenate([x, extra_channels], axis=-1)
     step_prompts = tuple(p._replace(scale=p.scale * a["window"][i])  # the timestep windows
                          for p, a in zip(image_prompts, inputs.get("adapters", ())))
     out = unet(x, t, context, image_prompt=step_prompts or None, **added).astype(jnp.float32)
@@ -121,13 +164,18 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
       noise = inputs["step_noise"][i]
     elif plan.stochastic:
       noise = jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
-    carry = sampler.advance(out, i, latents, state, tables, eta=inputs["eta"], noise=noise)
+    latents, state = sampler.advance(out, i, latents, state, tables, eta=inputs["eta"],
+                                     noise=noise, start=start)
+    if plan.task == "inpaint" and extra_channels is None:  # a regular UNet: keep the known part
+      known = jnp.where(i + 1 < plan.num_inference_steps,
+                        sampler.add_noise(image_latents, inputs["latents"], i + 1, tables),
+                        image_latents)
+      latents = (1 - mask) * known + mask * latents
     if on_step is not None:
       jax.debug.callback(on_step, i)
-    return carry
+    return latents, state
 
-  latents = inputs["latents"].astype(jnp.float32) * sampler.init_noise_sigma(host_tables)
-  latents, _ = jax.lax.fori_loop(0, plan.num_inference_steps, denoise,
+  latents, _ = jax.lax.fori_loop(start, plan.num_inference_steps, denoise,
                                  (latents, sampler.init_state(latents)))
   images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
@@ -208,7 +256,8 @@ class IPAdapterPipeline:
               negative_prompt: str | None = None, scale=1.0, guidance_scale: float = 7.5,
               num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
               seed: int = 0, latents=None, height: int | None = None, width: int | None = None,
-              step_noise=None):
+              step_noise=None, init_image=None, strength: float | None = None, mask_image=None,
+              posterior_noise: dict | None = None):
     """Checks the request and builds (plan, inputs) for `generate`.
 
     `prompt` and `image` may be lists (one entry per request, a single value is shared); every
@@ -219,20 +268,35 @@ class IPAdapterPipeline:
     models with `force_zeros_for_empty_prompt`. `step_noise` [steps, N, C, h, w] (diffusers'
     layout) replaces the noise a stochastic step draws from the seed (to reproduce another
     implementation's run).
+
+    `init_image` (one, or one per request) starts from that image noised to `strength`
+    (img2img; default as diffusers: 0.8, SDXL 0.3); with `mask_image` the white part is
+    repainted and the rest kept (inpainting; default strength 1.0, SDXL 0.9999), by an
+    inpainting UNet (9 input channels) or, with a regular UNet, by putting the known part back
+    after every step. Without height/width an img2img output has the init image's size.
+    `latents` is then diffusers' noise: added to the init image's latents (img2img), or as
+    the inpainting pipelines' `latents=` (the start, scaled by the initial sigma).
+    `posterior_noise` {"init_image": [R, C, h, w], "masked_image": ...} replaces the seed's
+    noise of the VAE posterior samples (to reproduce another implementation's run).
     """
     m = self.models
     prompts, images = _requests(prompt, image)
-    height, width = height or self.default_size[0], width or self.default_size[1]
     f = self.vae_scale_factor
+    if init_image is not None and mask_image is None and not (height or width):
+      first = init_image[0] if isinstance(init_image, (list, tuple)) else init_image
+      height, width = image_size(first, f)
+    height, width = height or self.default_size[0], width or self.default_size[1]
     if height % f or width % f:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
     if num_samples < 1:
       raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
       _finite(name, value)
-    channels, total = m.unet.config.in_channels, len(prompts) * num_samples
+    channels = m.vae.config.latent_channels if m.vae is not None else m.unet.config.in_channels
+    total = len(prompts) * num_samples
     shape = (total, height // f, width // f, channels)
     init_key, key = jax.random.split(jax.random.key(seed))
+    latents_given = latents is not None
     if latents is None:
       latents = jax.random.normal(init_key, shape, jnp.float32)
     else:  # diffusers' layout [N, C, h, w]
@@ -262,6 +326,15 @@ class IPAdapterPipeline:
       inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
     if step_noise is not None:
       inputs["step_noise"] = jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2))
+    task = "text2img"
+    if init_image is not None or mask_image is not None:
+      task = "inpaint" if mask_image is not None else "img2img"
+      inputs.update(self._init_inputs(
+          init_image, mask_image, strength, num_inference_steps, len(prompts), height, width,
+          posterior_noise, init_key, given_latents=latents_given))
+    elif m.unet.config.in_channels != channels:
+      raise ValueError(f"this UNet takes {m.unet.config.in_channels} input channels (an "
+                       "inpainting model): give an init_image and a mask_image")
     plans = ()
     if images is not None or adapters is not None:
       plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
@@ -269,8 +342,62 @@ class IPAdapterPipeline:
                                                        height, width)
     plan = Plan(sampler=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0 or self.scheduler.needs_noise, adapters=plans, sdxl_zero_negative=bool(sdxl_zero))
+                stochastic=eta > 0 or self.scheduler.needs_noise, adapters=plans,
+                sdxl_zero_negative=bool(sdxl_zero), task=task)
     return plan, inputs
+
+  def _init_inputs(self, init_image, mask_image, strength, num_steps, requests, height, width,
+                   posterior_noise, key, *, given_latents):
+    """The traced inputs of img2img and inpainting: init pixels, the posterior noise, the first
+    step, and for inpainting the mask (at the latents' size) and the masked pixels."""
+    if init_image is None:
+      raise ValueError("a mask_image needs an init_image (the image to inpaint)")
+    m, f = self.models, self.vae_scale_factor
+    inpaint = mask_image is not None
+    strength = default_strength(inpaint, m.is_sdxl) if strength is None else strength
+    _finite("strength", strength)
+    start = first_step(num_steps, strength)
+
+    def per_request(value, what):
+      values = list(value) if isinstance(value, (list, tuple)) else [value]
+      if len(values) not in (1, requests):
+        raise ValueError(f"{len(values)} {what}s for {requests} requests: give one, or one each")
+      return values * (requests // len(values))
+
+    inits = per_request(init_image, "init image")
+    for image in inits:
+      check_aspect(image, height, width)
+    pixels = np.stack([vae_image(image, height, width) for image in inits])
+    latent_shape = (requests, height // f, width // f,
+                    m.vae.config.latent_channels if m.vae is not None else 3)
+    noise_keys = jax.random.split(jax.random.fold_in(key, 1), 2)
+    given = dict(posterior_noise or {})
+    unknown = set(given) - {"init_image", "masked_image"}
+    if unknown:
+      raise ValueError(f"posterior_noise keys are 'init_image' and 'masked_image', got "
+                       f"{sorted(unknown)}")
+
+    def noise(name, k):
+      if name not in given:
+        return jax.random.normal(k, latent_shape, jnp.float32)
+      array = np.asarray(given[name], np.float32)
+      expected = (latent_shape[0], latent_shape[3]) + latent_shape[1:3]
+      if array.shape != expected:
+        raise ValueError(f"posterior_noise['{name}'] has shape {list(array.shape)}, expected "
+                         f"{list(expected)} (requests, C, h, w)")
+      return jnp.asarray(array.transpose(0, 2, 3, 1))
+
+    out = {"init_pixels": jnp.asarray(pixels), "posterior_noise": noise("init_image", noise_keys[0]),
+           "start": jnp.int32(start)}
+    if inpaint:
+      masks = np.stack([inpaint_mask(mask, height, width) for mask in
+                        per_request(mask_image, "mask image")])[..., None]
+      out["latent_mask"] = jnp.asarray(np.stack(
+          [nearest_downsample(mask[..., 0], height // f, width // f) for mask in masks])[..., None])
+      out["masked_pixels"] = jnp.asarray(pixels * (masks < 0.5))
+      out["masked_noise"] = noise("masked_image", noise_keys[1])
+      out["from_noise"] = jnp.asarray(strength == 1.0 or given_latents)
+    return out
 
   def _adapter_inputs(self, images, scale, adapters, num_steps, latent_h, latent_w, height, width):
     m = self.models

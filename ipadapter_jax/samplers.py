@@ -1,5 +1,5 @@
 """The samplers the pipeline runs: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M (with Karras
-sigmas) and DDPM, as diffusers' schedulers compute them.
+sigmas), DDPM and UniPC, as diffusers' schedulers compute them.
 
 Each sampler is a frozen (hashable) description built from a scheduler config exactly as
 diffusers' `XScheduler.from_config(config)` builds it, with one interface for the loop:
@@ -7,8 +7,12 @@ diffusers' `XScheduler.from_config(config)` builds it, with one interface for th
 as diffusers' `set_timesteps` gives them); `init_noise_sigma`, `scale_model_input`, `init_state`
 and `advance` are pure functions of traced values and the step index, so a whole run is one loop
 in one compiled program. The ancestral samplers (`needs_noise`) take a standard normal `noise`
-at every step. Notation: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); the Euler samplers and
-DPM-Solver work on x = x0 + sigma eps.
+at every step. A run may start mid-schedule (img2img, inpainting): `add_noise(x0, noise, i,
+tables)` gives x at step i as diffusers' `add_noise` does there, `first_step(n, strength)` is the
+step diffusers starts from, and `advance(..., start=s)` treats step s as the run's first, as
+diffusers does after `set_begin_index(s)`. Notation: sigma_t = sqrt((1 - alpha_bar_t) /
+alpha_bar_t); the Euler samplers work on x = x0 + sigma eps, DPM-Solver and UniPC on
+x_t = alpha_t (x0 + sigma eps).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.schedulers import DDIM, SPACINGS, NoiseSchedule, _SCHEDULE_FIELDS, _pick
+from ipadapter_jax.schedulers import (DDIM, SPACINGS, NoiseSchedule, _SCHEDULE_FIELDS, _pick,
+                                      add_noise as _alpha_add_noise)
 
 
 class Tables(NamedTuple):
@@ -28,9 +33,23 @@ class Tables(NamedTuple):
   sigmas: np.ndarray
 
 
+def first_step(n: int, strength: float) -> int:
+  """The index of the first step an img2img / inpainting run of n steps takes with `strength`
+  (diffusers' rule for samplers of order 1: the last int(n * strength) steps run)."""
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f"strength must be in [0.0, 1.0], got {strength}")
+  steps = min(int(n * strength), n)
+  if steps == 0:
+    raise ValueError(f"strength {strength} with {n} steps leaves no denoising step")
+  return n - steps
+
+
 def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
-  """sigma_t for t = 0..T-1 in float32, as diffusers computes it from float32 alphas_cumprod."""
+  """sigma_t for t = 0..T-1 in float32, as diffusers computes it from float32 alphas_cumprod
+  (a zero terminal SNR schedule's last alpha_bar is 2^-24 there, so that sigma stays finite)."""
   a = schedule.alphas_cumprod()
+  if schedule.rescale_betas_zero_snr:
+    a[-1] = 2.0 ** -24
   return (((1 - a) / a) ** 0.5).astype(np.float32)
 
 
@@ -70,6 +89,25 @@ def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any
   if sampler.timestep_spacing not in SPACINGS:
     raise ValueError(f"{source}: timestep_spacing={sampler.timestep_spacing!r} is not supported")
   return sampler
+
+
+def _multistep_timesteps(sampler, n: int) -> np.ndarray:
+  """The integer timesteps diffusers' multistep solvers (DPM-Solver, UniPC) space n steps on:
+  linspace and leading divide T into n + 1 parts and drop the last."""
+  _check_steps(n, sampler.schedule)
+  T = sampler.schedule.num_train_timesteps
+  if sampler.timestep_spacing == "linspace":
+    return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+  if sampler.timestep_spacing == "leading":
+    ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
+    return ts + sampler.steps_offset
+  return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+
+
+def _alpha_sigma(sigma):
+  """(alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t eps from the sigma-space sigma."""
+  alpha = 1 / jnp.sqrt(sigma ** 2 + 1)
+  return alpha, sigma * alpha
 
 
 class _Unscaled:
@@ -159,8 +197,12 @@ class Euler:
   def init_state(self, x):
     return ()
 
-  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
-    """(x at step i + 1, state) from the model output at step i (eta and noise: unused)."""
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: x0 + sigma_i noise."""
+    return x0.astype(jnp.float32) + tables.sigmas[i] * noise.astype(jnp.float32)
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
+    """(x at step i + 1, state) from the model output at step i (eta, noise, start: unused)."""
     sigmas = tables.sigmas
     sigma = sigmas[i]
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
@@ -195,15 +237,7 @@ class DPMSolverPP(_Unscaled):
     return sampler
 
   def tables(self, n: int) -> Tables:
-    _check_steps(n, self.schedule)
-    T = self.schedule.num_train_timesteps
-    if self.timestep_spacing == "linspace":
-      ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    elif self.timestep_spacing == "leading":
-      ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
-      ts = ts + self.steps_offset
-    else:
-      ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    ts = _multistep_timesteps(self, n)
     train = _train_sigmas(self.schedule)
     if self.use_karras_sigmas:
       sigmas = karras_sigmas(float(train[-1]), float(train[0]), n)
@@ -219,14 +253,17 @@ class DPMSolverPP(_Unscaled):
   def init_state(self, x):
     return jnp.zeros_like(x, jnp.float32)  # the previous step's x0 estimate
 
-  @staticmethod
-  def _alpha_sigma(sigma):
-    alpha = 1 / jnp.sqrt(sigma ** 2 + 1)
-    return alpha, sigma * alpha
+  _alpha_sigma = staticmethod(_alpha_sigma)
 
-  def advance(self, out, i, x, previous_x0, tables: Tables, *, eta=0.0, noise=None):
-    """One step; the first step, and the last when lower-order finishing applies, are
-    first-order (diffusers' rules for `lower_order_final`, `euler_at_final`, zero final sigma)."""
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: alpha_i x0 + sigma_i noise (this sampler's x is x_t itself)."""
+    alpha, sigma = self._alpha_sigma(tables.sigmas[i])
+    return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+
+  def advance(self, out, i, x, previous_x0, tables: Tables, *, eta=0.0, noise=None, start=0):
+    """One step; the run's first step (`start`), and the last when lower-order finishing
+    applies, are first-order (diffusers' rules for `lower_order_final`, `euler_at_final`, zero
+    final sigma)."""
     sigmas = tables.sigmas
     n = sigmas.shape[0] - 1
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
@@ -251,7 +288,7 @@ class DPMSolverPP(_Unscaled):
     last = i == n - 1
     low_final = self.euler_at_final or (self.lower_order_final and n < 15) or (
         self.final_sigmas_type == "zero")
-    use_first = (i == 0) | (last & low_final)
+    use_first = (i == start) | (last & low_final)
     return jnp.where(use_first, first, second), x0
 
 
@@ -268,7 +305,11 @@ class DDIMSampler(_Unscaled):
   def tables(self, n: int) -> Tables:
     return Tables(self.ddim.timesteps(n), np.zeros((n + 1,), np.float32))
 
-  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: the forward process at that step's timestep."""
+    return _alpha_add_noise(self.ddim.alphas_cumprod, x0, noise, tables.timesteps[i])
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
     n = tables.timesteps.shape[0]
     return self.ddim.step(out, tables.timesteps[i], x, num_inference_steps=n, eta=eta,
                           noise=noise), state
@@ -306,7 +347,10 @@ class EulerAncestral:
   def init_state(self, x):
     return ()
 
-  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+  def add_noise(self, x0, noise, i, tables: Tables):
+    return self._euler().add_noise(x0, noise, i, tables)
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
     sigma, sigma_to = tables.sigmas[i], tables.sigmas[i + 1]
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
     x0 = _x0(self.schedule.prediction_type, out, x, sigma)
@@ -341,7 +385,11 @@ class DDPM(_Unscaled):
                 steps_offset=self.steps_offset)  # the same timestep rules as DDIM
     return Tables(ddim.timesteps(n), np.zeros((n + 1,), np.float32))
 
-  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None):
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: the forward process at that step's timestep."""
+    return _alpha_add_noise(self.schedule.alphas_cumprod(), x0, noise, tables.timesteps[i])
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
     ts = tables.timesteps
     alphas = jnp.asarray(self.schedule.alphas_cumprod())
     t = ts[i]
@@ -364,13 +412,155 @@ class DDPM(_Unscaled):
     return mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise.astype(jnp.float32), state
 
 
+@dataclasses.dataclass(frozen=True)
+class UniPC(_Unscaled):
+  """UniPC (Zhao et al., 2023), the B(h) = e^h - 1 ("bh2") predictor-corrector on the data
+  prediction, multistep of order 1 or 2 (diffusers' UniPCMultistepScheduler with its defaults).
+
+  Each step first corrects the sample the previous step predicted, with the model output just
+  computed there (UniC), then predicts the next sample (UniP). State: the x0 estimates of the
+  two previous steps and the previous step's sample before its predictor."""
+  schedule: NoiseSchedule = NoiseSchedule()
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+  use_karras_sigmas: bool = False
+  solver_order: int = 2
+  solver_type: str = "bh2"
+  predict_x0: bool = True
+  lower_order_final: bool = True
+  disable_corrector: tuple = ()
+  final_sigmas_type: str = "zero"
+  sigma_min: float | None = None
+  sigma_max: float | None = None
+  needs_noise = False
+
+  @classmethod
+  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
+    merged = {**raw, **overrides}
+    for key in ("use_dynamic_shifting", "solver_p", "shift_terminal"):
+      if merged.get(key):
+        raise ValueError(f"{source}: '{key}' is not supported by UniPC")
+    overrides = {k: v for k, v in overrides.items()
+                 if k not in ("use_dynamic_shifting", "solver_p", "shift_terminal")}
+    if merged.get("solver_type") in ("midpoint", "heun", "logrho"):  # diffusers' own mapping
+      overrides["solver_type"] = "bh2"
+    if merged.get("disable_corrector") is not None:
+      overrides["disable_corrector"] = tuple(int(k) for k in merged["disable_corrector"])
+    sampler = _from_config(cls, raw, source, overrides)
+    if sampler.solver_order not in (1, 2):
+      raise ValueError(f"{source}: UniPC 'solver_order'={sampler.solver_order} is not supported "
+                       "(1 or 2)")
+    if sampler.solver_type != "bh2":
+      raise ValueError(f"{source}: UniPC 'solver_type'={sampler.solver_type!r} is not supported "
+                       "(only 'bh2')")
+    if not sampler.predict_x0:
+      raise ValueError(f"{source}: UniPC 'predict_x0'=False is not supported")
+    if sampler.final_sigmas_type not in ("zero", "sigma_min"):
+      raise ValueError(f"{source}: 'final_sigmas_type'={sampler.final_sigmas_type!r} is not "
+                       "supported")
+    if (sampler.solver_order == 2 and not sampler.lower_order_final
+        and sampler.final_sigmas_type == "zero"):
+      raise ValueError(f"{source}: UniPC 'lower_order_final'=False with a zero final sigma "
+                       "divides by zero at the last step (in diffusers too)")
+    return sampler
+
+  def tables(self, n: int) -> Tables:
+    ts = _multistep_timesteps(self, n)
+    train = _train_sigmas(self.schedule)
+    if self.use_karras_sigmas:
+      sigmas = karras_sigmas(self.sigma_max or float(train[-1]), self.sigma_min or float(train[0]),
+                             n)
+      ts = sigma_to_t(sigmas, np.log(train)).round()
+      last = float(sigmas[-1])
+    else:
+      sigmas = np.interp(ts, np.arange(len(train)), train)
+      last = float(train[0])
+    last = 0.0 if self.final_sigmas_type == "zero" else last
+    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
+                  np.concatenate([sigmas, [last]]).astype(np.float32))
+
+  def init_state(self, x):
+    zeros = jnp.zeros_like(x, jnp.float32)
+    return zeros, zeros, zeros  # x0 estimates at steps i - 1 and i - 2, the sample at i - 1
+
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: alpha_i x0 + sigma_i noise (this sampler's x is x_t itself)."""
+    alpha, sigma = _alpha_sigma(tables.sigmas[i])
+    return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+
+  @staticmethod
+  def _lambda(sigma):
+    alpha, sigma = _alpha_sigma(sigma)
+    return jnp.log(alpha) - jnp.log(sigma)
+
+  def _update(self, x, m0, m1, s, s1, t, second, corrector_d=None):
+    """The B(h) update from x at sigma s to sigma t, with the data prediction m0 at s and, for
+    the second-order terms, m1 at the sigma s1 before s. Without `corrector_d` this is the
+    predictor (rho = 1/2); with it (the new prediction at t minus m0) the corrector, whose
+    coefficients solve the order conditions on the nodes s1, t."""
+    alpha_t, sigma_t = _alpha_sigma(t)
+    _, sigma_s = _alpha_sigma(s)
+    lam_s = self._lambda(s)
+    h = self._lambda(t) - lam_s
+    hh = -h
+    phi1 = jnp.expm1(hh)  # h phi_1(h), B(h) as well (bh2)
+    r = jnp.where(second, (self._lambda(s1) - lam_s) / h, -1.0)  # -1: unused, kept finite
+    d1 = (m1 - m0) / r
+    base = sigma_t / sigma_s * x - alpha_t * phi1 * m0
+    if corrector_d is None:
+      return jnp.where(second, base - alpha_t * phi1 * 0.5 * d1, base)
+    phi2 = phi1 / hh - 1
+    b0 = phi2 / phi1
+    b1 = (phi2 / hh - 0.5) * 2 / phi1
+    rho0 = (b0 - b1) / (1 - r)  # [[1, 1], [r, 1]] rho = [b0, b1]
+    rho1 = b0 - rho0
+    second_order = base - alpha_t * phi1 * (rho0 * d1 + rho1 * corrector_d)
+    first_order = base - alpha_t * phi1 * 0.5 * corrector_d
+    return jnp.where(second, second_order, first_order)
+
+  def _order2(self, i, start, n):
+    """Whether the predictor at step i is second order: not at the run's first step, nor at
+    the last under `lower_order_final`."""
+    if self.solver_order == 1:
+      return jnp.asarray(False)
+    ok = i > start
+    return ok & (i < n - 1) if self.lower_order_final else ok
+
+  def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
+    """Corrects x (predicted at step i - 1) with this step's model output, unless i is the
+    run's first step, then predicts x at step i + 1."""
+    m1, m2, last_x = state
+    sigmas = tables.sigmas
+    n = sigmas.shape[0] - 1
+    x, out = x.astype(jnp.float32), out.astype(jnp.float32)
+    s = sigmas[i]
+    alpha, sigma = _alpha_sigma(s)
+    kind = self.schedule.prediction_type
+    if kind == "epsilon":
+      x0 = (x - sigma * out) / alpha
+    elif kind == "v_prediction":
+      x0 = alpha * x - sigma * out
+    else:
+      x0 = out
+    back1, back2 = sigmas[jnp.maximum(i - 1, 0)], sigmas[jnp.maximum(i - 2, 0)]
+    correct = i > start
+    for k in self.disable_corrector:
+      correct = correct & (i - 1 != k)
+    corrected = self._update(last_x, m1, m2, back1, back2, s, self._order2(i - 1, start, n),
+                             corrector_d=x0 - m1)
+    x = jnp.where(correct, corrected, x)
+    x_next = self._update(x, x0, m1, s, back1, sigmas[i + 1], self._order2(i, start, n))
+    return x_next, (x0, m1, x)
+
+
 # sample.py's --scheduler names -> (class, settings added to the folder's scheduler config).
 SAMPLERS = {"ddim": (DDIMSampler, {}), "euler": (Euler, {}), "euler_a": (EulerAncestral, {}),
             "dpmpp_2m": (DPMSolverPP, {}),
-            "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}), "ddpm": (DDPM, {})}
+            "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}), "ddpm": (DDPM, {}),
+            "unipc": (UniPC, {})}
 _BY_CLASS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
              "EulerAncestralDiscreteScheduler": "euler_a", "DDPMScheduler": "ddpm",
-             "DPMSolverMultistepScheduler": "dpmpp_2m"}
+             "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc"}
 
 
 def default_sampler(config: dict) -> str:

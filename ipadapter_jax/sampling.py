@@ -13,14 +13,15 @@ import numpy as np
 from PIL import Image
 
 
-SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")  # = samplers.SAMPLERS
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm", "unipc")  # = samplers.SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="sample.py",
       description="Generate images from a text prompt and image prompts with IP-Adapters "
-                  "(DDIM, Euler or DPM-Solver++ sampling with classifier-free guidance).")
+                  "(text-to-image, img2img or inpainting; DDIM, Euler, DPM-Solver++, UniPC and other "
+                  "samplers with classifier-free guidance).")
   p.add_argument("--pretrained", required=True,
                  help="diffusers Stable Diffusion folder or hub id")
   p.add_argument("--image_encoder", default=None,
@@ -45,13 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help="also write the adapters' image embeddings to FILE (.safetensors)")
   p.add_argument("--image_embeds", action="append", default=[], metavar="FILE",
                  help="saved image embeddings instead of --image (no image encoder needed)")
+  p.add_argument("--init_image", default=None, metavar="PATH",
+                 help="img2img: start from this image, noised to --strength (with "
+                      "--mask_image: inpainting)")
+  p.add_argument("--strength", type=float, default=None,
+                 help="how much of the init image is replaced, in [0, 1] (default as diffusers: "
+                      "img2img 0.8, SDXL 0.3; inpainting 1.0, SDXL 0.9999)")
+  p.add_argument("--mask_image", default=None, metavar="PATH",
+                 help="inpainting: repaint the white part of --init_image, keep the rest")
   p.add_argument("--prompt", default="", help="text prompt (empty for image-only prompts)")
   p.add_argument("--negative_prompt", default=None,
                  help="negative text prompt (default: diffusers' default, the empty text; zero "
                       "embeddings for SDXL models with force_zeros_for_empty_prompt)")
   p.add_argument("--guidance_scale", type=float, default=7.5)
   p.add_argument("--scheduler", default=None, choices=sorted(SAMPLER_NAMES),
-                 help="sampler (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm), built "
+                 help="sampler (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, unipc), built "
                       "from the model folder's scheduler config as diffusers' "
                       "from_config builds it (default: the one that config names; DDIM for a "
                       "scheduler not implemented here, such as SD1.5's PNDM)")
@@ -63,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--width", type=int, default=None)
   p.add_argument("--latents", default=None,
                  help="initial noise .npy in diffusers' layout [num_samples, C, H/8, W/8] "
-                      "(replaces the seed's noise)")
+                      "(replaces the seed's noise; with --init_image the noise added to its "
+                      "latents, with --mask_image diffusers' latents= argument)")
   p.add_argument("--out", default="grid.png", help="image grid to write (and a .json beside it)")
   p.add_argument("--save_array", default=None,
                  help="also write the images as float32 [num_samples, H, W, 3] in [0, 1] (.npy)")
@@ -148,7 +158,7 @@ def run(args) -> dict:
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  from ipadapter_jax.image_prompts import save_image_embeds
+  from ipadapter_jax.image_prompts import open_image, save_image_embeds
   from ipadapter_jax.pipeline import IPAdapterPipeline
   from ipadapter_jax.samplers import default_sampler
   from ipadapter_jax.weights import load_stable_diffusion
@@ -157,6 +167,15 @@ def run(args) -> dict:
     raise FileNotFoundError(f"--latents {args.latents}: no such file")
   adapters = adapter_prompts(args)
   latents = np.load(args.latents) if args.latents else None
+  if args.mask_image and not args.init_image:
+    raise ValueError("--mask_image needs --init_image (the image to inpaint)")
+  if args.strength is not None and not args.init_image:
+    raise ValueError("--strength needs --init_image")
+  init = {}
+  if args.init_image:
+    init = dict(init_image=open_image(args.init_image, "--init_image"), strength=args.strength)
+  if args.mask_image:
+    init["mask_image"] = open_image(args.mask_image, "--mask_image")
 
   start = time.perf_counter()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -171,8 +190,9 @@ def run(args) -> dict:
   request = dict(adapters=adapters, negative_prompt=args.negative_prompt,
                  guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
-                 height=args.height, width=args.width)
-  pipe.prepare(args.prompt, **request)  # every check before anything is written
+                 height=args.height, width=args.width, **init)
+  _, inputs = pipe.prepare(args.prompt, **request)  # every check before anything is written
+  steps = args.num_inference_steps - int(inputs.get("start", 0))
   if args.save_image_embeds:
     if adapters is None:
       raise ValueError("--save_image_embeds needs --ip_adapter and --image")
@@ -180,7 +200,7 @@ def run(args) -> dict:
                       [m.adapter_config.image_features for m in models.adapters()])
   pipe.compile(prompt=args.prompt, **request)
   compiled = time.perf_counter()
-  with tqdm(total=args.num_inference_steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+  with tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr) as bar:
     progress.append(bar)
     images = pipe(args.prompt, **request)
   done = time.perf_counter()

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
 from ipadapter_jax.samplers import (DDPM, DDIMSampler, DPMSolverPP, Euler, EulerAncestral,
-                                    Tables)
+                                    Tables, UniPC, first_step)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
           set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's DDIM config
@@ -27,7 +28,13 @@ SAMPLERS = {"ddim": (DDIMScheduler, DDIMSampler, {}),
             "dpmpp_2m_karras": (DPMSolverMultistepScheduler, DPMSolverPP,
                                 {"use_karras_sigmas": True}),
             "euler_a": (EulerAncestralDiscreteScheduler, EulerAncestral, {}),
-            "ddpm": (DDPMScheduler, DDPM, {})}
+            "ddpm": (DDPMScheduler, DDPM, {}),
+            "unipc": (UniPCMultistepScheduler, UniPC, {}),
+            "unipc_karras": (UniPCMultistepScheduler, UniPC, {"use_karras_sigmas": True}),
+            "unipc_order1": (UniPCMultistepScheduler, UniPC, {"solver_order": 1}),
+            "unipc_sigma_min": (UniPCMultistepScheduler, UniPC,
+                                {"final_sigmas_type": "sigma_min", "lower_order_final": False,
+                                 "disable_corrector": [2]})}
 
 
 def _model(x, t, xp):
@@ -47,13 +54,14 @@ def _theirs(cls, config, extra, steps, x, seed=0):
   return scheduler, x.numpy()
 
 
-def _step_noise(scheduler, shape, seed=0):
-  """The noise diffusers' ancestral steps draw from a generator seeded `seed`, step by step
-  (DDPM draws none at t = 0)."""
+def _step_noise(scheduler, shape, seed=0, timesteps=None):
+  """The noise diffusers' ancestral steps draw from a generator seeded `seed`, step by step over
+  `timesteps` (all the scheduler's by default; DDPM draws none at t = 0)."""
   generator = torch.Generator().manual_seed(seed)
   ddpm = isinstance(scheduler, DDPMScheduler)
+  timesteps = scheduler.timesteps if timesteps is None else timesteps
   return np.stack([torch.randn(shape, generator=generator).numpy() if not ddpm or t > 0
-                   else np.zeros(shape, np.float32) for t in scheduler.timesteps])
+                   else np.zeros(shape, np.float32) for t in timesteps])
 
 
 def _ours(sampler, steps, x, noise=None):
@@ -93,6 +101,24 @@ def test_whole_runs_match_diffusers(config, name, steps):
   assert err <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "unipc", "unipc_karras"])
+def test_zero_terminal_snr_keeps_the_sigmas_finite(name):
+  """With rescaled betas diffusers sets the last alpha_bar to 2^-24 (sigma about 4096)."""
+  config = dict(SD, prediction_type="v_prediction", timestep_spacing="trailing",
+                rescale_betas_zero_snr=True)
+  theirs_cls, ours_cls, extra = SAMPLERS[name]
+  x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+  scheduler, expected = _theirs(theirs_cls, config, extra, 10, x)
+  sampler = ours_cls.from_diffusers(dict(DDIMScheduler(**config).config), **extra)
+  tables, actual = _ours(sampler, 10, x,
+                         _step_noise(scheduler, x.shape) if sampler.needs_noise else None)
+  np.testing.assert_allclose(tables.sigmas, scheduler.sigmas.numpy(), rtol=1e-6)
+  err = float(np.abs(actual - expected).max())
+  print(f"{name}, zero terminal SNR: max abs difference {err:.1e}")
+  # x starts at 4096 noise: float32 cancellation in x0 = f(x, out) costs a few more ulps.
+  assert err <= 2e-5 * max(1.0, float(np.abs(expected).max()))
+
+
 def test_unsupported_settings_are_refused():
   with pytest.raises(ValueError, match="use_exponential_sigmas"):
     Euler.from_diffusers(dict(SD, use_exponential_sigmas=True))
@@ -100,9 +126,23 @@ def test_unsupported_settings_are_refused():
     DPMSolverPP.from_diffusers(dict(SD, solver_order=3))
   with pytest.raises(ValueError, match="prediction_type='sample'"):
     Euler.from_diffusers(dict(SD, prediction_type="sample"))
+  for key, value in [("solver_order", 3), ("solver_type", "bh1"), ("predict_x0", False),
+                     ("use_dynamic_shifting", True), ("lower_order_final", False),
+                     ("use_flow_sigmas", True)]:
+    with pytest.raises(ValueError, match=key):
+      UniPC.from_diffusers(dict(SD, **{key: value}))
+  # DPM-Solver's solver types name bh2 for UniPC, as in diffusers.
+  assert UniPC.from_diffusers(dict(SD, solver_type="midpoint")).solver_type == "bh2"
+  for strength in (-0.1, 1.5):
+    with pytest.raises(ValueError, match="strength"):
+      first_step(10, strength)
+  with pytest.raises(ValueError, match="no denoising step"):
+    first_step(10, 0.05)
+  assert [first_step(10, s) for s in (1.0, 0.75, 0.3, 0.1)] == [0, 3, 7, 9]
 
 
 PIPELINE_SAMPLERS = {"euler": (EulerDiscreteScheduler, {}),
+                     "unipc": (UniPCMultistepScheduler, {}),
                      "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
                      "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})}
 
@@ -146,6 +186,7 @@ def test_the_folder_config_names_the_default_sampler():
   assert default_sampler({"_class_name": "DPMSolverMultistepScheduler",
                           "use_karras_sigmas": True}) == "dpmpp_2m_karras"
   assert default_sampler({"_class_name": "DDIMScheduler"}) == "ddim"
+  assert default_sampler({"_class_name": "UniPCMultistepScheduler"}) == "unipc"
   assert default_sampler({"_class_name": "PNDMScheduler"}) == "ddim"  # not implemented here
 
 
@@ -182,3 +223,109 @@ def test_ancestral_sampling_with_the_same_noise_matches_diffusers(tiny_world, na
   # Without the noise fed in, the seed's own noise gives another image.
   assert float(np.abs(ours("a red circle", image, scale=0.6, num_samples=2, latents=latents,
                            **request) - actual).max()) > 1e-3
+
+
+# Img2img and inpainting: runs that start mid-schedule.
+STRENGTH_CONFIGS = ["sd", "sd, v-prediction, trailing"]
+
+
+def _diffusers_start(cls, config, extra, steps, strength):
+  """A scheduler set up as diffusers' img2img pipeline sets it up for `strength`: the run's
+  timesteps and its begin index."""
+  scheduler = cls.from_config(DDIMScheduler(**config).config, **extra)
+  scheduler.set_timesteps(steps)
+  init_timestep = min(int(steps * strength), steps)
+  t_start = max(steps - init_timestep, 0)
+  timesteps = scheduler.timesteps[t_start * scheduler.order:]
+  if hasattr(scheduler, "set_begin_index"):
+    scheduler.set_begin_index(t_start * scheduler.order)
+  return scheduler, timesteps, t_start
+
+
+def _img2img_theirs(cls, config, extra, steps, strength, x0, noise, seed=0):
+  scheduler, timesteps, t_start = _diffusers_start(cls, config, extra, steps, strength)
+  x = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
+                          timesteps[:1].repeat(x0.shape[0]))
+  generator = torch.Generator().manual_seed(seed)
+  noisy = "generator" in scheduler.step.__code__.co_varnames
+  for t in timesteps:
+    out = _model(scheduler.scale_model_input(x, t), t.float(), torch)
+    x = scheduler.step(out, t, x, **({"generator": generator} if noisy else {})).prev_sample
+  return scheduler, timesteps, t_start, x.numpy()
+
+
+def _img2img_ours(sampler, steps):
+  """The loop from a traced first step, compiled once per sampler and number of steps."""
+  traced = Tables(*(jnp.asarray(a) for a in sampler.tables(steps)))
+
+  @jax.jit
+  def run(start, x0, noise, step_noise):
+    def body(i, carry):
+      x, state = carry
+      t = traced.timesteps[i].astype(jnp.float32)
+      out = _model(sampler.scale_model_input(x, i, traced), t, jnp)
+      return sampler.advance(out, i, x, state, traced, noise=step_noise[i], start=start)
+    x = sampler.add_noise(x0, noise, start, traced)
+    return jax.lax.fori_loop(start, steps, body, (x, sampler.init_state(x)))[0]
+  return run
+
+
+def _ours_sampler(name, config):
+  _, ours_cls, extra = SAMPLERS[name]
+  return ours_cls.from_diffusers(dict(DDIMScheduler(**CONFIGS[config]).config), **extra)
+
+
+@pytest.mark.parametrize("config", STRENGTH_CONFIGS)
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_runs_from_a_strength_match_diffusers_img2img(config, name):
+  """From `first_step`, with the noise added at that step as diffusers' img2img adds it; one
+  compiled loop serves both strengths."""
+  steps = 10
+  theirs_cls, _, extra = SAMPLERS[name]
+  rng = np.random.default_rng(3)
+  x0, noise = (rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2))
+  sampler = _ours_sampler(name, config)
+  run = _img2img_ours(sampler, steps)
+  for strength in (0.3, 0.75):
+    scheduler, timesteps, t_start, expected = _img2img_theirs(theirs_cls, CONFIGS[config], extra,
+                                                              steps, strength, x0, noise)
+    start = first_step(steps, strength)
+    assert start == t_start
+    step_noise = np.zeros((steps,) + x0.shape, np.float32)
+    if sampler.needs_noise:
+      step_noise[start:] = _step_noise(scheduler, x0.shape, timesteps=timesteps)
+    actual = np.asarray(run(jnp.int32(start), x0, noise, step_noise))
+    err = float(np.abs(actual - expected).max())
+    print(f"{name}, {config}, strength {strength} (from step {start}): max abs difference "
+          f"{err:.1e}")
+    assert err <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+  assert run._cache_size() == 1  # the first step is traced: no recompilation per strength
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_add_noise_mid_run_matches_diffusers(name):
+  """add_noise at the run's first step (img2img) and after some steps, where diffusers'
+  inpainting pipeline re-noises the known region at the next step's timestep."""
+  steps, strength, done = 10, 0.75, 3
+  theirs_cls, _, extra = SAMPLERS[name]
+  config = "sd, v-prediction, trailing"
+  rng = np.random.default_rng(4)
+  x0, noise, x = (rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(3))
+  scheduler, timesteps, start = _diffusers_start(theirs_cls, CONFIGS[config], extra, steps,
+                                                 strength)
+  sampler = _ours_sampler(name, config)
+  tables = Tables(*(jnp.asarray(a) for a in sampler.tables(steps)))
+  add = jax.jit(lambda i: sampler.add_noise(x0, noise, i, tables))
+  x0_t, noise_t = torch.from_numpy(x0), torch.from_numpy(noise)
+  checks = [(start, scheduler.add_noise(x0_t, noise_t, timesteps[:1].repeat(2)))]
+  generator = torch.Generator().manual_seed(0)
+  noisy = "generator" in scheduler.step.__code__.co_varnames
+  x = torch.from_numpy(x)
+  for i, t in enumerate(timesteps[:done]):
+    out = _model(scheduler.scale_model_input(x, t), t.float(), torch)
+    x = scheduler.step(out, t, x, **({"generator": generator} if noisy else {})).prev_sample
+    checks.append((start + i + 1, scheduler.add_noise(x0_t, noise_t, timesteps[i + 1:i + 2])))
+  for i, expected in checks:
+    err = float(np.abs(np.asarray(add(jnp.int32(i))) - expected.numpy()).max())
+    print(f"{name}, add_noise at step {i}: max abs difference {err:.1e}")
+    assert err <= 1e-5 * max(1.0, float(expected.abs().max()))

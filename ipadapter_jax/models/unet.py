@@ -190,12 +190,16 @@ class DownBlock(nnx.Module):
         out_channels, padding=downsample_padding, dtype=resnet["dtype"],
         param_dtype=resnet["param_dtype"], rngs=rngs)]) if add_downsample else None
 
-  def __call__(self, x_BHWC, temb_BE, context_BSD, image_prompt):
+  def __call__(self, x_BHWC, temb_BE, context_BSD, image_prompt, residual_BHWC=None):
+    """`residual_BHWC` (a T2I-Adapter feature map) is added after the last layer, before the
+    downsampler, so the skip carries it too."""
     skips = []
     for j, resnet in enumerate(self.resnets):
       x_BHWC = resnet(x_BHWC, temb_BE)
       if self.attentions is not None:
         x_BHWC = self.attentions[j](x_BHWC, context_BSD, image_prompt)
+      if residual_BHWC is not None and j == len(self.resnets) - 1:
+        x_BHWC = x_BHWC + residual_BHWC
       skips.append(x_BHWC)
     if self.downsamplers is not None:
       x_BHWC = self.downsamplers[0](x_BHWC)
@@ -414,7 +418,8 @@ class UNet2DConditionModel(nnx.Module):
 
   def __call__(self, sample, timesteps, encoder_hidden_states, *, image_embeds=None,
                ip_scale=1.0, image_prompt: ImagePrompt | None = None, text_embeds=None,
-               time_ids=None, layout: str = "NHWC"):
+               time_ids=None, down_residuals=None, mid_residual=None,
+               intrablock_residuals=None, layout: str = "NHWC"):
     """Predicts the noise (or v) for `sample` at `timesteps`.
 
     Args:
@@ -430,6 +435,11 @@ class UNet2DConditionModel(nnx.Module):
       image_prompt: precomputed `encode_image_prompt(...)` output (or a tuple of them, one per
         adapter), instead of image_embeds.
       text_embeds, time_ids: SDXL's pooled text embedding [B, P] and size/crop ids [B, 6].
+      down_residuals, mid_residual: a ControlNet's outputs (NHWC), added to every skip
+        connection and to the mid block's output.
+      intrablock_residuals: a T2I-Adapter's feature maps (NHWC), in order: added inside each
+        cross-attention down block (before its downsampler), after each other down block, and
+        the one left over, when its shape fits, after the mid block (diffusers' placement).
     """
     if image_embeds is not None:
       if image_prompt is not None:
@@ -457,10 +467,22 @@ class UNet2DConditionModel(nnx.Module):
       x_BHWC = 2 * x_BHWC - 1.0
     x_BHWC = self.conv_in(x_BHWC.astype(self.dtype))
     skips = [x_BHWC]
+    intrablock = list(intrablock_residuals or ())
     for block in self.down_blocks:
-      x_BHWC, block_skips = self._run(block, x_BHWC, temb_BE, context_BSD, image_prompt)
+      inside = intrablock.pop(0) if block.attentions is not None and intrablock else None
+      x_BHWC, block_skips = self._run(block, x_BHWC, temb_BE, context_BSD, image_prompt, inside)
+      if block.attentions is None and intrablock:
+        x_BHWC = x_BHWC + intrablock.pop(0)
       skips += block_skips
+    if down_residuals is not None:
+      if len(down_residuals) != len(skips):
+        raise ValueError(f"{len(down_residuals)} down residuals for {len(skips)} skip connections")
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
     x_BHWC = self._run(self.mid_block, x_BHWC, temb_BE, context_BSD, image_prompt)
+    if intrablock and intrablock[0].shape == x_BHWC.shape:
+      x_BHWC = x_BHWC + intrablock.pop(0)
+    if mid_residual is not None:
+      x_BHWC = x_BHWC + mid_residual.astype(x_BHWC.dtype)
     for block in self.up_blocks:
       used = len(block.resnets)
       block_skips, skips = skips[-used:], skips[:-used]

@@ -1,9 +1,10 @@
-"""Init images and inpainting masks, prepared on the host as diffusers' img2img and inpainting
-pipelines prepare them (`VaeImageProcessor`): Lanczos resize to the output size, pixels in
-[-1, 1]; masks greyscale and binarised at 0.5, and nearest-neighbour downsampled to the latents.
+"""Init images, inpainting masks and control images, prepared on the host as diffusers' img2img,
+inpainting and ControlNet pipelines prepare them (`VaeImageProcessor`): Lanczos resize to the
+output size; init pixels in [-1, 1], control pixels in [0, 1]; masks greyscale and binarised at
+0.5, and nearest-neighbour downsampled to the latents.
 
-A request's init image keeps its aspect ratio or is refused: diffusers stretches it to
-height x width without a word, which silently distorts the picture.
+A request's init or control image keeps its aspect ratio or is refused: diffusers stretches it
+to height x width without a word, which silently distorts the picture.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ def nearest_downsample(mask_HW: np.ndarray, h: int, w: int) -> np.ndarray:
   rows = np.floor(np.arange(h) * (H / h)).astype(int)
   cols = np.floor(np.arange(w) * (W / w)).astype(int)
   return mask_HW[rows][:, cols]
+
+
+def control_image(image, height: int, width: int) -> np.ndarray:
+  """[height, width, 3] float32 in [0, 1]: a ControlNet's conditioning image, resized (Lanczos)
+  as diffusers' control image processor does."""
+  image = to_rgb(to_pil(image).resize((width, height), resample=Image.LANCZOS))
+  return np.asarray(image, np.float32) / 255.0
+
+
+def guidance_window(start: float, end: float, steps: int, what: str = "control guidance") -> np.ndarray:
+  """[steps] of 0/1: 1 where a ControlNet acts, as diffusers keeps it (off at step i when
+  i / steps < start or (i + 1) / steps > end)."""
+  if not 0.0 <= start < end <= 1.0:
+    raise ValueError(f"{what} start {start} and end {end} must satisfy 0 <= start < end <= 1")
+  i = np.arange(steps)
+  return 1.0 - ((i / steps < start) | ((i + 1) / steps > end)).astype(np.float32)

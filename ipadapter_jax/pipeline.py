@@ -19,8 +19,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
-from ipadapter_jax.init_images import (check_aspect, default_strength, image_size, inpaint_mask,
+from ipadapter_jax.init_images import (check_aspect, control_image, default_strength,
+                                      guidance_window, image_size, inpaint_mask,
                                       nearest_downsample, vae_image)
+from ipadapter_jax.models.t2i_adapter import preprocess_adapter_image
 from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as prepare_adapters
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
@@ -42,6 +44,9 @@ class Plan:
   adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
   sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
   task: str = "text2img"              # text2img | img2img | inpaint
+  controlnets: int = 0                # how many ControlNets act (their residuals are summed)
+  guess_mode: bool = False            # ControlNet guess mode (the positive half only)
+  t2i_adapter: bool = False           # a T2I-Adapter's feature maps are added
 
 
 def _repeat_pairs(x, n: int):
@@ -112,6 +117,33 @@ def _initial_latents(models, plan: Plan, inputs, tables: Tables, host_tables: Ta
   return noised, image
 
 
+def _control_residuals(controlnets, plan: Plan, control, i, x, x_positive, t, context, added):
+  """The ControlNets' (down residuals, mid residual) at step i, summed over the nets. They see
+  the text tokens only, never the image prompt; in guess mode only the positive half, with
+  zeros for the negative one (diffusers' semantics)."""
+  half_only = plan.guess_mode and plan.guidance
+  if half_only:
+    half = context.shape[0] // 2
+    x, context, added = x_positive, context[half:], {k: v[half:] for k, v in added.items()}
+  down = mid = None
+  for k, net in enumerate(controlnets):
+    image = jnp.broadcast_to(control["images"][k], (x.shape[0],) + control["images"][k].shape[1:])
+    d, m = net(x, t, context, image, conditioning_scale=control["scales"][k] * control["keep"][k, i],
+               guess_mode=plan.guess_mode, **added)
+    down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+    mid = m if mid is None else mid + m
+  if half_only:
+    down = [jnp.concatenate([jnp.zeros_like(r), r]) for r in down]
+    mid = jnp.concatenate([jnp.zeros_like(mid), mid])
+  return down, mid
+
+
+def _adapter_features(t2i_adapter, t2i, batch: int):
+  """The T2I-Adapter's feature maps times its scale, for every row of the UNet's batch."""
+  features = t2i_adapter(t2i["image"])
+  return [jnp.broadcast_to(f * t2i["scale"], (batch,) + f.shape[1:]) for f in features]
+
+
 def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
   """The whole generation as one pure function of the models' state and the traced inputs."""
   models = nnx.merge(graphdef, state)
@@ -146,16 +178,28 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
       extra_channels = jnp.concatenate([mask, masked], axis=-1)
       extra_channels = jnp.concatenate([extra_channels] * 2) if plan.guidance else extra_channels
 
+  rows = context.shape[0]
+  features = (_adapter_features(models.t2i_adapter, inputs["t2i"], rows)
+              if plan.t2i_adapter else None)
+
   def denoise(i, carry):
     latents, state = carry
     t = tables.timesteps[i]
-    x = sampler.scale_model_input(latents, i, tables)
-    x = jnp.concatenate([x, x]) if plan.guidance else x
+    positive = sampler.scale_model_input(latents, i, tables)
+    x = jnp.concatenate([positive, positive]) if plan.guidance else positive
+    structure = {}
+    if plan.controlnets:
+      structure["down_residuals"], structure["mid_residual"] = _control_residuals(
+          models.controlnets, plan, inputs["control"], i, x, positive, t, context, added)
+    if features is not None:
+      on = inputs["t2i"]["steps"][i]
+      structure["intrablock_residuals"] = [f * on for f in features]
     if extra_channels is not None:
       x = jnp.concatenate([x, extra_channels], axis=-1)
     step_prompts = tuple(p._replace(scale=p.scale * a["window"][i])  # the timestep windows
                          for p, a in zip(image_prompts, inputs.get("adapters", ())))
-    out = unet(x, t, context, image_prompt=step_prompts or None, **added).astype(jnp.float32)
+    out = unet(x, t, context, image_prompt=step_prompts or None, **added,
+               **structure).astype(jnp.float32)
     if plan.guidance:
       uncond, cond = jnp.split(out, 2)
       out = uncond + inputs["guidance_scale"] * (cond - uncond)
@@ -257,7 +301,10 @@ class IPAdapterPipeline:
               num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
               seed: int = 0, latents=None, height: int | None = None, width: int | None = None,
               step_noise=None, init_image=None, strength: float | None = None, mask_image=None,
-              posterior_noise: dict | None = None):
+              posterior_noise: dict | None = None, control_images=None,
+              controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+              control_guidance_end=1.0, guess_mode: bool = False, adapter_image=None,
+              adapter_conditioning_scale: float = 1.0, adapter_conditioning_factor: float = 1.0):
     """Checks the request and builds (plan, inputs) for `generate`.
 
     `prompt` and `image` may be lists (one entry per request, a single value is shared); every
@@ -278,13 +325,26 @@ class IPAdapterPipeline:
     the inpainting pipelines' `latents=` (the start, scaled by the initial sigma).
     `posterior_noise` {"init_image": [R, C, h, w], "masked_image": ...} replaces the seed's
     noise of the VAE posterior samples (to reproduce another implementation's run).
+
+    `control_images` (one per loaded ControlNet, in load order) give structure control, each
+    net with its `controlnet_conditioning_scale` and acting from `control_guidance_start` to
+    `control_guidance_end` (fractions of the steps that run; a value or one per net);
+    `guess_mode` as diffusers'. `adapter_image` is the loaded T2I-Adapter's input, its features
+    times `adapter_conditioning_scale`, added in the first `adapter_conditioning_factor` of the
+    steps. Without height/width the output takes the control (or adapter) image's size, as
+    diffusers' ControlNet and T2I-Adapter pipelines do.
     """
     m = self.models
     prompts, images = _requests(prompt, image)
     f = self.vae_scale_factor
-    if init_image is not None and mask_image is None and not (height or width):
-      first = init_image[0] if isinstance(init_image, (list, tuple)) else init_image
-      height, width = image_size(first, f)
+    if not (height or width):
+      first = lambda images: images[0] if isinstance(images, (list, tuple)) else images
+      if init_image is not None and mask_image is None:
+        height, width = image_size(first(init_image), f)
+      elif control_images:
+        height, width = image_size(first(control_images), f)
+      elif adapter_image is not None and m.t2i_adapter is not None:
+        height, width = image_size(adapter_image, m.t2i_adapter.config.downscale_factor)
     height, width = height or self.default_size[0], width or self.default_size[1]
     if height % f or width % f:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
@@ -335,6 +395,16 @@ class IPAdapterPipeline:
     elif m.unet.config.in_channels != channels:
       raise ValueError(f"this UNet takes {m.unet.config.in_channels} input channels (an "
                        "inpainting model): give an init_image and a mask_image")
+    start = int(inputs.get("start", 0))
+    if control_images is not None or m.controlnets:
+      inputs["control"] = self._control_inputs(
+          control_images, controlnet_conditioning_scale, control_guidance_start,
+          control_guidance_end, num_inference_steps, start, height, width)
+    if adapter_image is not None or m.t2i_adapter is not None:
+      inputs["t2i"] = self._t2i_inputs(adapter_image, adapter_conditioning_scale,
+                                       adapter_conditioning_factor, num_inference_steps, start,
+                                       height, width)
+    guess_mode = bool(guess_mode) or any(n.config.global_pool_conditions for n in m.controlnets)
     plans = ()
     if images is not None or adapters is not None:
       plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
@@ -343,8 +413,55 @@ class IPAdapterPipeline:
     plan = Plan(sampler=self.scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
                 stochastic=eta > 0 or self.scheduler.needs_noise, adapters=plans,
-                sdxl_zero_negative=bool(sdxl_zero), task=task)
+                sdxl_zero_negative=bool(sdxl_zero), task=task,
+                controlnets=len(m.controlnets), guess_mode=guess_mode and bool(m.controlnets),
+                t2i_adapter=m.t2i_adapter is not None)
     return plan, inputs
+
+  def _control_inputs(self, images, scales, starts, ends, num_steps, start, height, width):
+    """Each ControlNet's conditioning pixels [1, H, W, 3], scale and per-step 0/1 table."""
+    nets = self.models.controlnets
+    if not nets:
+      raise ValueError("control images need a ControlNet (load the model with controlnet=...)")
+    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(images) != len(nets):
+      raise ValueError(f"{len(images)} control images for {len(nets)} ControlNets: give one "
+                       "per ControlNet, in load order")
+
+    def per_net(value, what):
+      values = list(value) if isinstance(value, (list, tuple)) else [value] * len(nets)
+      if len(values) != len(nets):
+        raise ValueError(f"{len(values)} values of {what} for {len(nets)} ControlNets")
+      for v in values:
+        _finite(what, v)
+      return values
+    scales = per_net(scales, "controlnet_conditioning_scale")
+    starts = per_net(starts, "control_guidance_start")
+    ends = per_net(ends, "control_guidance_end")
+    for image in images:
+      check_aspect(image, height, width, "control image")
+    run = num_steps - start  # the windows are fractions of the steps that run
+    keep = np.zeros((len(nets), num_steps), np.float32)
+    for k, (s, e) in enumerate(zip(starts, ends)):
+      keep[k, start:] = guidance_window(float(s), float(e), run)
+    return {"images": tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
+            "scales": jnp.asarray(scales, jnp.float32), "keep": jnp.asarray(keep)}
+
+  def _t2i_inputs(self, image, scale, factor, num_steps, start, height, width):
+    """The T2I-Adapter's input pixels [1, H, W, C], scale and per-step 0/1 table."""
+    adapter = self.models.t2i_adapter
+    if adapter is None:
+      raise ValueError("an adapter_image needs a T2I-Adapter (load the model with t2i_adapter=...)")
+    if image is None:
+      raise ValueError("a T2I-Adapter is loaded: give its adapter_image")
+    _finite("adapter_conditioning_scale", scale)
+    if not 0.0 <= factor <= 1.0:
+      raise ValueError(f"adapter_conditioning_factor must be in [0, 1], got {factor}")
+    check_aspect(image, height, width, "adapter image")
+    steps = np.zeros((num_steps,), np.float32)
+    steps[start:start + int((num_steps - start) * factor)] = 1.0
+    return {"image": jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
+            "scale": jnp.float32(scale), "steps": jnp.asarray(steps)}
 
   def _init_inputs(self, init_image, mask_image, strength, num_steps, requests, height, width,
                    posterior_noise, key, *, given_latents):

@@ -54,6 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
                       "img2img 0.8, SDXL 0.3; inpainting 1.0, SDXL 0.9999)")
   p.add_argument("--mask_image", default=None, metavar="PATH",
                  help="inpainting: repaint the white part of --init_image, keep the rest")
+  p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                 help="diffusers ControlNet folder or hub id; repeat for several (their "
+                      "residuals are summed), each with its --control_image, in order")
+  p.add_argument("--control_image", action="append", default=[], metavar="PATH",
+                 help="one ControlNet's conditioning image (a pose, depth or edge map)")
+  p.add_argument("--controlnet_conditioning_scale", action="append", type=float, default=[],
+                 metavar="X", help="one ControlNet's scale, or one value for all (default 1.0)")
+  p.add_argument("--control_guidance_start", action="append", type=float, default=[],
+                 metavar="F", help="fraction of the steps at which a ControlNet starts "
+                                   "(default 0.0; once for all or once per ControlNet)")
+  p.add_argument("--control_guidance_end", action="append", type=float, default=[],
+                 metavar="F", help="fraction of the steps at which a ControlNet stops (default 1.0)")
+  p.add_argument("--guess_mode", action="store_true",
+                 help="ControlNet guess mode (the ControlNets see the positive half only)")
+  p.add_argument("--t2i_adapter", default=None, metavar="DIR",
+                 help="diffusers T2I-Adapter folder or hub id (structure control, as "
+                      "StableDiffusionXLAdapterPipeline)")
+  p.add_argument("--adapter_image", default=None, metavar="PATH",
+                 help="the T2I-Adapter's input image")
+  p.add_argument("--adapter_conditioning_scale", type=float, default=1.0)
+  p.add_argument("--adapter_conditioning_factor", type=float, default=1.0,
+                 help="fraction of the steps in which the T2I-Adapter acts")
   p.add_argument("--prompt", default="", help="text prompt (empty for image-only prompts)")
   p.add_argument("--negative_prompt", default=None,
                  help="negative text prompt (default: diffusers' default, the empty text; zero "
@@ -153,6 +175,38 @@ def adapter_prompts(args) -> list | None:
   return prompts
 
 
+def structure_control(args) -> dict:
+  """The ControlNet and T2I-Adapter flags as request arguments, all images read."""
+  from ipadapter_jax.image_prompts import open_image
+  nets = len(args.controlnet)
+  if len(args.control_image) != nets:
+    raise ValueError(f"{len(args.control_image)} --control_image for {nets} --controlnet: give "
+                     "one per ControlNet, in the same order")
+  out = {}
+  if nets:
+    out["control_images"] = [open_image(p, "--control_image") for p in args.control_image]
+    for flag, default in (("controlnet_conditioning_scale", 1.0),
+                          ("control_guidance_start", 0.0), ("control_guidance_end", 1.0)):
+      values = getattr(args, flag)
+      if len(values) not in (0, 1, nets):
+        raise ValueError(f"--{flag} given {len(values)} times for {nets} --controlnet: give it "
+                         "once for all or once per ControlNet")
+      out[flag] = values[0] if len(values) == 1 else (values or default)
+    out["guess_mode"] = args.guess_mode
+  else:
+    for flag in ("controlnet_conditioning_scale", "control_guidance_start",
+                 "control_guidance_end", "guess_mode"):
+      if getattr(args, flag):
+        raise ValueError(f"--{flag} needs --controlnet")
+  if (args.t2i_adapter is None) != (args.adapter_image is None):
+    raise ValueError("--t2i_adapter and --adapter_image go together")
+  if args.t2i_adapter is not None:
+    out.update(adapter_image=open_image(args.adapter_image, "--adapter_image"),
+               adapter_conditioning_scale=args.adapter_conditioning_scale,
+               adapter_conditioning_factor=args.adapter_conditioning_factor)
+  return out
+
+
 def run(args) -> dict:
   """Samples as `args` say; returns the settings and timings written beside the grid."""
   import jax.numpy as jnp
@@ -171,17 +225,19 @@ def run(args) -> dict:
     raise ValueError("--mask_image needs --init_image (the image to inpaint)")
   if args.strength is not None and not args.init_image:
     raise ValueError("--strength needs --init_image")
-  init = {}
+  conditions = {}
   if args.init_image:
-    init = dict(init_image=open_image(args.init_image, "--init_image"), strength=args.strength)
+    conditions = dict(init_image=open_image(args.init_image, "--init_image"), strength=args.strength)
   if args.mask_image:
-    init["mask_image"] = open_image(args.mask_image, "--mask_image")
+    conditions["mask_image"] = open_image(args.mask_image, "--mask_image")
+  conditions.update(structure_control(args))
 
   start = time.perf_counter()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   models = load_stable_diffusion(args.pretrained, image_encoder=args.image_encoder,
                                  ip_adapter=args.ip_adapter or None, dtype=dtype,
-                                 param_dtype=dtype)
+                                 param_dtype=dtype, controlnet=args.controlnet or None,
+                                 t2i_adapter=args.t2i_adapter)
   loaded = time.perf_counter()
 
   progress = []
@@ -190,7 +246,7 @@ def run(args) -> dict:
   request = dict(adapters=adapters, negative_prompt=args.negative_prompt,
                  guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
-                 height=args.height, width=args.width, **init)
+                 height=args.height, width=args.width, **conditions)
   _, inputs = pipe.prepare(args.prompt, **request)  # every check before anything is written
   steps = args.num_inference_steps - int(inputs.get("start", 0))
   if args.save_image_embeds:

@@ -158,3 +158,44 @@ def test_remat_in_an_adapter_step_with_frozen_weights_from_outside(unet_folders)
   for policy in ("full", "dots"):
     for a, b in zip(jax.tree.leaves(grads(policy)), reference):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_structure_residuals_are_added_where_diffusers_adds_them(unet_folders, family):
+  """T2I-Adapter maps (inside cross-attention down blocks, after the others and into their
+  last skip, the leftover into the mid block) and ControlNet residuals (every skip, the mid)."""
+  torch_unet, folder = unet_folders[family]
+  x, t, ctx, added = _inputs(torch_unet, batch=1)
+  g = torch.Generator().manual_seed(5)
+  skips = []  # every skip connection, to size the ControlNet residuals
+  hooks = [block.register_forward_hook(lambda m, i, o: skips.extend(o[1]))
+           for block in torch_unet.down_blocks]
+  with torch.no_grad():
+    torch_unet(x, t, ctx, added_cond_kwargs=added)
+  for hook in hooks:
+    hook.remove()
+  channels = torch_unet.config.block_out_channels
+  maps, size = [], x.shape[-1]
+  for i, block in enumerate(torch_unet.down_blocks):
+    downsampled = size // 2 if block.downsamplers is not None else size
+    maps.append(torch.randn(1, channels[i],
+                            *(2 * [size if hasattr(block, "attentions") else downsampled]),
+                            generator=g))
+    size = downsampled
+  maps.append(torch.randn(1, channels[-1], size, size, generator=g))  # the mid block's
+  control = [torch.randn(*s.shape, generator=g)
+             for s in [torch_unet.conv_in(x)] + skips]
+  mid = torch.randn(*maps[-1].shape, generator=g)
+  with torch.no_grad():
+    expected = torch_unet(x, t, ctx, added_cond_kwargs=added,
+                          down_intrablock_additional_residuals=[m.clone() for m in maps],
+                          down_block_additional_residuals=control,
+                          mid_block_additional_residual=mid).sample.numpy()
+  nhwc = lambda a: jnp.asarray(a.detach().numpy().transpose(0, 2, 3, 1))
+  kw = {} if added is None else {k: jnp.asarray(v.numpy()) for k, v in added.items()}
+  actual = load_unet(folder)(jnp.asarray(x.numpy()), jnp.asarray(t.numpy()),
+                             jnp.asarray(ctx.numpy()), layout="NCHW",
+                             intrablock_residuals=[nhwc(m) for m in maps],
+                             down_residuals=[nhwc(c) for c in control], mid_residual=nhwc(mid),
+                             **kw)
+  ref.assert_close(np.asarray(actual), expected)

@@ -438,8 +438,9 @@ class UNet2DConditionModel(nnx.Module):
       down_residuals, mid_residual: a ControlNet's outputs (NHWC), added to every skip
         connection and to the mid block's output.
       intrablock_residuals: a T2I-Adapter's feature maps (NHWC), in order: added inside each
-        cross-attention down block (before its downsampler), after each other down block, and
-        the one left over, when its shape fits, after the mid block (diffusers' placement).
+        cross-attention down block (before its downsampler), after each other down block (to
+        its last skip as well), and the one left over, when its shape fits, after the mid
+        block (diffusers' placement).
     """
     if image_embeds is not None:
       if image_prompt is not None:
@@ -472,7 +473,10 @@ class UNet2DConditionModel(nnx.Module):
       inside = intrablock.pop(0) if block.attentions is not None and intrablock else None
       x_BHWC, block_skips = self._run(block, x_BHWC, temb_BE, context_BSD, image_prompt, inside)
       if block.attentions is None and intrablock:
+        # After the block (and its downsampler); diffusers adds in place, so the block's last
+        # skip carries it too.
         x_BHWC = x_BHWC + intrablock.pop(0)
+        block_skips = block_skips[:-1] + [x_BHWC]
       skips += block_skips
     if down_residuals is not None:
       if len(down_residuals) != len(skips):

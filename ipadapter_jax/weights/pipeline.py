@@ -13,6 +13,8 @@ from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer
 from ipadapter_jax.models.adapters import IPAdapter
 from ipadapter_jax.models.clip import CLIPTextModel, CLIPVisionModelWithProjection
+from ipadapter_jax.models.controlnet import ControlNetModel, check_fits as check_controlnet
+from ipadapter_jax.models.t2i_adapter import T2IAdapter, check_fits as check_t2i_adapter
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.models.unet import UNet2DConditionModel
@@ -21,7 +23,9 @@ from ipadapter_jax.weights.diffusers import load_unet, load_vae, save_unet, save
 from ipadapter_jax.storage import atomic_path
 from ipadapter_jax.weights.files import CheckpointError
 from ipadapter_jax.weights.folders import local_path, read_config
+from ipadapter_jax.weights.controlnet import load_controlnet
 from ipadapter_jax.weights.ip_adapter import load_extra_adapter
+from ipadapter_jax.weights.t2i_adapter import load_t2i_adapter
 from ipadapter_jax.weights.transformers import load_clip_text, load_clip_vision, save_clip
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")  # no vae: a pixel-space model
@@ -42,6 +46,8 @@ class StableDiffusion:
   image_processor: CLIPImageConfig | None = None
   model_index: dict = dataclasses.field(default_factory=dict)
   extra_adapters: tuple[IPAdapter, ...] = ()  # the second and later adapters, beside the UNet's
+  controlnets: tuple[ControlNetModel, ...] = ()
+  t2i_adapter: T2IAdapter | None = None
 
   @property
   def is_sdxl(self) -> bool:
@@ -51,7 +57,8 @@ class StableDiffusion:
     """The networks as one NNX graph (sharing these modules: updating one updates the other)."""
     return Networks(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
                     text_encoder_2=self.text_encoder_2, image_encoder=self.image_encoder,
-                    extra_adapters=self.extra_adapters)
+                    extra_adapters=self.extra_adapters, controlnets=self.controlnets,
+                    t2i_adapter=self.t2i_adapter)
 
   def adapters(self) -> list:
     """Every adapter in use, in load order (`Networks.adapters`)."""
@@ -82,7 +89,9 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
                           dtype=jnp.float32,
                           param_dtype=None, variant: str | None = None,
                           revision: str | None = None, seed: int = 0,
-                          attention_implementation: str | None = None) -> StableDiffusion:
+                          attention_implementation: str | None = None,
+                          controlnet: str | Sequence[str] | None = None,
+                          t2i_adapter: str | None = None) -> StableDiffusion:
   """Loads unet, vae, text encoder(s), tokenizer(s) and the scheduler config of a diffusers
   Stable Diffusion folder or hub id, and optionally a CLIP image encoder folder or hub id
   ("h94/IP-Adapter/models/image_encoder"). `ip_adapter` (an official file) or `adapter` (a
@@ -91,6 +100,8 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
 
   `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
   `attention_implementation="cudnn"` runs the UNet's attention as cuDNN's fused kernel (GPUs).
+  `controlnet` (a folder or hub id, or a list of them) and `t2i_adapter` (an SDXL or SD1.5
+  T2I-Adapter folder) add structure control; each is checked to fit the UNet.
   """
   root = local_path(path_or_id, revision=revision, allow_patterns=_hub_patterns(variant))
   index = read_config(root, "model_index.json")
@@ -111,6 +122,17 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
       model_index=index,
   )
   parts["extra_adapters"] = tuple(load_extra_adapter(parts["unet"], f) for f in files[1:])
+  unet_config = parts["unet"].config
+  nets = [controlnet] if isinstance(controlnet, str) else list(controlnet or ())
+  parts["controlnets"] = tuple(load_controlnet(n, variant=variant, **kw) for n in nets)
+  for name, net in zip(nets, parts["controlnets"]):
+    check_controlnet(net.config, unet_config, source=f"controlnet {name}")
+  if t2i_adapter is not None:
+    parts["t2i_adapter"] = load_t2i_adapter(t2i_adapter, **kw)
+    vae = parts["vae"]
+    check_t2i_adapter(parts["t2i_adapter"].config, unet_config, source=f"T2I-Adapter {t2i_adapter}",
+                      vae_scale_factor=1 if vae is None else
+                      2 ** (len(vae.config.block_out_channels) - 1))
   if _listed(index, "text_encoder_2"):
     parts["text_encoder_2"] = load_clip_text(_component(root, "text_encoder_2"),
                                              variant=variant, **kw)

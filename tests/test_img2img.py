@@ -223,3 +223,74 @@ def test_sample_py_img2img_and_inpainting_are_the_python_api(world, tmp_path):
     assert sample_main(base + extra + ["--out", str(out), "--save_array",
                                        str(out.with_suffix(".npy"))]) == 0
     np.testing.assert_array_equal(np.load(out.with_suffix(".npy")), run(**kw))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_world, tmp_path_factory):
+  """A tiny SDXL folder with a basic adapter for the test image encoder."""
+  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                            CLIPTokenizer)
+  from ipadapter_jax.tokenizer import write_word_tokenizer
+  tmp = tmp_path_factory.mktemp("sdxl_init")
+  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
+  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
+  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
+                                 projection_dim=ref.SDXL_POOLED_DIM))
+  unet = ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3)
+  StableDiffusionXLPipeline(
+      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
+      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
+      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
+      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  ).save_pretrained(tmp / "sd")
+  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11)
+  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
+            str(tmp / "ip-adapter.safetensors"))
+  return tiny_world, tmp
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_sdxl_img2img_and_inpainting_match_diffusers(sdxl, task):
+  """SDXL's own defaults: strength 0.3 (img2img) and 0.9999 (inpainting), guidance 5."""
+  from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+  tiny, tmp = sdxl
+  init, mask = _init_image(), _mask()
+  cls = StableDiffusionXLImg2ImgPipeline if task == "img2img" else StableDiffusionXLInpaintPipeline
+  theirs = cls.from_pretrained(tmp / "sd")
+  theirs.load_ip_adapter(str(tmp), subfolder="", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder=str(tiny / "adapter" / "image_encoder"))
+  theirs.set_ip_adapter_scale(0.6)
+  ours = IPAdapterPipeline(load_stable_diffusion(
+      str(tmp / "sd"), image_encoder=str(tiny / "adapter" / "image_encoder"),
+      ip_adapter=str(tmp / "ip-adapter.safetensors")))
+  prompt_image = Image.open(tiny / "prompt.png")
+  request = dict(init_image=init, height=H, width=W, num_inference_steps=10, num_samples=1,
+                 scale=0.6)
+  kw = dict(image=init, height=H, width=W)
+  if task == "inpaint":
+    request["mask_image"] = kw["mask_image"] = mask
+  _, inputs = ours.prepare(PROMPT, prompt_image, negative_prompt=NEGATIVE, guidance_scale=5.0,
+                           **request)
+  nchw = lambda name: np.asarray(inputs[name]).transpose(0, 3, 1, 2)
+  feed = [nchw("posterior_noise"), nchw("latents")] + (
+      [nchw("masked_noise")] if task == "inpaint" else [])
+  original = torch.randn
+
+  def fed(*args, **kwargs):
+    out = original(*args, **kwargs)
+    given = feed.pop(0)
+    assert tuple(given.shape) == tuple(out.shape)
+    return torch.from_numpy(np.ascontiguousarray(given))
+  torch.randn = fed
+  try:
+    expected = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0,
+                      ip_adapter_image=prompt_image, generator=torch.Generator().manual_seed(0),
+                      output_type="np", **kw).images
+  finally:
+    torch.randn = original
+  assert not feed  # diffusers drew exactly the noise we did
+  actual = ours(PROMPT, prompt_image, negative_prompt=NEGATIVE, guidance_scale=5.0, **request)
+  _report(f"SDXL {task}, default strength", actual, expected)

@@ -120,7 +120,8 @@ def test_controlnet_requests_and_misfits_are_refused_in_one_line(sd15, tmp_path)
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_world, tmp_path_factory):
-  """A tiny SDXL folder with the test image encoder, a basic adapter and a T2I-Adapter."""
+  """A tiny SDXL folder with the test image encoder, a basic adapter, a ControlNet and a
+  T2I-Adapter."""
   tmp = tmp_path_factory.mktemp("sdxl_t2i")
   write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
   tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
@@ -139,6 +140,8 @@ def sdxl(tiny_world, tmp_path_factory):
   save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
             str(tmp / "ip-adapter.safetensors"))
   # Feature maps at 1/4 of the image: after down block 0's downsampler, in down block 1.
+  ref.randomize_(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)),
+                 23).save_pretrained(tmp / "controlnet")
   ref.randomize_(T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2,
                             downscale_factor=4, adapter_type="full_adapter_xl"), 7
                  ).save_pretrained(tmp / "t2i")
@@ -205,3 +208,26 @@ def test_sample_py_refuses_bad_structure_flags_in_one_line(sd15, tmp_path, capsy
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error:") and message in err[-1], err
   assert not out.exists()
+
+
+def test_sdxl_controlnet_with_an_image_prompt_matches_diffusers(sdxl):
+  from diffusers import StableDiffusionXLControlNetPipeline
+  world, tmp = sdxl
+  image = _control_image(4)
+  latents = np.random.default_rng(2).standard_normal((1, 4, H // 2, W // 2)).astype(np.float32)
+  theirs = StableDiffusionXLControlNetPipeline.from_pretrained(
+      tmp / "xl", controlnet=ControlNetModel.from_pretrained(tmp / "controlnet"))
+  theirs.load_ip_adapter(str(tmp), subfolder="", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder=str(world / "adapter" / "image_encoder"))
+  theirs.set_ip_adapter_scale(0.6)
+  prompt_image = Image.open(world / "prompt.png")
+  kw = dict(controlnet_conditioning_scale=0.8, control_guidance_start=0.2)
+  expected = theirs(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                    guidance_scale=5.0, latents=torch.from_numpy(latents), output_type="np",
+                    ip_adapter_image=prompt_image, **kw).images
+  ours = IPAdapterPipeline(load_stable_diffusion(
+      str(tmp / "xl"), image_encoder=str(world / "adapter" / "image_encoder"),
+      ip_adapter=str(tmp / "ip-adapter.safetensors"), controlnet=str(tmp / "controlnet")))
+  actual = ours(PROMPT, prompt_image, control_images=[image], negative_prompt=NEGATIVE, scale=0.6,
+                num_inference_steps=STEPS, guidance_scale=5.0, latents=latents, **kw)
+  _report("SDXL ControlNet", actual, expected)

@@ -20,7 +20,8 @@ again; an interrupted one resumes from its last checkpoint.
   adapter    the IP-Adapter on the frozen base                  (configs/toy_adapter.py)
   finetune   the baseline: the whole UNet trained with it       (configs/toy_finetune.py)
   eval       held-out prompt images: eval.json (every rate with its 95% Wilson interval),
-             grid.png and the table of the paper's claims
+             grid.png and the table of the paper's claims; masked composition, img2img and
+             inpainting with an image prompt
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ipadapter_jax import evaluate, toy_composition
+from ipadapter_jax import evaluate, toy_composition, toy_structure
 from ipadapter_jax.configs import (toy_adapter, toy_base, toy_clip, toy_community, toy_finetune,
                                    toy_world)
 from ipadapter_jax.data import shapes
@@ -452,6 +453,13 @@ def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, fi
       adapter_pipe, ps.examples, ps.images, count=max(1, sizes.eval_images // 2),
       sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale)
   log(f"eval: composition with left/right masks, {time.perf_counter() - start:.0f} s")
+  start = time.perf_counter()
+  result["structure"] = toy_structure.structure(
+      adapter_pipe, ps.examples, ps.images, count=max(1, sizes.eval_images // 2),
+      sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale,
+      batch_size=sizes.batch_size)
+  result["structure"]["seconds"] = round(time.perf_counter() - start, 1)
+  log(f"eval: img2img and inpainting with an image prompt, {result['structure']['seconds']:.0f} s")
   columns = [np.stack([np.asarray(i, np.float32) / 255 for i in ps.images])]
   columns += [generated[s.name] for s in settings[1:]]
   write_grid(os.path.join(workdir, "grid.png"), columns, count=min(8, len(ps.examples)))
@@ -567,7 +575,8 @@ def run(workdir: str, quick: bool = False, from_scratch: bool = False,
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
   print(table(result) + "\n\n" + claims_table(result) + "\n\n"
-        + toy_composition.table(result["composition"]))
+        + toy_composition.table(result["composition"]) + "\n\n"
+        + toy_structure.table(result["structure"]))
   print(f"\nwrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'grid.png')} "
         f"(rows: prompt image, then every setting but the first) in "
         f"{result['seconds_total']:.0f} s")

@@ -1,5 +1,6 @@
 """The toy world end to end (every stage, CI-sized), and its exports in the PyTorch world."""
 
+import dataclasses
 import json
 import os
 
@@ -290,3 +291,95 @@ def test_composition_rows_score_what_the_pipeline_draws(world):
   assert toy_composition.half_colours(drawn) == ("red", "blue")
   drawn[:, 8:] = 245
   assert toy_composition.half_colours(drawn) == ("red", "none")
+
+
+def test_structure_rows_score_what_the_pipeline_draws(world):
+  """eval.json's img2img and inpainting rates are the judgements of the images the adapter
+  draws for those pairs, strengths, masks and seeds (re-sampled here), and inpainting keeps
+  the unmasked half's pixels exactly."""
+  from ipadapter_jax import toy_composition, toy_structure
+  workdir, result = world
+  rates = result["structure"]
+  quick, size = toy.QUICK, toy.VISION_CONFIG["image_size"]
+  assert list(rates["img2img"]) == [f"strength {s}, {name}" for s in toy_structure.STRENGTHS
+                                    for name in ("image prompt (scale 1.0)",
+                                                 "no image prompt (scale 0)")]
+  assert rates["strength"] in toy_structure.STRENGTHS and rates["seconds"] > 0
+  ps = toy.PromptSet.make(quick.eval_images)
+  pairs = toy_structure.contrast_pairs(ps.examples)[:quick.eval_images // 2]
+  assert rates["pairs"] == len(pairs)
+  assert all(ps.examples[i].colour != ps.examples[j].colour for i, j in pairs)
+  pipe = IPAdapterPipeline(load_stable_diffusion(
+      toy.shipped_weights()["base"], image_encoder=toy.shipped_weights()["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
+  # One padded batch of QUICK.batch_size requests, seed 0, as the evaluation sampled them.
+  padded = [pairs[min(k, len(pairs) - 1)] for k in range(quick.batch_size)]
+  request = dict(init_image=[ps.images[i] for i, _ in padded], scale=1.0, seed=0,
+                 num_inference_steps=quick.sampling_steps, guidance_scale=quick.guidance_scale)
+  prompts = [ps.images[j] for _, j in padded]
+  drawn = evaluate.to_uint8(pipe([""] * len(padded), prompts, strength=rates["strength"],
+                                 **request)[:len(pairs)])
+  judged = [shapes.judge(image) for image in drawn]
+  row = rates["img2img"][f"strength {rates['strength']}, image prompt (scale 1.0)"]
+  assert row["colour = prompt image's"]["rate"] == np.mean(
+      [g["colour"] == ps.examples[j].colour for g, (_, j) in zip(judged, pairs)])
+  assert row["shape = init image's"]["rate"] == np.mean(
+      [g["shape"] == ps.examples[i].shape for g, (i, _) in zip(judged, pairs)])
+
+  left, right = toy_composition.half_masks(size)
+  halves = [int(ps.examples[i].centre[1] >= size // 2) for i, _ in padded]
+  drawn = evaluate.to_uint8(pipe([""] * len(padded), prompts, strength=1.0,
+                                 mask_image=[(left, right)[h] for h in halves],
+                                 **request)[:len(pairs)])
+  row = rates["inpainting"]["shape's half repainted, image prompt (scale 1.0)"]
+  kept = [slice(size // 2, None), slice(0, size // 2)]
+  for image, (i, _), h in zip(drawn, pairs, halves):  # the known half comes back unchanged
+    np.testing.assert_array_equal(image[:, kept[h]], np.asarray(ps.images[i])[:, kept[h]])
+  assert row["kept half = init pixels"]["rate"] == 1.0 and row["kept half: max abs difference"] == 0
+  assert row["repainted half: prompt image's colour"]["rate"] == np.mean(
+      [toy_composition.half_colours(image)[h] == ps.examples[j].colour
+       for image, (_, j), h in zip(drawn, pairs, halves)])
+
+
+def test_structure_judges_on_hand_made_images():
+  """The structure checks' judges read what was painted: colour, shape and centre against the
+  init and prompt examples, the repainted half's colour and the kept half's pixels."""
+  from ipadapter_jax import toy_structure
+  size = 16
+  init = shapes.Example("square", "red", "white", 4, (5, 5), "")
+  prompt = shapes.Example("circle", "blue", "black", 4, (10, 11), "")
+  other = shapes.Example("cross", "red", "grey", 3, (8, 8), "")
+  assert toy_structure.contrast_pairs([init, other, prompt]) == [(0, 2), (1, 2), (2, 0)]
+  assert toy_structure.contrast_pairs([init, prompt]) == [(0, 1), (1, 0)]
+  examples, pairs = [init, prompt], [(0, 1)]
+  # Blue at the init square's place, a red square elsewhere, and nothing at all.
+  recoloured = shapes.render(dataclasses.replace(init, colour="blue"), size)
+  moved = shapes.render(dataclasses.replace(init, centre=(10, 11)), size)
+  empty = np.full((size, size, 3), 245, np.uint8)
+  assert toy_structure.blob_centre(recoloured) == (5.0, 5.0)
+  assert toy_structure.blob_centre(empty) is None and not toy_structure.near(None, init)
+  got = {name: toy_structure.img2img_scores(image[None], examples, pairs)
+         for name, image in (("recoloured", recoloured), ("moved", moved), ("empty", empty))}
+  rate = lambda name, measure: got[name][measure]["rate"]
+  assert [rate("recoloured", m) for m in got["recoloured"]] == [1, 0, 1, 0, 1, 0, 1, 1]
+  assert [rate("moved", m) for m in got["moved"]] == [0, 1, 1, 0, 0, 1, 0, 0]
+  assert sum(rate("empty", m) for m in got["empty"]) == 0
+  assert got["recoloured"]["colour = prompt image's"]["n"] == 1
+
+  # Inpainting: the init's left half (its square's) repainted blue, the right half kept.
+  assert toy_structure.masked_half(init, size) == 0 and toy_structure.masked_half(prompt, size) == 1
+  source = shapes.render(init, size)
+  repainted = source.copy()
+  repainted[3:8, 2:8] = shapes.COLOURS["blue"]
+  scores = toy_structure.inpaint_scores(repainted[None], examples, pairs, [source], size)
+  assert [scores[m]["rate"] for m in list(scores)[:4]] == [1, 0, 1, 1]
+  assert scores["kept half: max abs difference"] == 0
+  repainted[0, 12] = 0  # one changed pixel in the kept half
+  unpainted = source.copy()
+  unpainted[:, :8] = 245
+  scores = toy_structure.inpaint_scores(np.stack([repainted, unpainted]), examples, pairs * 2,
+                                        [source] * 2, size)
+  assert scores["kept half = init pixels"]["rate"] == 0.5
+  assert scores["kept half: max abs difference"] == 245
+  assert scores["repainted half: prompt image's colour"]["rate"] == 0.5
+  assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate([True])

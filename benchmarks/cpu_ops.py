@@ -46,6 +46,90 @@ def attention(batch: int, tokens: int, heads: int, head_dim: int):
   return median_time(lambda: f(qj, kj, vj).block_until_ready()), t
 
 
+def conv_layouts(batch: int, size: int, channels: int):
+  """(layout, seconds) of the same 3x3 convolution in the layouts XLA:CPU accepts."""
+  x = np.random.default_rng(0).standard_normal((batch, size, size, channels), np.float32)
+  w = np.random.default_rng(1).standard_normal((3, 3, channels, channels), np.float32)
+  rows = []
+  for name, (lhs, rhs), xt, wt in [
+      ("NHWC / HWIO (this project)", ("NHWC", "HWIO"), x, w),
+      ("NCHW / OIHW (PyTorch's)", ("NCHW", "OIHW"), x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)),
+      ("NHWC / OHWI", ("NHWC", "OHWI"), x, w.transpose(3, 0, 1, 2))]:
+    f = jax.jit(lambda a, b, lhs=lhs, rhs=rhs: jax.lax.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=(lhs, rhs, lhs)))
+    a, b = jnp.asarray(np.ascontiguousarray(xt)), jnp.asarray(np.ascontiguousarray(wt))
+    rows.append((name, median_time(lambda: f(a, b).block_until_ready())))
+  return rows
+
+
+# XLA:CPU options that change code generation or fusion, tried one at a time as per-program
+# compiler options (so nothing leaks into other programs).
+XLA_CPU_OPTIONS = ({"xla_cpu_use_thunk_runtime": False}, {"xla_cpu_use_fusion_emitters": False},
+                   {"xla_cpu_prefer_vector_width": 512}, {"xla_cpu_multi_thread_eigen": False},
+                   {"xla_cpu_enable_concurrency_optimized_scheduler": True})
+
+
+def with_options(fn, args):
+  """(options, seconds or the reason it could not compile) for fn under each XLA_CPU_OPTIONS."""
+  rows = []
+  for options in ({},) + XLA_CPU_OPTIONS:
+    try:
+      compiled = jax.jit(fn).lower(*args).compile(compiler_options=options or None)
+    except Exception as e:  # an option this XLA does not know
+      rows.append((options, f"not accepted ({type(e).__name__})"))
+      continue
+    rows.append((options, median_time(lambda: jax.block_until_ready(compiled(*args)))))
+  return rows
+
+
+def _attention_variants():
+  """name -> f(q, k, v) on [B, T, H, K]: what benchmarks/RESULTS.md's attention rows compare."""
+  from ipadapter_jax.models import attention_kernels as kernels
+
+  def einsum_bhts(q, k, v):  # one transpose to [B, H, T, K], q scaled before the logits
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bhtk,bhsk->bhts", q * q.shape[-1] ** -0.5, k)
+    return jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(logits, axis=-1), v).transpose(0, 2, 1, 3)
+
+  variants = {"jax.nn.dot_product_attention (XLA)": jax.nn.dot_product_attention,
+              "einsum, [B, H, T, K], q scaled first": einsum_bhts}
+  for chunk in (64, 128, 256, 512):
+    variants[f"chunked, {chunk} queries"] = functools.partial(kernels.chunked_attention,
+                                                              chunk=chunk)
+  return variants
+
+
+def attention_variants(batch: int, tokens: int, heads: int, head_dim: int, backward: bool):
+  """(name, seconds) for each variant; with `backward`, forward + gradient of sum(out * g)."""
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.standard_normal((batch, tokens, heads, head_dim), np.float32))
+                for _ in range(4))
+  rows = []
+  for name, fn in _attention_variants().items():
+    if backward:
+      f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))
+    else:
+      f = jax.jit(fn)
+    rows.append((name, median_time(lambda: jax.block_until_ready(f(q, k, v)))))
+  return rows
+
+
+def attention_torch(batch: int, tokens: int, heads: int, head_dim: int, backward: bool) -> float:
+  rng = np.random.default_rng(0)
+  q, k, v, g = (torch.from_numpy(rng.standard_normal((batch, heads, tokens, head_dim),
+                                                     np.float32)) for _ in range(4))
+  if not backward:
+    with torch.no_grad():
+      return median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+  for x in (q, k, v):
+    x.requires_grad_(True)
+
+  def step():
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.autograd.grad((out * g).sum(), (q, k, v))
+  return median_time(step)
+
+
 def dense(rows: int, features: int):
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((rows, features), np.float32), rng.standard_normal(
@@ -69,6 +153,30 @@ def main():
   print("| operation | JAX | PyTorch | JAX / PyTorch |\n|---|---|---|---|")
   for name, (j, t) in rows:
     print(f"| {name} | {j * 1e3:.3f} ms | {t * 1e3:.3f} ms | {j / t:.2f} |")
+  print("\n| conv 3x3, 32x32x64, batch 4, layout | JAX |\n|---|---|")
+  for name, seconds in conv_layouts(4, 32, 64):
+    print(f"| {name} | {seconds * 1e3:.3f} ms |")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 32, 32, 64), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, 64, 64), np.float32))
+  qkv = [jnp.asarray(rng.standard_normal((4, 1024, 8, 8), np.float32)) for _ in range(3)]
+  from ipadapter_jax.models.attention_kernels import chunked_attention
+  conv_fn = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME",
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  print("\n| XLA:CPU option | conv 3x3 32x32x64 | chunked self-attention [4, 1024, 8, 8] |"
+        "\n|---|---|---|")
+  for (options, conv_s), (_, attn_s) in zip(with_options(conv_fn, (x, w)),
+                                            with_options(chunked_attention, qkv)):
+    show = lambda v: v if isinstance(v, str) else f"{v * 1e3:.3f} ms"
+    print(f"| {options or 'defaults'} | {show(conv_s)} | {show(attn_s)} |")
+  for backward in (False, True):
+    shape = (4, 1024, 8, 8)
+    torch_time = attention_torch(*shape, backward)
+    what = "forward + backward" if backward else "forward"
+    print(f"\nself-attention {list(shape)} [B, T, H, K], {what}; torch SDPA "
+          f"{torch_time * 1e3:.3f} ms\n| variant | JAX | JAX / PyTorch |\n|---|---|---|")
+    for name, seconds in attention_variants(*shape, backward):
+      print(f"| {name} | {seconds * 1e3:.3f} ms | {seconds / torch_time:.2f} |")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   sd = load_stable_diffusion(paths["sd"], image_encoder=paths["image_encoder"],
                              ip_adapter=paths["adapter"], dtype=dtype, param_dtype=dtype,
-                             attention_implementation=args.attention or None)
+                             attention_implementation=None if args.attention == "auto"
+                             else args.attention)
   unet = sd.unet
   count = lambda f: int(sum(x.size for x in jax.tree.leaves(nnx.state(unet, f))))
   ip_layers = count(nnx.All(AdapterParam, nnx.Not(nnx.PathContains("image_proj"))))
@@ -218,6 +219,15 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   unet.remat = "none"
   out["train_step_s"] = remat["none"]["seconds"]
   out["train_gflop"] = remat["none"]["gflop"]
+  # The step against a forward pass at its batch: about 2 (forward + activation backward) when
+  # no weight gradient of the frozen UNet is computed, about 3 when one is.
+  Bt = bench.train_batch
+  forward_bt = jax.jit(lambda w, x, t, ctx, emb: nnx.merge(graphdef, w)(x, t, ctx, image_embeds=emb)
+                       ).lower(weights, latents[:1].repeat(Bt, 0), t[:1].repeat(Bt, 0),
+                               context[:1].repeat(Bt, 0), embeds[:1].repeat(Bt, 0)).compile()
+  out["forward_train_batch_gflop"] = (forward_bt.cost_analysis() or {}).get(
+      "flops", float("nan")) / 1e9
+  out["train_over_forward_flops"] = out["train_gflop"] / out["forward_train_batch_gflop"]
   out["remat"] = remat
 
   # The loop's read-back policy: a host sync after every step (reading the loss, as train.py did
@@ -412,8 +422,10 @@ def main(argv=None) -> int:
   p.add_argument("--train_batch", type=int, default=None)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--torch_compile", action="store_true", help="also PyTorch with torch.compile")
-  p.add_argument("--attention", choices=("", "cudnn"), default="",
-                 help="JAX attention implementation: XLA (default) or cuDNN's fused kernel (GPU)")
+  p.add_argument("--attention", choices=("auto", "xla", "chunked", "cudnn", "splash"),
+                 default="auto",
+                 help="JAX attention kernel (default: chosen per platform, "
+                      "ipadapter_jax/models/attention_kernels.py)")
   p.add_argument("--skip_first_image", action="store_true")
   p.add_argument("--out", default=None, help="JSON results")
   p.add_argument("--first_image", default=None, help=argparse.SUPPRESS)

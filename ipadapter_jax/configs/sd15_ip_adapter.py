@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"        # float32 | bfloat16
   c.model.init_adapter = ""                # official adapter file to start from ("" = fresh)
   c.model.remat = "none"                   # none | full | dots: UNet blocks' rematerialisation
-  c.model.attention_implementation = ""    # "" (XLA) | cudnn
+  c.model.attention_implementation = ""    # "" (per platform) | xla | chunked | cudnn | splash
   c.model.adapter = ml_collections.ConfigDict()
   c.model.adapter.kind = "basic"           # basic | plus | full_face
   c.model.adapter.num_tokens = 4

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.models.layers import AdapterParam, Conv2d, GroupNorm, LayerNorm, Linear
 
 
@@ -34,17 +35,27 @@ def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = N
                           bias=None, is_causal: bool = False):
   """softmax(q k^T / sqrt(K) + bias) v; logits and softmax are float32 whatever the input dtype.
 
-  Every attention of the project goes through here, so switching to the cuDNN kernel
-  (`implementation="cudnn"`, bf16/fp16 on NVIDIA GPUs) is one argument. `bias` broadcasts
-  against the [B, H, T, S] logits (a [S] vector biases each key).
+  Every attention of the project goes through here. `implementation` None picks the kernel per
+  platform and shape (`attention_kernels.choose`: chunked on CPUs and splash on TPUs for long
+  self-attention, cuDNN for bf16/fp16 on NVIDIA GPUs, XLA otherwise); "xla", "chunked", "cudnn"
+  or "splash" force one. `bias` broadcasts against the [B, H, T, S] logits (a [S] vector biases
+  each key). Causal attention (CLIP's text tower, 77 tokens) always takes XLA's path.
   """
-  if bias is not None and implementation == "cudnn":
-    # cuDNN takes the bias in the inputs' dtype and with the query axis spelled out.
-    bias = jnp.asarray(bias, q_BTHK.dtype)
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_BTHK.shape[1], k_BSHK.shape[1]))
-  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, is_causal=is_causal,
-                                     implementation=implementation)
+  if is_causal:
+    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, is_causal=True)
+  kind = kernels.choose(implementation, q_BTHK, k_BSHK, has_bias=bias is not None)
+  if kind == "chunked":
+    return kernels.chunked_attention(q_BTHK, k_BSHK, v_BSHK)
+  if kind == "splash":
+    return kernels.splash_attention(q_BTHK, k_BSHK, v_BSHK)
+  if kind == "cudnn":
+    if bias is not None:  # cuDNN takes the bias in the inputs' dtype, the query axis spelled out
+      bias = jnp.asarray(bias, q_BTHK.dtype)
+      bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_BTHK.shape[1], k_BSHK.shape[1]))
+    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias,
+                                        implementation="cudnn")
+  return kernels.xla_attention(q_BTHK, k_BSHK, v_BSHK, bias)
 
 
 # log(scale) for scale <= 0: a finite stand-in for log(0) = -inf. The image keys' weights still

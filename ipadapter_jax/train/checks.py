@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ipadapter_jax import storage
+from ipadapter_jax.models.attention_kernels import IMPLEMENTATIONS
 from ipadapter_jax.train.step import TRAINABLE
 
 DTYPES = ("float32", "bfloat16")
@@ -38,6 +39,9 @@ def validate(cfg, mesh):
   for key in ("frozen_dtype", "compute_dtype"):
     if m[key] not in DTYPES:
       raise TrainingError(f"model.{key} must be one of {list(DTYPES)}, got {m[key]!r}")
+  if m.get("attention_implementation") and m.attention_implementation not in IMPLEMENTATIONS:
+    raise TrainingError(f"model.attention_implementation must be empty (per platform) or one of "
+                        f"{', '.join(IMPLEMENTATIONS)}, got {m.attention_implementation!r}")
   if m.remat not in ("none", "full", "dots"):
     raise TrainingError(f"model.remat must be none, full or dots, got {m.remat!r}")
   if not cfg.data.source:

@@ -99,7 +99,8 @@ def load_stable_diffusion(path_or_id: str, *, image_encoder: str | None = None,
   the UNet and the others as `extra_adapters`, all applied together.
 
   `param_dtype=jnp.bfloat16` casts the weights on load; `dtype` is the compute dtype.
-  `attention_implementation="cudnn"` runs the UNet's attention as cuDNN's fused kernel (GPUs).
+  `attention_implementation` forces an attention kernel ("xla", "chunked", "cudnn", "splash");
+  None chooses per platform (ipadapter_jax/models/attention_kernels.py).
   `controlnet` (a folder or hub id, or a list of them) and `t2i_adapter` (an SDXL or SD1.5
   T2I-Adapter folder) add structure control; each is checked to fit the UNet.
   """

@@ -1,0 +1,178 @@
+"""The attention kernels behind `attention.dot_product_attention`, and the per-platform choice.
+
+- "xla": `jax.nn.dot_product_attention`'s XLA path; [B, H, T, S] logits are materialised.
+- "chunked": queries in chunks, each chunk's logits, exp2 and value product done before the
+  next, the softmax normalised after the value product. On XLA:CPU this keeps a chunk's
+  logits in cache instead of streaming [B, H, T, T] through memory (benchmarks/cpu_ops.py).
+  Its custom VJP recomputes each chunk's probabilities from the saved log-sum-exp, so the
+  backward never stores [B, H, T, T] either.
+- "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16).
+- "splash": JAX's Pallas splash attention kernel (TPUs; `interpret=True` runs it anywhere).
+
+`choose` picks one when none is asked for: cuDNN for bf16/fp16 on NVIDIA GPUs, splash on TPUs
+and chunked on CPUs for self-attention of at least `LONG` tokens, XLA otherwise (cross-attention
+over 77 + N tokens is small: a plain einsum). docs/performance.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
+LONG = 1024  # keys from which self-attention takes a blocked kernel (CPU and TPU)
+# Queries per chunk: 64 x 1,024 keys of float32 logits are 256 KiB a head, an eighth of a 2 MiB
+# L2; 128 queries measured 3.4x slower (benchmarks/RESULTS.md).
+CHUNK = 64
+_LOG2E = math.log2(math.e)
+
+
+def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> str:
+  """The kernel for one attention call; refuses an impossible explicit choice in one line.
+
+  The blocked kernels ("chunked", "splash") only ever take long self-attention, asked for or
+  not: everything shorter (cross-attention over 77 + N tokens, low-resolution levels) is a
+  plain XLA einsum.
+  """
+  platform = jax.default_backend()
+  half = q_BTHK.dtype in (jnp.bfloat16, jnp.float16)
+  head_dim = q_BTHK.shape[-1]
+  blocked = (q_BTHK.shape[1] == k_BSHK.shape[1] >= LONG) and not has_bias
+  if implementation is None:
+    if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+      return "cudnn"
+    if blocked:
+      return {"cpu": "chunked", "tpu": "splash"}.get(platform, "xla")
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{', '.join(IMPLEMENTATIONS)} (or None: chosen per platform)")
+  if implementation == "cudnn":
+    if platform != "gpu":
+      raise ValueError(f"cuDNN attention needs an NVIDIA GPU; this runs on {platform} "
+                       "(leave attention_implementation unset to choose per platform)")
+    if not half:
+      raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {q_BTHK.dtype} "
+                       "(run the model with dtype=jnp.bfloat16, or use 'xla')")
+  if implementation in ("chunked", "splash") and not blocked:
+    return "xla"
+  return implementation
+
+
+def xla_attention(q_BTHK, k_BSHK, v_BSHK, bias=None):
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, implementation="xla")
+
+
+def _chunks(x_BTHK, chunk: int):
+  """[B, T, H, K] -> [T / chunk, B, H, chunk, K] (T padded up to a multiple of chunk)."""
+  B, T, H, K = x_BTHK.shape
+  pad = -T % chunk
+  x_BTHK = jnp.pad(x_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  return x_BTHK.reshape(B, (T + pad) // chunk, chunk, H, K).transpose(1, 0, 3, 2, 4)
+
+
+def _unchunk(x_CBHQK, T: int):
+  """_chunks' inverse: [T' / chunk, B, H, chunk, K] -> [B, T, H, K]."""
+  C, B, H, Q, K = x_CBHQK.shape
+  return x_CBHQK.transpose(1, 0, 3, 2, 4).reshape(B, C * Q, H, K)[:, :T]
+
+
+def _chunk_forward(q_BHQK, k_BHSK, v_BHSK):
+  """One chunk: (output [B, H, Q, K], log2-sum-exp2 [B, H, Q]); q is pre-scaled by
+  log2(e) / sqrt(K), so exp2 of the logits is exp of the true ones."""
+  logits = jnp.einsum("bhqk,bhsk->bhqs", q_BHQK, k_BHSK, preferred_element_type=jnp.float32)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp2(logits - top)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhqs,bhsk->bhqk", p.astype(v_BHSK.dtype), v_BHSK,
+                   preferred_element_type=jnp.float32) / total  # normalised after the product
+  return out, (top + jnp.log2(total))[..., 0]
+
+
+def _prepare(q_BTHK, k_BSHK, v_BSHK, chunk):
+  scale = _LOG2E / math.sqrt(q_BTHK.shape[-1])
+  q = _chunks((q_BTHK.astype(jnp.float32) * scale).astype(q_BTHK.dtype), chunk)
+  return q, k_BSHK.transpose(0, 2, 1, 3), v_BSHK.transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_attention(q_BTHK, k_BSHK, v_BSHK, chunk: int = CHUNK):
+  """softmax(q k^T / sqrt(K)) v, `chunk` queries at a time; the output has q's dtype."""
+  return _chunked_forward(q_BTHK, k_BSHK, v_BSHK, chunk)[0]
+
+
+def _chunked_forward(q_BTHK, k_BSHK, v_BSHK, chunk):
+  q, k, v = _prepare(q_BTHK, k_BSHK, v_BSHK, chunk)
+  out, lse = jax.lax.map(lambda q_BHQK: _chunk_forward(q_BHQK, k, v), q)
+  out_BTHK = _unchunk(out, q_BTHK.shape[1]).astype(q_BTHK.dtype)
+  return out_BTHK, (q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse)
+
+
+def _chunked_backward(chunk, residuals, dout_BTHK):
+  """Each chunk's probabilities recomputed from the saved log-sum-exp; dk and dv summed over
+  the chunks."""
+  q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse = residuals
+  q, k, v = _prepare(q_BTHK, k_BSHK, v_BSHK, chunk)
+  dout = _chunks(dout_BTHK.astype(jnp.float32), chunk)
+  # rowsum(dout * out): the softmax's correction term, per query.
+  delta = jnp.sum(_chunks(out_BTHK.astype(jnp.float32), chunk) * dout, axis=-1)
+  f32 = dict(preferred_element_type=jnp.float32)
+  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+
+  def one(carry, xs):
+    dk, dv = carry
+    q_BHQK, dout_BHQK, lse_BHQ, delta_BHQ = xs
+    logits = jnp.einsum("bhqk,bhsk->bhqs", q_BHQK, k, **f32)
+    p = jnp.exp2(logits - lse_BHQ[..., None])
+    dv = dv + jnp.einsum("bhqs,bhqk->bhsk", p, dout_BHQK, **f32)
+    dp = jnp.einsum("bhqk,bhsk->bhqs", dout_BHQK, v32, **f32)
+    ds = p * (dp - delta_BHQ[..., None])  # d(true logits)
+    dq = jnp.einsum("bhqs,bhsk->bhqk", ds, k32, **f32)
+    dk = dk + jnp.einsum("bhqs,bhqk->bhsk", ds, q_BHQK.astype(jnp.float32), **f32)
+    return (dk, dv), dq
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), (q, dout, lse, delta))
+  # The true logits are q k^T / sqrt(K): dq = ds k / sqrt(K); the chunks' q already carries
+  # log2(e) / sqrt(K), so dk = ds^T q_chunks / log2(e).
+  dq_BTHK = _unchunk(dq, q_BTHK.shape[1]) / math.sqrt(q_BTHK.shape[-1])
+  dk_BSHK = (dk / _LOG2E).transpose(0, 2, 1, 3)
+  return (dq_BTHK.astype(q_BTHK.dtype), dk_BSHK.astype(k_BSHK.dtype),
+          dv.transpose(0, 2, 1, 3).astype(v_BSHK.dtype))
+
+
+chunked_attention.defvjp(_chunked_forward, _chunked_backward)
+
+
+def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
+  """Self-attention through JAX's Pallas splash kernel (TPU; `interpret` runs it anywhere).
+
+  The kernel takes one sequence and [H, T, K]; it is vmapped over the batch. Its block sizes
+  must divide T, so T is padded to a multiple of 128 with keys masked out by a segment id.
+  """
+  if interpret is None:  # Pallas' interpreter off TPUs: slow, for tests
+    interpret = jax.default_backend() != "tpu"
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+      splash_attention_kernel as kernel, splash_attention_mask as masks)
+  B, T, H, K = q_BTHK.shape
+  S = k_BSHK.shape[1]
+  block = 128
+  Tp, Sp = T + (-T % block), S + (-S % block)
+  mask = masks.MultiHeadMask([masks.FullMask((Tp, Sp)) for _ in range(H)])
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  splash = kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                  interpret=interpret)
+  scale = 1.0 / math.sqrt(K)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  q = pad((q_BTHK.astype(jnp.float32) * scale).astype(q_BTHK.dtype), Tp).transpose(0, 2, 1, 3)
+  k = pad(k_BSHK, Sp).transpose(0, 2, 1, 3)
+  v = pad(v_BSHK, Sp).transpose(0, 2, 1, 3)
+  segments = kernel.SegmentIds(q=(jnp.arange(Tp) >= T).astype(jnp.int32),
+                               kv=(jnp.arange(Sp) >= S).astype(jnp.int32))
+  out = jax.vmap(lambda q, k, v: splash(q, k, v, segment_ids=segments))(q, k, v)
+  return out.transpose(0, 2, 1, 3)[:, :T].astype(q_BTHK.dtype)

@@ -1,0 +1,118 @@
+"""The attention kernels: chunked (with its recomputing backward) and splash (Pallas, interpreted
+here) against XLA's attention, the per-platform choice, and a whole UNet on the chunked path
+against diffusers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ipadapter_jax.models import attention_kernels as kernels
+from ipadapter_jax.models.attention import dot_product_attention
+from ipadapter_jax.weights import load_unet
+from tests import torch_reference as ref
+
+
+def _qkv(T, S, H=3, K=8, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((2, T, H, K), np.float32)
+  k, v = (rng.standard_normal((2, S, H, K), np.float32) for _ in range(2))
+  g = rng.standard_normal((2, T, H, K), np.float32)
+  return [jnp.asarray(a, dtype) for a in (q, k, v, g)]
+
+
+@pytest.mark.parametrize("T,chunk", [(300, 64), (256, 128), (40, 64)])
+def test_chunked_attention_and_its_gradients_equal_xla(T, chunk):
+  """Query counts that do and do not divide into chunks (and fewer queries than one chunk)."""
+  q, k, v, g = _qkv(T, T)
+  loss = lambda fn: jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))
+  _, grads = loss(lambda q, k, v: kernels.chunked_attention(q, k, v, chunk))(q, k, v)
+  _, expected = loss(kernels.xla_attention)(q, k, v)
+  np.testing.assert_allclose(
+      kernels.chunked_attention(q, k, v, chunk), kernels.xla_attention(q, k, v), rtol=1e-5,
+      atol=1e-6)
+  for name, a, b in zip("qkv", grads, expected):
+    err = float(jnp.abs(a - b).max())
+    print(f"T={T}, chunk {chunk}: d{name} max abs error {err:.1e} (scale {float(jnp.abs(b).max()):.1f})")
+    assert err <= 1e-5 * float(jnp.abs(b).max())
+
+
+def test_chunked_backward_stores_no_full_logits():
+  """The gradient program holds [B, H, chunk, S] blocks, never [B, H, T, S]."""
+  q, k, v, g = _qkv(512, 512)
+  f = jax.jit(jax.grad(lambda q: jnp.sum(kernels.chunked_attention(q, k, v, 64) * g)))
+  text = f.lower(q).as_text()
+  assert "2x3x512x512" not in text and "2x3x64x512" in text
+
+
+def test_chunked_attention_in_bfloat16_is_close():
+  q, k, v, _ = _qkv(200, 200, dtype=jnp.bfloat16)
+  out = kernels.chunked_attention(q, k, v, 64)
+  assert out.dtype == jnp.bfloat16
+  expected = kernels.xla_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+  assert float(jnp.abs(out.astype(jnp.float32) - expected).max()) < 2e-2  # bf16 output rounding
+
+
+def test_splash_attention_equals_xla_in_interpret_mode():
+  """The Pallas splash kernel (the TPU path), with sequence padding, run by Pallas' interpreter."""
+  q, k, v, _ = _qkv(200, 200, H=2, K=64)
+  err = float(jnp.abs(kernels.splash_attention(q, k, v, interpret=True)
+                      - kernels.xla_attention(q, k, v)).max())
+  print(f"splash (interpret) vs XLA: max abs error {err:.1e}")
+  assert err <= 1e-5
+
+
+def test_the_choice_per_platform_and_the_refusals():
+  long_q, long_k, _, _ = _qkv(1024, 1024)
+  short_q, short_k, _, _ = _qkv(1024, 81)
+  assert jax.default_backend() == "cpu"
+  assert kernels.choose(None, long_q, long_k, has_bias=False) == "chunked"
+  assert kernels.choose(None, short_q, short_k, has_bias=False) == "xla"  # cross-attention
+  assert kernels.choose(None, long_q, long_k, has_bias=True) == "xla"
+  assert kernels.choose("splash", short_q, short_k, has_bias=False) == "xla"
+  assert kernels.choose("splash", long_q, long_k, has_bias=False) == "splash"
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+    kernels.choose("cudnn", long_q, long_k, has_bias=False)
+  with pytest.raises(ValueError, match="is not one of"):
+    kernels.choose("flash", long_q, long_k, has_bias=False)
+
+
+def test_dot_product_attention_takes_the_chosen_kernel():
+  q, k, v, _ = _qkv(1024, 1024, H=1)
+  auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).as_text()
+  xla = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, "xla")).lower(q, k, v).as_text()
+  assert "while" in auto and "while" not in xla  # the chunk loop
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unet_on_the_chunked_path_matches_diffusers(unet_folders, family):
+  """1,024-token self-attention (32x32 at the first cross-attention level), where the CPU
+  default is the chunked kernel."""
+  torch_unet, folder = unet_folders[family]
+  g = torch.Generator().manual_seed(0)
+  size = 32 if family == "sd15" else 64  # SDXL's first level has no attention
+  x = torch.randn(1, 4, size, size, generator=g)
+  ctx = torch.randn(1, 7, torch_unet.config.cross_attention_dim, generator=g)
+  added = None
+  if torch_unet.config.addition_embed_type == "text_time":
+    added = {"text_embeds": torch.randn(1, ref.SDXL_POOLED_DIM, generator=g),
+             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+  with torch.no_grad():
+    expected = torch_unet(x, 500, ctx, added_cond_kwargs=added).sample.numpy()
+  kw = {} if added is None else {k: jnp.asarray(v.numpy()) for k, v in added.items()}
+  model = load_unet(folder)
+  actual = jax.jit(lambda x, c: model(x, 500, c, layout="NCHW", **kw))(
+      jnp.asarray(x.numpy()), jnp.asarray(ctx.numpy()))
+  err = ref.assert_close(np.asarray(actual), expected)
+  print(f"{family}, {size}x{size} latents, chunked attention: max abs error {err:.2e}")
+
+
+def test_asking_for_splash_runs_it_interpreted_off_tpu():
+  """attention_implementation="splash" on this CPU: long self-attention goes through the Pallas
+  kernel (interpreted), everything else through XLA."""
+  q, k, v, _ = _qkv(1024, 1024, H=1, K=64)
+  err = float(jnp.abs(dot_product_attention(q, k, v, "splash")
+                      - kernels.xla_attention(q, k, v)).max())
+  assert err <= 1e-5

@@ -92,7 +92,8 @@ def _attention_variants():
     return jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(logits, axis=-1), v).transpose(0, 2, 1, 3)
 
   variants = {"jax.nn.dot_product_attention (XLA)": jax.nn.dot_product_attention,
-              "einsum, [B, H, T, K], q scaled first": einsum_bhts}
+              "einsum, [B, H, T, K], q scaled first": einsum_bhts,
+              "attention_kernels.xla_attention (logits scaled)": kernels.xla_attention}
   for chunk in (64, 128, 256, 512):
     variants[f"chunked, {chunk} queries"] = functools.partial(kernels.chunked_attention,
                                                               chunk=chunk)

@@ -1,10 +1,12 @@
-"""Text + image prompts -> images: prompt encoding, the sampling loop (DDIM, Euler or DPM-Solver++)
-with classifier-free guidance and the VAE decode, compiled as one program.
+"""Text + image prompts -> images: prompt encoding, the sampling loop with classifier-free
+guidance (text-to-image, img2img or inpainting, with ControlNets or a T2I-Adapter for
+structure) and the VAE decode, compiled as one program.
 
 Everything that changes between calls of the same shape (prompt, negative prompt, images, every
-adapter's scale, weights, masks and window, guidance scale, eta, seed, initial latents) is a traced
-input, so it never recompiles; each adapter's image keys/values are computed once per generation,
-outside the denoising loop (docs/composition.md).
+adapter's scale, weights, masks and window, guidance scale, eta, seed, initial latents, strength,
+init and control images, control scales and windows) is a traced input, so it never recompiles;
+each adapter's image keys/values and a T2I-Adapter's features are computed once per generation,
+outside the denoising loop (docs/composition.md, docs/structure.md).
 """
 
 from __future__ import annotations
@@ -19,24 +21,21 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
-from ipadapter_jax.init_images import (check_aspect, control_image, default_strength,
-                                      guidance_window, image_size, inpaint_mask,
-                                      nearest_downsample, vae_image)
-from ipadapter_jax.models.t2i_adapter import preprocess_adapter_image
 from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as prepare_adapters
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
-from ipadapter_jax.samplers import (DDIMSampler, Tables, default_sampler, first_step,
-                                    make_sampler)
+from ipadapter_jax.samplers import DDIMSampler, Tables, default_sampler, make_sampler
 from ipadapter_jax.schedulers import DDIM
+from ipadapter_jax.structure import (control_inputs, finite, image_size, init_inputs,
+                                     t2i_inputs)
 from ipadapter_jax.weights.pipeline import StableDiffusion
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The static shape of a generation: what one compiled program is specialised to."""
-  sampler: Any                        # DDIMSampler, Euler or DPMSolverPP (ipadapter_jax.samplers)
+  sampler: Any                        # one of ipadapter_jax.samplers' samplers
   num_inference_steps: int
   num_samples: int
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
@@ -178,8 +177,7 @@ def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=Non
       extra_channels = jnp.concatenate([mask, masked], axis=-1)
       extra_channels = jnp.concatenate([extra_channels] * 2) if plan.guidance else extra_channels
 
-  rows = context.shape[0]
-  features = (_adapter_features(models.t2i_adapter, inputs["t2i"], rows)
+  features = (_adapter_features(models.t2i_adapter, inputs["t2i"], context.shape[0])
               if plan.t2i_adapter else None)
 
   def denoise(i, carry):
@@ -232,13 +230,6 @@ def encode_embeds(graphdef, state, adapter_inputs, *, plans):
                for p, x in zip(plans, adapter_inputs))
 
 
-def _finite(name: str, value):
-  """Refuses NaN or infinite request numbers (they would give a garbage image)."""
-  array = np.asarray(value, np.float64)
-  if not np.all(np.isfinite(array)):
-    raise ValueError(f"{name} must be finite, got {value!r}")
-
-
 def _requests(prompt, image) -> tuple[list[str], list | None]:
   """(prompts, images or None) of equal length from single values and/or lists."""
   prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -258,8 +249,8 @@ class IPAdapterPipeline:
 
   def __init__(self, models: StableDiffusion, *, scheduler=None,
                on_step: Callable[[int], None] | None = None):
-    """`scheduler`: a sampler name (`samplers.SAMPLERS`: ddim, euler, dpmpp_2m,
-    dpmpp_2m_karras), built from the model folder's scheduler config as diffusers'
+    """`scheduler`: a sampler name (`samplers.SAMPLERS`: ddim, euler, euler_a, dpmpp_2m,
+    dpmpp_2m_karras, ddpm, unipc), built from the model folder's scheduler config as diffusers'
     `from_config` builds it, or a sampler object; None: the one the folder's config names."""
     self.models = models
     config = models.scheduler_config
@@ -351,7 +342,7 @@ class IPAdapterPipeline:
     if num_samples < 1:
       raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
-      _finite(name, value)
+      finite(name, value)
     channels = m.vae.config.latent_channels if m.vae is not None else m.unet.config.in_channels
     total = len(prompts) * num_samples
     shape = (total, height // f, width // f, channels)
@@ -389,21 +380,22 @@ class IPAdapterPipeline:
     task = "text2img"
     if init_image is not None or mask_image is not None:
       task = "inpaint" if mask_image is not None else "img2img"
-      inputs.update(self._init_inputs(
+      inputs.update(init_inputs(
           init_image, mask_image, strength, num_inference_steps, len(prompts), height, width,
-          posterior_noise, init_key, given_latents=latents_given))
+          posterior_noise, init_key, vae_scale_factor=f, latent_channels=channels,
+          sdxl=m.is_sdxl, given_latents=latents_given))
     elif m.unet.config.in_channels != channels:
       raise ValueError(f"this UNet takes {m.unet.config.in_channels} input channels (an "
                        "inpainting model): give an init_image and a mask_image")
     start = int(inputs.get("start", 0))
     if control_images is not None or m.controlnets:
-      inputs["control"] = self._control_inputs(
-          control_images, controlnet_conditioning_scale, control_guidance_start,
+      inputs["control"] = control_inputs(
+          m.controlnets, control_images, controlnet_conditioning_scale, control_guidance_start,
           control_guidance_end, num_inference_steps, start, height, width)
     if adapter_image is not None or m.t2i_adapter is not None:
-      inputs["t2i"] = self._t2i_inputs(adapter_image, adapter_conditioning_scale,
-                                       adapter_conditioning_factor, num_inference_steps, start,
-                                       height, width)
+      inputs["t2i"] = t2i_inputs(m.t2i_adapter, adapter_image, adapter_conditioning_scale,
+                                 adapter_conditioning_factor, num_inference_steps, start, height,
+                                 width)
     guess_mode = bool(guess_mode) or any(n.config.global_pool_conditions for n in m.controlnets)
     plans = ()
     if images is not None or adapters is not None:
@@ -417,104 +409,6 @@ class IPAdapterPipeline:
                 controlnets=len(m.controlnets), guess_mode=guess_mode and bool(m.controlnets),
                 t2i_adapter=m.t2i_adapter is not None)
     return plan, inputs
-
-  def _control_inputs(self, images, scales, starts, ends, num_steps, start, height, width):
-    """Each ControlNet's conditioning pixels [1, H, W, 3], scale and per-step 0/1 table."""
-    nets = self.models.controlnets
-    if not nets:
-      raise ValueError("control images need a ControlNet (load the model with controlnet=...)")
-    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-    if len(images) != len(nets):
-      raise ValueError(f"{len(images)} control images for {len(nets)} ControlNets: give one "
-                       "per ControlNet, in load order")
-
-    def per_net(value, what):
-      values = list(value) if isinstance(value, (list, tuple)) else [value] * len(nets)
-      if len(values) != len(nets):
-        raise ValueError(f"{len(values)} values of {what} for {len(nets)} ControlNets")
-      for v in values:
-        _finite(what, v)
-      return values
-    scales = per_net(scales, "controlnet_conditioning_scale")
-    starts = per_net(starts, "control_guidance_start")
-    ends = per_net(ends, "control_guidance_end")
-    for image in images:
-      check_aspect(image, height, width, "control image")
-    run = num_steps - start  # the windows are fractions of the steps that run
-    keep = np.zeros((len(nets), num_steps), np.float32)
-    for k, (s, e) in enumerate(zip(starts, ends)):
-      keep[k, start:] = guidance_window(float(s), float(e), run)
-    return {"images": tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
-            "scales": jnp.asarray(scales, jnp.float32), "keep": jnp.asarray(keep)}
-
-  def _t2i_inputs(self, image, scale, factor, num_steps, start, height, width):
-    """The T2I-Adapter's input pixels [1, H, W, C], scale and per-step 0/1 table."""
-    adapter = self.models.t2i_adapter
-    if adapter is None:
-      raise ValueError("an adapter_image needs a T2I-Adapter (load the model with t2i_adapter=...)")
-    if image is None:
-      raise ValueError("a T2I-Adapter is loaded: give its adapter_image")
-    _finite("adapter_conditioning_scale", scale)
-    if not 0.0 <= factor <= 1.0:
-      raise ValueError(f"adapter_conditioning_factor must be in [0, 1], got {factor}")
-    check_aspect(image, height, width, "adapter image")
-    steps = np.zeros((num_steps,), np.float32)
-    steps[start:start + int((num_steps - start) * factor)] = 1.0
-    return {"image": jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
-            "scale": jnp.float32(scale), "steps": jnp.asarray(steps)}
-
-  def _init_inputs(self, init_image, mask_image, strength, num_steps, requests, height, width,
-                   posterior_noise, key, *, given_latents):
-    """The traced inputs of img2img and inpainting: init pixels, the posterior noise, the first
-    step, and for inpainting the mask (at the latents' size) and the masked pixels."""
-    if init_image is None:
-      raise ValueError("a mask_image needs an init_image (the image to inpaint)")
-    m, f = self.models, self.vae_scale_factor
-    inpaint = mask_image is not None
-    strength = default_strength(inpaint, m.is_sdxl) if strength is None else strength
-    _finite("strength", strength)
-    start = first_step(num_steps, strength)
-
-    def per_request(value, what):
-      values = list(value) if isinstance(value, (list, tuple)) else [value]
-      if len(values) not in (1, requests):
-        raise ValueError(f"{len(values)} {what}s for {requests} requests: give one, or one each")
-      return values * (requests // len(values))
-
-    inits = per_request(init_image, "init image")
-    for image in inits:
-      check_aspect(image, height, width)
-    pixels = np.stack([vae_image(image, height, width) for image in inits])
-    latent_shape = (requests, height // f, width // f,
-                    m.vae.config.latent_channels if m.vae is not None else 3)
-    noise_keys = jax.random.split(jax.random.fold_in(key, 1), 2)
-    given = dict(posterior_noise or {})
-    unknown = set(given) - {"init_image", "masked_image"}
-    if unknown:
-      raise ValueError(f"posterior_noise keys are 'init_image' and 'masked_image', got "
-                       f"{sorted(unknown)}")
-
-    def noise(name, k):
-      if name not in given:
-        return jax.random.normal(k, latent_shape, jnp.float32)
-      array = np.asarray(given[name], np.float32)
-      expected = (latent_shape[0], latent_shape[3]) + latent_shape[1:3]
-      if array.shape != expected:
-        raise ValueError(f"posterior_noise['{name}'] has shape {list(array.shape)}, expected "
-                         f"{list(expected)} (requests, C, h, w)")
-      return jnp.asarray(array.transpose(0, 2, 3, 1))
-
-    out = {"init_pixels": jnp.asarray(pixels), "posterior_noise": noise("init_image", noise_keys[0]),
-           "start": jnp.int32(start)}
-    if inpaint:
-      masks = np.stack([inpaint_mask(mask, height, width) for mask in
-                        per_request(mask_image, "mask image")])[..., None]
-      out["latent_mask"] = jnp.asarray(np.stack(
-          [nearest_downsample(mask[..., 0], height // f, width // f) for mask in masks])[..., None])
-      out["masked_pixels"] = jnp.asarray(pixels * (masks < 0.5))
-      out["masked_noise"] = noise("masked_image", noise_keys[1])
-      out["from_noise"] = jnp.asarray(strength == 1.0 or given_latents)
-    return out
 
   def _adapter_inputs(self, images, scale, adapters, num_steps, latent_h, latent_w, height, width):
     m = self.models

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image
 from safetensors.torch import save_file
 
-from ipadapter_jax.init_images import inpaint_mask, nearest_downsample, vae_image
+from ipadapter_jax.structure import inpaint_mask, nearest_downsample, vae_image
 from ipadapter_jax.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
 from tests import torch_reference as ref

@@ -173,8 +173,6 @@ class Attention(nnx.Module):
     # another order than over S: the text-only result keeps scale 0 bit-exact.
     return jnp.where(scale > 0, joint_BTHK, text_BTHK)
 
-    return self.to_out(out_BTHK.reshape(x_BTD.shape[:-1] + (-1,)))
-
 
 class GEGLU(nnx.Module):
   """proj to 2 x inner, then value * GELU(gate) with the exact (erf) GELU."""

@@ -130,6 +130,15 @@ def _check_steps(n: int, schedule: NoiseSchedule):
                      f"got {n}")
 
 
+def _x0_alpha(kind: str, out, x_t, alpha, sigma):
+  """The clean-sample estimate from x_t = alpha x0 + sigma eps for diffusers' prediction types."""
+  if kind == "epsilon":
+    return (x_t - sigma * out) / alpha
+  if kind == "v_prediction":
+    return alpha * x_t - sigma * out
+  return out
+
+
 def _x0(kind: str, out, x, sigma):
   """The clean-sample estimate in sigma space for diffusers' prediction types."""
   if kind == "epsilon":
@@ -268,13 +277,7 @@ class DPMSolverPP(_Unscaled):
     n = sigmas.shape[0] - 1
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
     alpha_s, sigma_s = self._alpha_sigma(sigmas[i])
-    kind = self.schedule.prediction_type
-    if kind == "epsilon":
-      x0 = (x - sigma_s * out) / alpha_s
-    elif kind == "v_prediction":
-      x0 = alpha_s * x - sigma_s * out
-    else:
-      x0 = out
+    x0 = _x0_alpha(self.schedule.prediction_type, out, x, alpha_s, sigma_s)
     alpha_t, sigma_t = self._alpha_sigma(sigmas[i + 1])
     lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
     lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
@@ -397,13 +400,7 @@ class DDPM(_Unscaled):
     a_t = alphas[t]
     a_prev = jnp.where(t_prev >= 0, alphas[jnp.maximum(t_prev, 0)], 1.0)
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
-    kind = self.schedule.prediction_type
-    if kind == "epsilon":
-      x0 = (x - jnp.sqrt(1 - a_t) * out) / jnp.sqrt(a_t)
-    elif kind == "v_prediction":
-      x0 = jnp.sqrt(a_t) * x - jnp.sqrt(1 - a_t) * out
-    else:
-      x0 = out
+    x0 = _x0_alpha(self.schedule.prediction_type, out, x, jnp.sqrt(a_t), jnp.sqrt(1 - a_t))
     if self.clip_sample:
       x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
     alpha, beta = a_t / a_prev, 1 - a_t / a_prev
@@ -535,13 +532,7 @@ class UniPC(_Unscaled):
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
     s = sigmas[i]
     alpha, sigma = _alpha_sigma(s)
-    kind = self.schedule.prediction_type
-    if kind == "epsilon":
-      x0 = (x - sigma * out) / alpha
-    elif kind == "v_prediction":
-      x0 = alpha * x - sigma * out
-    else:
-      x0 = out
+    x0 = _x0_alpha(self.schedule.prediction_type, out, x, alpha, sigma)
     back1, back2 = sigmas[jnp.maximum(i - 1, 0)], sigmas[jnp.maximum(i - 2, 0)]
     correct = i > start
     for k in self.disable_corrector:

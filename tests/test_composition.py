@@ -10,7 +10,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
-from safetensors.torch import save_file
 
 from ipadapter_jax import adapter_scales
 from ipadapter_jax.image_prompts import AdapterPrompt, load_image_embeds, save_image_embeds
@@ -24,18 +23,13 @@ STEPS = 3
 BASIC, PLUS = "ip-adapter.safetensors", "ip-adapter-plus.safetensors"
 
 
-def _save_official(official: dict, path):
-  save_file({f"{s}.{k}": v.contiguous() for s, d in official.items() for k, v in d.items()},
-            str(path))
-
-
 @pytest.fixture(scope="module")
 def world(tiny_world, tmp_path_factory):
   """tiny_world plus a folder holding the basic adapter and a Plus adapter, and test images."""
   folder = tmp_path_factory.mktemp("adapters")
   shutil.copy(tiny_world / "adapter" / BASIC, folder / BASIC)
   torch_unet = StableDiffusionPipeline.from_pretrained(tiny_world / "sd").unet
-  _save_official(ref.official_adapter(torch_unet, 16, ref.VISION_LIKE["hidden_size"], seed=9,
+  ref.save_official(ref.official_adapter(torch_unet, 16, ref.VISION_LIKE["hidden_size"], seed=9,
                                       kind="plus", resampler_dim=64, heads=1), folder / PLUS)
   rng = np.random.default_rng(3)
   images = [Image.open(tiny_world / "prompt.png")] + [
@@ -315,27 +309,12 @@ def test_sample_py_refuses_bad_composition_in_one_line(world, tmp_path, capsys, 
 @pytest.fixture(scope="module")
 def sdxl(world, tmp_path_factory):
   """A tiny SDXL folder with the test image encoder and a basic adapter for it."""
-  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
-  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                            CLIPTokenizer)
-  from ipadapter_jax.tokenizer import write_word_tokenizer
+  from diffusers import StableDiffusionXLPipeline
   tmp = tmp_path_factory.mktemp("sdxl")
-  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
-  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
-  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
-                                 projection_dim=ref.SDXL_POOLED_DIM))
-  unet = ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3)
-  pipe = StableDiffusionXLPipeline(
-      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
-      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
-      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
-      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1))
-  pipe.save_pretrained(tmp / "xl")
-  _save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
+  unet = ref.save_tiny_sdxl(tmp)
+  ref.save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
                  tmp / BASIC)
-  _save_official(ref.official_adapter(unet, 8, ref.VISION_LIKE["hidden_size"], seed=12,
+  ref.save_official(ref.official_adapter(unet, 8, ref.VISION_LIKE["hidden_size"], seed=12,
                                       kind="plus", resampler_dim=64, heads=1), tmp / PLUS)
   theirs = StableDiffusionXLPipeline.from_pretrained(tmp / "xl")
   theirs.load_ip_adapter([str(tmp)] * 2, subfolder=["", ""], weight_name=[BASIC, PLUS],

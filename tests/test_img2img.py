@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
-from safetensors.torch import save_file
 
 from ipadapter_jax.structure import inpaint_mask, nearest_downsample, vae_image
 from ipadapter_jax.pipeline import IPAdapterPipeline
@@ -42,9 +41,8 @@ def world(tiny_world, tmp_path_factory):
   unet = ref.tiny_unet(dict(ref.SD15_LIKE, in_channels=9), 11)
   shutil.rmtree(inpaint / "sd" / "unet")
   unet.save_pretrained(inpaint / "sd" / "unet")
-  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=12)
-  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
-            str(inpaint / "ip-adapter.safetensors"))
+  ref.save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=12),
+                    inpaint / "ip-adapter.safetensors")
   return tiny_world, inpaint
 
 
@@ -228,27 +226,10 @@ def test_sample_py_img2img_and_inpainting_are_the_python_api(world, tmp_path):
 @pytest.fixture(scope="module")
 def sdxl(tiny_world, tmp_path_factory):
   """A tiny SDXL folder with a basic adapter for the test image encoder."""
-  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
-  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                            CLIPTokenizer)
-  from ipadapter_jax.tokenizer import write_word_tokenizer
   tmp = tmp_path_factory.mktemp("sdxl_init")
-  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
-  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
-  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
-                                 projection_dim=ref.SDXL_POOLED_DIM))
-  unet = ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3)
-  StableDiffusionXLPipeline(
-      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
-      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
-      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
-      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-  ).save_pretrained(tmp / "sd")
-  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11)
-  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
-            str(tmp / "ip-adapter.safetensors"))
+  unet = ref.save_tiny_sdxl(tmp)
+  ref.save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
+                    tmp / "ip-adapter.safetensors")
   return tiny_world, tmp
 
 
@@ -259,12 +240,12 @@ def test_sdxl_img2img_and_inpainting_match_diffusers(sdxl, task):
   tiny, tmp = sdxl
   init, mask = _init_image(), _mask()
   cls = StableDiffusionXLImg2ImgPipeline if task == "img2img" else StableDiffusionXLInpaintPipeline
-  theirs = cls.from_pretrained(tmp / "sd")
+  theirs = cls.from_pretrained(tmp / "xl")
   theirs.load_ip_adapter(str(tmp), subfolder="", weight_name="ip-adapter.safetensors",
                          image_encoder_folder=str(tiny / "adapter" / "image_encoder"))
   theirs.set_ip_adapter_scale(0.6)
   ours = IPAdapterPipeline(load_stable_diffusion(
-      str(tmp / "sd"), image_encoder=str(tiny / "adapter" / "image_encoder"),
+      str(tmp / "xl"), image_encoder=str(tiny / "adapter" / "image_encoder"),
       ip_adapter=str(tmp / "ip-adapter.safetensors")))
   prompt_image = Image.open(tiny / "prompt.png")
   request = dict(init_image=init, height=H, width=W, num_inference_steps=10, num_samples=1,

@@ -4,16 +4,11 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler,
-                       StableDiffusionControlNetPipeline, StableDiffusionXLAdapterPipeline,
-                       StableDiffusionXLPipeline, T2IAdapter,
-                       UNet2DConditionModel)
+from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline,
+                       StableDiffusionXLAdapterPipeline, T2IAdapter, UNet2DConditionModel)
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.weights import CheckpointError, load_stable_diffusion
 from tests import torch_reference as ref
 
@@ -123,23 +118,9 @@ def sdxl(tiny_world, tmp_path_factory):
   """A tiny SDXL folder with the test image encoder, a basic adapter, a ControlNet and a
   T2I-Adapter."""
   tmp = tmp_path_factory.mktemp("sdxl_t2i")
-  write_word_tokenizer(str(tmp / "words"), ref.WORDS, model_max_length=16)
-  tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "words"))
-  text_2 = CLIPTextConfig(**dict(ref.TEXT_LIKE, hidden_size=8, num_attention_heads=2,
-                                 projection_dim=ref.SDXL_POOLED_DIM))
-  unet = ref.tiny_unet(dict(ref.SDXL_LIKE, cross_attention_dim=40), 3)
-  StableDiffusionXLPipeline(
-      vae=ref.randomize_(AutoencoderKL(**ref.VAE_LIKE), 0),
-      text_encoder=ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 1),
-      text_encoder_2=ref.randomize_(CLIPTextModelWithProjection(text_2), 2),
-      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-  ).save_pretrained(tmp / "xl")
-  official = ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11)
-  save_file({f"{s}.{k}": v for s, d in official.items() for k, v in d.items()},
-            str(tmp / "ip-adapter.safetensors"))
-  # Feature maps at 1/4 of the image: after down block 0's downsampler, in down block 1.
+  unet = ref.save_tiny_sdxl(tmp)
+  ref.save_official(ref.official_adapter(unet, 4, ref.VISION_LIKE["projection_dim"], seed=11),
+                    tmp / "ip-adapter.safetensors")
   ref.randomize_(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)),
                  23).save_pretrained(tmp / "controlnet")
   ref.randomize_(T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2,

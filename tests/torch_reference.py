@@ -66,6 +66,35 @@ def official_adapter(unet, num_tokens: int, embed_dim: int, seed: int, kind: str
           "ip_adapter": official_ip_layers(unet, C, seed + 1)}
 
 
+def save_official(official: dict, path) -> None:
+  """Writes official-layout adapter weights as one .safetensors file ("image_proj.x", ...)."""
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  save_file({f"{s}.{k}": v.contiguous() for s, d in official.items() for k, v in d.items()},
+            str(path))
+
+
+def save_tiny_sdxl(folder):
+  """A tiny SDXL pipeline folder (random weights, the word tokenizer, DDIM); returns its UNet."""
+  from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline  # pylint: disable=import-outside-toplevel
+  from transformers import (CLIPTextConfig, CLIPTextModel,  # pylint: disable=import-outside-toplevel
+                            CLIPTextModelWithProjection, CLIPTokenizer)
+  from ipadapter_jax.tokenizer import write_word_tokenizer  # pylint: disable=import-outside-toplevel
+  write_word_tokenizer(str(folder / "words"), WORDS, model_max_length=16)
+  tokenizer = CLIPTokenizer.from_pretrained(str(folder / "words"))
+  text_2 = CLIPTextConfig(**dict(TEXT_LIKE, hidden_size=8, num_attention_heads=2,
+                                 projection_dim=SDXL_POOLED_DIM))
+  unet = tiny_unet(dict(SDXL_LIKE, cross_attention_dim=40), 3)
+  StableDiffusionXLPipeline(
+      vae=randomize_(AutoencoderKL(**VAE_LIKE), 0),
+      text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**TEXT_LIKE)), 1),
+      text_encoder_2=randomize_(CLIPTextModelWithProjection(text_2), 2),
+      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+      scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  ).save_pretrained(folder / "xl")
+  return unet
+
+
 def to_numpy(tree):
   if isinstance(tree, dict):
     return {k: to_numpy(v) for k, v in tree.items()}

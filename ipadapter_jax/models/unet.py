@@ -16,7 +16,7 @@ from flax import nnx
 from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
 from ipadapter_jax.models.adapters import encode_image_prompt
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
-from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
+from ipadapter_jax.models.embeddings import TimestepEmbedding, conditioning_embedding
 from ipadapter_jax.models.image_proj import AdapterConfig, make_image_projection
 from ipadapter_jax.models.layers import Conv2d, GroupNorm, ParamKeys, from_nhwc, to_nhwc
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -451,18 +451,9 @@ class UNet2DConditionModel(nnx.Module):
     B = x_BHWC.shape[0]
     context_BSD = encoder_hidden_states.astype(self.dtype)
 
-    t_B = jnp.broadcast_to(jnp.asarray(timesteps), (B,))
-    feats_BF = timestep_features(t_B, cfg.block_out_channels[0],
-                                 flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-    temb_BE = self.time_embedding(feats_BF.astype(self.dtype))
-    if self.add_embedding is not None:
-      if text_embeds is None or time_ids is None:
-        raise ValueError("this UNet uses SDXL conditioning: pass text_embeds and time_ids")
-      time_feats = timestep_features(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
-                                     flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                     freq_shift=cfg.freq_shift).reshape(B, -1)
-      added = jnp.concatenate([text_embeds.astype(self.dtype), time_feats.astype(self.dtype)], -1)
-      temb_BE = temb_BE + self.add_embedding(added)
+    temb_BE = conditioning_embedding(cfg, self.time_embedding, self.add_embedding, timesteps, B,
+                                     self.dtype, text_embeds=text_embeds, time_ids=time_ids,
+                                     owner="UNet")
 
     if cfg.center_input_sample:
       x_BHWC = 2 * x_BHWC - 1.0

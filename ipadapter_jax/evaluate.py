@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.data import shapes
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels
 from ipadapter_jax.tokenizer import tokenize
 
@@ -92,10 +91,11 @@ def clip_t(image_encoder, processor: CLIPImageConfig, text_encoder, tokenizer, g
                          text_embeddings(text_encoder, tokenizer, captions))
 
 
-def attribute_matches(generated, targets: Sequence[dict]) -> dict[str, np.ndarray]:
-  """Toy world: per generated image, whether its shape colour / shape class (read from the
-  pixels by `shapes.judge`, no trained model) equals the target's ({"colour", "shape"} bools)."""
-  judged = [shapes.judge(image) for image in to_uint8(generated)]
+def attribute_matches(generated, targets: Sequence[dict], judge) -> dict[str, np.ndarray]:
+  """Per generated image, whether its shape colour / shape class, read from the pixels by
+  `judge` (uint8 image -> {"colour", "shape", ...}; the toy world's is `toy.shapes.judge`),
+  equals the target's ({"colour", "shape"} bools)."""
+  judged = [judge(image) for image in to_uint8(generated)]
   return {key: np.array([j[key] == t[key] for j, t in zip(judged, targets)])
           for key in ("colour", "shape")}
 

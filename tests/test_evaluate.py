@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.data import shapes
+from ipadapter_jax.toy import shapes
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.weights import load_clip_text, load_clip_vision
@@ -71,10 +71,10 @@ def test_attribute_matches_use_pixels_only():
   examples = [shapes.example(2, i) for i in range(8)]
   images = [shapes.render(ex) / 255.0 for ex in examples]
   targets = [{"colour": ex.colour, "shape": ex.shape} for ex in examples]
-  matches = evaluate.attribute_matches(images, targets)
+  matches = evaluate.attribute_matches(images, targets, shapes.judge)
   assert matches["colour"].tolist() == [True] * 8 and matches["shape"].tolist() == [True] * 8
   wrong = [{"colour": "none", "shape": ex.shape} for ex in examples]
-  matches = evaluate.attribute_matches(images, wrong)
+  matches = evaluate.attribute_matches(images, wrong, shapes.judge)
   assert matches["colour"].tolist() == [False] * 8 and matches["shape"].all()
 
 

@@ -103,3 +103,33 @@ def test_ema_follows_diffusers_ema_model():
   np.testing.assert_allclose(ours, reference.shadow_params[0].numpy(), rtol=1e-5, atol=1e-6)
   assert float(ema_decay_at(0, 0.9)) == 0.0
   assert float(ema_decay_at(1000, 0.9)) == pytest.approx(0.9)  # float32
+
+
+def test_autoencoder_loss_matches_diffusers_vae():
+  """The VAE objective on diffusers' AutoencoderKL with the same weights and posterior noise:
+  MSE of the decoded draw plus the weighted KL (a wrong sign, mean or scale in either is caught)."""
+  import torch
+  from diffusers import AutoencoderKL
+  from ipadapter_jax.models.vae import AutoencoderKL as JaxVAE
+  from ipadapter_jax.train.step import autoencoder_loss
+  from ipadapter_jax.weights.diffusers import load_vae
+  from tests.torch_reference import VAE_LIKE, randomize_
+  import tempfile
+  reference = randomize_(AutoencoderKL(**VAE_LIKE), 0).eval()
+  with tempfile.TemporaryDirectory() as folder:
+    reference.save_pretrained(folder)
+    vae = load_vae(folder)
+  assert isinstance(vae, JaxVAE)
+  pixels = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  key, kl_weight = jax.random.key(3), 0.25
+  got = float(autoencoder_loss(vae, jnp.asarray(pixels), key, kl_weight))
+  with torch.no_grad():
+    posterior = reference.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist
+    noise = np.asarray(jax.random.normal(key, posterior.mean.permute(0, 2, 3, 1).shape))
+    z = posterior.mean + posterior.std * torch.from_numpy(noise).permute(0, 3, 1, 2)
+    decoded = reference.decode(z).sample.permute(0, 2, 3, 1)
+    mse = torch.mean((decoded - torch.from_numpy(pixels)) ** 2)
+    kl = 0.5 * torch.mean(posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar)
+  expected = float(mse + kl_weight * kl)
+  print(f"autoencoder loss: {got:.7f} vs diffusers {expected:.7f}")
+  np.testing.assert_allclose(got, expected, rtol=1e-5)

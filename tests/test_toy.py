@@ -14,9 +14,11 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from ipadapter_jax import convert, evaluate, toy
-from ipadapter_jax.data import shapes
+from ipadapter_jax.toy import shapes
+from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
+from ipadapter_jax.weights.files import CheckpointError
 from tests import torch_reference as ref
 
 
@@ -39,7 +41,7 @@ def test_every_stage_runs_and_reports(world, capsys):
     saved = json.load(f)
   assert saved == json.loads(json.dumps(result))
   assert [r["setting"].split(",")[0] for r in saved["rows"]] == SETTINGS
-  count, zoom, size = 8, 4, toy.VISION_CONFIG["image_size"]
+  count, zoom, size = 8, 4, toy_world.IMAGE_SIZE
   grid = Image.open(os.path.join(workdir, "grid.png"))
   assert grid.size == (count * size * zoom, len(SETTINGS) * size * zoom)  # prompt + settings
   _assert_scores_are_the_grids(workdir, saved["rows"], np.asarray(grid)[::zoom, ::zoom], size)
@@ -113,7 +115,7 @@ def test_validation_scores_what_the_run_exports(world):
                                 guidance_scale=cfg["eval_guidance_scale"], height=16, width=16)
   scores = evaluate.CLIPScorer.load(weights["clip"]).score(
       generated, images, [r["text"] for r in records])
-  matches = evaluate.attribute_matches(generated, records)
+  matches = evaluate.attribute_matches(generated, records, shapes.judge)
   assert abs(evals[-1]["eval/clip_i"] - scores["clip_i"]) <= 1e-5, (evals, scores)
   assert abs(evals[-1]["eval/clip_t"] - scores["clip_t"]) <= 1e-5, (evals, scores)
   assert evals[-1]["eval/colour"] == np.mean(matches["colour"])
@@ -145,10 +147,10 @@ def test_shipped_weights_match_their_manifest(tmp_path):
   data = bytearray(weights.read_bytes())
   data[-1] ^= 1
   weights.write_bytes(bytes(data))
-  with pytest.raises(toy.CheckpointError, match="diffusion_pytorch_model.safetensors: sha256"):
+  with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: sha256"):
     toy.shipped_weights(str(copy))
   (copy / "extra.txt").write_text("x")
-  with pytest.raises(toy.CheckpointError, match="the files differ"):
+  with pytest.raises(CheckpointError, match="the files differ"):
     toy.shipped_weights(str(copy))
 
 
@@ -265,7 +267,7 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
 def test_composition_rows_score_what_the_pipeline_draws(world):
   """eval.json's composition rates are the half-colour judgements of the images the adapter
   draws for those pairs, masks and seeds (re-sampled here), and the judge reads halves."""
-  from ipadapter_jax import toy_composition
+  from ipadapter_jax.toy import composition as toy_composition
   from ipadapter_jax.image_prompts import AdapterPrompt
   workdir, result = world
   rates = result["composition"]
@@ -276,7 +278,7 @@ def test_composition_rows_score_what_the_pipeline_draws(world):
   pipe = IPAdapterPipeline(load_stable_diffusion(
       toy.shipped_weights()["base"], image_encoder=toy.shipped_weights()["clip"],
       ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
-  masks = list(toy_composition.half_masks(toy.VISION_CONFIG["image_size"]))
+  masks = list(toy_composition.half_masks(toy_world.IMAGE_SIZE))
   left = []
   for i, j in pairs:
     image = pipe("", adapters=[AdapterPrompt([ps.images[i], ps.images[j]], masks=masks)],
@@ -297,10 +299,10 @@ def test_structure_rows_score_what_the_pipeline_draws(world):
   """eval.json's img2img and inpainting rates are the judgements of the images the adapter
   draws for those pairs, strengths, masks and seeds (re-sampled here), and inpainting keeps
   the unmasked half's pixels exactly."""
-  from ipadapter_jax import toy_composition, toy_structure
+  from ipadapter_jax.toy import composition as toy_composition, structure as toy_structure
   workdir, result = world
   rates = result["structure"]
-  quick, size = toy.QUICK, toy.VISION_CONFIG["image_size"]
+  quick, size = toy.QUICK, toy_world.IMAGE_SIZE
   assert list(rates["img2img"]) == [f"strength {s}, {name}" for s in toy_structure.STRENGTHS
                                     for name in ("image prompt (scale 1.0)",
                                                  "no image prompt (scale 0)")]
@@ -344,7 +346,7 @@ def test_structure_rows_score_what_the_pipeline_draws(world):
 def test_structure_judges_on_hand_made_images():
   """The structure checks' judges read what was painted: colour, shape and centre against the
   init and prompt examples, the repainted half's colour and the kept half's pixels."""
-  from ipadapter_jax import toy_structure
+  from ipadapter_jax.toy import structure as toy_structure
   size = 16
   init = shapes.Example("square", "red", "white", 4, (5, 5), "")
   prompt = shapes.Example("circle", "blue", "black", 4, (10, 11), "")

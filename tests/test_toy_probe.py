@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from ipadapter_jax import toy, toy_probe
-from ipadapter_jax.configs import toy_world
+from ipadapter_jax import toy
+from ipadapter_jax.toy import probe as toy_probe
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def test_swapped_values_always_differ_and_vary():

@@ -18,8 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.variant = ""                     # weights variant to read ("fp16"), "" for the default
   c.model.image_encoder = "h94/IP-Adapter/models/image_encoder"  # "" when no adapter is trained
   c.model.trainable = "adapter"            # adapter | unet (pre-train / fine-tune) | all | clip
-                                           # (clip: pretrained is a CLIPModel folder, trained
-                                           # contrastively; the toy world's first stage)
+                                           # | vae (clip: pretrained is a CLIPModel folder,
+                                           # trained contrastively; vae: an AutoencoderKL
+                                           # folder, trained to reconstruct; the toy world's
+                                           # first stages)
   c.model.frozen_dtype = "float32"         # float32 | bfloat16 (adapter weights stay float32)
   c.model.compute_dtype = "float32"        # float32 | bfloat16
   c.model.init_adapter = ""                # official adapter file to start from ("" = fresh)
@@ -54,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.noise.prediction_type = ""             # "" = the model's scheduler config; epsilon | v_prediction
   c.noise.snr_gamma = 0.0                  # > 0: min-SNR loss weighting (Hang et al.); 0 = plain MSE
   c.contrastive_temperature = 0.07         # trainable = clip: the fixed softmax temperature
+  c.vae_kl_weight = 1e-6                   # trainable = vae: KL weight against the pixel MSE
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4
@@ -87,6 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0                         # validation every N steps (and at the end); 0 = off
   c.eval_annotations = ""                  # held-out {image_file, text} records (JSON / JSONL)
   c.eval_clip = ""                         # CLIPModel folder or hub id that scores them
+  c.eval_judge = ""                        # "module:function" reading attributes from an image
+                                           # (the toy world's); "" = CLIP scores only
   c.eval_limit = 64                        # records used
   c.eval_steps = 20                        # DDIM steps per validation image
   c.eval_guidance_scale = 7.5

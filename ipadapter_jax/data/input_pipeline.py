@@ -39,7 +39,7 @@ class DataSpec:
   resolution: int                # VAE pixel size (square)
   random_crop: bool              # centre crop if False
   clip: CLIPImageConfig | None   # None = no CLIP pixels
-  tokenizer: Any                 # transformers CLIPTokenizer
+  tokenizer: Any                 # transformers CLIPTokenizer; None = no captions (a VAE)
   tokenizer_2: Any = None        # SDXL's second tokenizer
   image_key: str = "image"       # feature keys; "a/b" reaches into nested features
   caption_key: str = "text"
@@ -201,8 +201,9 @@ class RawExample:
     top, left = crop_offsets(width, height, R, rng)
     pixels = crop_pixels(image, R, top, left) if rng is not None else vae_pixels(image, R)
     out = {"pixels": pixels,
-           "time_ids": np.asarray([height, width, top, left, R, R], np.float32),
-           "input_ids": tokenize(spec.tokenizer, caption)[0]}
+           "time_ids": np.asarray([height, width, top, left, R, R], np.float32)}
+    if spec.tokenizer is not None:
+      out["input_ids"] = tokenize(spec.tokenizer, caption)[0]
     if spec.tokenizer_2 is not None:
       out["input_ids_2"] = tokenize(spec.tokenizer_2, caption)[0]
     if spec.clip is not None:
@@ -232,8 +233,6 @@ def example_transform(source, spec: DataSpec, seed: int):
       raise ValueError(f"the embedding cache was made at resolution {cached_resolution}, "
                        f"the spec asks for {spec.resolution}")
     return CachedExample(tuple(k for k in CACHED_KEYS if k in features))
-  if spec.tokenizer is None:
-    raise ValueError("raw image-text data needs DataSpec.tokenizer (load_tokenizer(folder))")
   for key in (spec.image_key, spec.caption_key):
     if features and key.split("/")[0] not in features:
       raise KeyError(f"the source has no feature '{key}' (it has {sorted(features)}); set "

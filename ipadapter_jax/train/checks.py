@@ -55,8 +55,8 @@ def validate(cfg, mesh):
     if path and not os.path.exists(path):
       raise TrainingError(f"{key}: {path} does not exist")
   if cfg.eval_every:
-    if m.trainable == "clip":
-      raise TrainingError("eval_every: the contrastive stage generates no images to validate")
+    if m.trainable in ("clip", "vae"):
+      raise TrainingError(f"eval_every: the {m.trainable} stage generates no images to validate")
     for key in ("eval_annotations", "eval_clip"):
       if not cfg[key]:
         raise TrainingError(f"eval_every={cfg.eval_every} needs {key}")

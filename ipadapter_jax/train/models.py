@@ -16,6 +16,7 @@ from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.step import StepSpec
 from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_clip_vision,
                                    load_stable_diffusion)
+from ipadapter_jax.weights.diffusers import load_vae
 from ipadapter_jax.weights.folders import local_path
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -37,6 +38,14 @@ def load_clip_towers(cfg) -> StableDiffusion:
       image_processor=CLIPImageConfig.from_folder(folder))
 
 
+def load_vae_alone(cfg) -> StableDiffusion:
+  """The VAE stage's model: an AutoencoderKL folder (`model.pretrained`), alone in a
+  StableDiffusion bundle (no UNet, no text: the VAE trains on pixels only)."""
+  folder = local_path(cfg.model.pretrained, allow_patterns=["*.json", "*.safetensors"])
+  return StableDiffusion(unet=None, vae=load_vae(folder, **_dtypes(cfg.model)),
+                         text_encoder=None, tokenizer=None, scheduler_config={})
+
+
 def _adapter_config(m, image_encoder) -> AdapterConfig:
   a = m.adapter
   embed_dim = (image_encoder.config.projection_dim if a.kind == "basic"
@@ -51,6 +60,8 @@ def load_models(cfg) -> StableDiffusion:
   m = cfg.model
   if m.trainable == "clip":
     return load_clip_towers(cfg)
+  if m.trainable == "vae":
+    return load_vae_alone(cfg)
   image_encoder = image_processor = adapter = None
   if m.trainable in ("adapter", "all"):
     if not m.image_encoder:
@@ -79,11 +90,12 @@ def load_models(cfg) -> StableDiffusion:
 
 def step_spec(cfg, sd: StableDiffusion, *, cached: bool) -> StepSpec:
   """The train step's static choices for these models and data (`cached`: an embedding cache)."""
-  if sd.unet is None:
+  if sd.unet is None:  # the CLIP towers or the VAE
     return StepSpec(schedule=None, image_features=None, drop_image=0.0, drop_text=0.0,
                     drop_both=0.0, cached=False, latents=None,
-                    ema_decay=cfg.optimizer.ema_decay, objective="contrastive",
-                    temperature=cfg.contrastive_temperature)
+                    ema_decay=cfg.optimizer.ema_decay,
+                    objective="autoencode" if sd.vae is not None else "contrastive",
+                    temperature=cfg.contrastive_temperature, kl_weight=cfg.vae_kl_weight)
   overrides = {"prediction_type": cfg.noise.prediction_type} if cfg.noise.prediction_type else {}
   adapter = sd.unet.adapter_config
   return StepSpec(schedule=NoiseSchedule.from_diffusers(sd.scheduler_config, **overrides),
@@ -97,6 +109,8 @@ def step_spec(cfg, sd: StableDiffusion, *, cached: bool) -> StepSpec:
 def empty_conditions(cfg, sd: StableDiffusion, spec: StepSpec) -> dict:
   """What a dropped caption / image becomes (docs/reference.md §5), computed once per run."""
   empty = {}
+  if spec.objective == "autoencode":  # pixels only: nothing is dropped
+    return empty
   if spec.cached:
     empty.update({k: np.asarray(v) for k, v in load_empty_text(cfg.data.source).items()})
     if spec.image_features is not None:

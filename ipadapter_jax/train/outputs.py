@@ -17,6 +17,7 @@ from ipadapter_jax.sampling import image_grid
 from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
                                    save_stable_diffusion)
 from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, adapter_metadata
+from ipadapter_jax.weights.diffusers import save_vae
 
 
 def write_run_files(cfg, sd: StableDiffusion, workdir: str):
@@ -29,8 +30,14 @@ def write_run_files(cfg, sd: StableDiffusion, workdir: str):
 
 def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
   """The trained weights in PyTorch-world formats: the official adapter and/or a diffusers folder
-  (or, for the contrastive stage, a transformers CLIPModel folder). `sd` holds the final weights."""
+  (or a transformers CLIPModel folder for the contrastive stage, an AutoencoderKL folder for
+  the VAE's). `sd` holds the final weights."""
   written = []
+  if sd.unet is None and sd.vae is not None:  # the VAE stage
+    path = storage.join(workdir, "vae")
+    with storage.staged(path) as local:
+      save_vae(sd.vae, local)
+    return [path]
   if sd.unet is None:  # the contrastive stage
     path = storage.join(workdir, "clip")
     with storage.staged(path) as local:

@@ -1,9 +1,10 @@
 """The train state, the optimizer and the train step (a pure function, jitted once by the loop).
 
 The models travel as one `Networks` graph, split into the trainable weights (inside the UNet: the
-adapter, the UNet, or both; or the two CLIP towers) and everything frozen. Only the trainable
-part is differentiated, updated and checkpointed. Two objectives: denoising (the UNet, the
-adapter) and CLIP's contrastive loss (the CLIP towers, which the toy world trains from scratch).
+adapter, the UNet, or both; the two CLIP towers; or the VAE) and everything frozen. Only the
+trainable part is differentiated, updated and checkpointed. Three objectives: denoising (the UNet,
+the adapter), CLIP's contrastive loss (the CLIP towers) and the VAE's reconstruction loss; the toy
+world trains its CLIP and VAE from scratch with the last two.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.vae import VAEConfig, sample_posterior, scale_latents
 from ipadapter_jax.schedulers import NoiseSchedule, add_noise, training_target
 
-TRAINABLE = ("adapter", "unet", "all", "clip")
+TRAINABLE = ("adapter", "unet", "all", "clip", "vae")
 
 
 def trainable_filter(trainable: str):
@@ -33,6 +34,8 @@ def trainable_filter(trainable: str):
   if trainable == "clip":
     return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] in ("text_encoder",
                                                                          "image_encoder"))
+  if trainable == "vae":
+    return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] == "vae")
   in_unet = lambda path, _: bool(path) and path[0] == "unet"
   if trainable == "unet":
     return nnx.All(nnx.Param, nnx.Not(AdapterParam), in_unet)
@@ -94,8 +97,9 @@ class StepSpec:
   latents: VAEConfig | None     # how latents are scaled; None for a pixel-space model
   snr_gamma: float = 0.0
   ema_decay: float = 0.0
-  objective: str = "denoise"    # or "contrastive" (the CLIP towers)
+  objective: str = "denoise"    # or "contrastive" (the CLIP towers) or "autoencode" (the VAE)
   temperature: float = 0.07     # contrastive: the fixed softmax temperature
+  kl_weight: float = 1e-6       # autoencode: the KL term's weight against the pixel MSE
 
 
 def drop_masks(key, batch_size: int, spec: StepSpec):
@@ -151,6 +155,8 @@ def loss_fn(params, frozen, graphdef, batch, empty, key, spec: StepSpec):
   models = nnx.merge(graphdef, params, frozen)
   if spec.objective == "contrastive":
     return contrastive_loss(models, batch, spec.temperature)
+  if spec.objective == "autoencode":
+    return autoencoder_loss(models.vae, batch["pixels"], key, spec.kl_weight)
   return denoising_loss(models, batch, empty, key, spec)
 
 
@@ -170,6 +176,18 @@ def contrastive_loss(models, batch, temperature: float):
   targets = same / jnp.sum(same, axis=-1, keepdims=True)
   return 0.5 * (jnp.mean(optax.softmax_cross_entropy(logits, targets))
                 + jnp.mean(optax.softmax_cross_entropy(logits.T, targets)))
+
+
+def autoencoder_loss(vae, pixels, key, kl_weight: float):
+  """The VAE's objective without its adversarial and perceptual terms: the pixel MSE of a
+  decoded posterior draw plus `kl_weight` times the posterior's KL divergence from N(0, I) per
+  latent element (both means, so the weight does not depend on the image size)."""
+  mean, logvar = vae.encode(pixels)
+  mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+  decoded = vae.decode(sample_posterior(mean, logvar, key)).astype(jnp.float32)
+  reconstruction = jnp.mean(jnp.square(decoded - pixels.astype(jnp.float32)))
+  kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  return reconstruction + kl_weight * kl
 
 
 def min_snr_weight(snr_B, gamma: float, prediction_type: str):

@@ -2,12 +2,15 @@
 the weights the run would export (the EMA when there is one), scored with a CLIP.
 
 An adapter run is asked the paper's question (the prompt image alone: does the image come back?),
-a base run its caption. Logged as `eval/clip_i` and `eval/clip_t`, and, when the annotations
-carry the toy world's attributes (`colour`, `shape`), `eval/colour` and `eval/shape`: the
-fractions of images whose attributes, read from the pixels, are the record's.
+a base run its caption. Logged as `eval/clip_i` and `eval/clip_t`, and, when the config names an
+attribute judge (`eval_judge`, the toy world's) and the annotations carry the attributes
+(`colour`, `shape`), `eval/colour` and `eval/shape`: the fractions of images whose attributes,
+read from the pixels, are the record's.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 
@@ -29,7 +32,9 @@ class Validation:
       raise TrainingError(f"eval_annotations: {e}") from None
     self.scorer = evaluate.CLIPScorer.load(cfg.eval_clip)
     self.image_prompt = pipe.models.unet.image_proj is not None
-    self.attributes = all(key in r for r in self.records for key in ATTRIBUTES)
+    self.judge = load_judge(cfg.eval_judge) if cfg.eval_judge else None
+    self.attributes = self.judge is not None and all(key in r for r in self.records
+                                                     for key in ATTRIBUTES)
     self.batch_size = min(cfg.eval_batch_size, len(self.records))
     self.request = dict(num_inference_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance_scale,
                         seed=cfg.seed, height=cfg.data.resolution, width=cfg.data.resolution)
@@ -44,6 +49,17 @@ class Validation:
     scores = {f"eval/{k}": v for k, v in self.scorer.score(generated, self.images,
                                                              captions).items()}
     if self.attributes:
-      matches = evaluate.attribute_matches(generated, self.records)
+      matches = evaluate.attribute_matches(generated, self.records, self.judge)
       scores.update({f"eval/{key}": float(np.mean(matches[key])) for key in ATTRIBUTES})
     return scores
+
+
+def load_judge(name: str):
+  """The function a "package.module:function" name points to (named in the config, so the
+  trainer depends on no particular world)."""
+  module, _, function = name.partition(":")
+  try:
+    return getattr(importlib.import_module(module), function)
+  except (ImportError, AttributeError) as e:
+    raise TrainingError(f"eval_judge: {name!r} is not an importable 'module:function' "
+                        f"({e})") from None

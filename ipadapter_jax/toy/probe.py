@@ -1,6 +1,6 @@
 """Which caption words does a toy base model listen to, and at which noise levels?
 
-  python -m ipadapter_jax.toy_probe [--model DIR] [--count 256] [--timesteps 200,600,950]
+  python -m ipadapter_jax.toy.probe [--model DIR] [--count 256] [--timesteps 200,600,950]
 
 For held-out images noised to timestep t, the model predicts the clean image twice: once with the
 true full caption and once with the same caption but one attribute word (the shape or the colour)
@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax import evaluate, toy
+from ipadapter_jax import evaluate
 from ipadapter_jax.conditioning import encode_text
-from ipadapter_jax.configs import toy_world
-from ipadapter_jax.data import shapes
+from ipadapter_jax.toy.configs import world as toy_world
+from ipadapter_jax.toy import shapes
+from ipadapter_jax.toy.evaluation import held_out
 from ipadapter_jax.schedulers import DDIM
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.weights import load_stable_diffusion
@@ -66,7 +67,7 @@ def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:
   attribute of the one-step prediction is the true value and how often the swapped one."""
   model = load_stable_diffusion(model_dir)
   alphas = np.asarray(DDIM.from_diffusers(model.scheduler_config).alphas_cumprod)
-  examples = toy.held_out(count)
+  examples = held_out(count)
   size = model.unet.config.sample_size
   x0 = np.stack([shapes.render(ex, size) for ex in examples]).astype(np.float32) / 127.5 - 1
   noise = np.random.default_rng(seed).standard_normal(x0.shape).astype(np.float32)
@@ -107,7 +108,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m ipadapter_jax.toy_probe",
+  p = argparse.ArgumentParser(prog="python -m ipadapter_jax.toy.probe",
                               description=__doc__.split("\n")[0])
   p.add_argument("--model", default=toy_world.SHIPPED + "/base", help="a toy base folder")
   p.add_argument("--count", type=int, default=256, help="held-out images")

@@ -5,7 +5,7 @@ r"""Toy world, pretraining stage 2: the text-to-image base model, a pixel-space 
 Exports runs/toy/base/pipeline, a diffusers pipeline folder (sampled with its EMA weights).
 """
 
-from ipadapter_jax.configs import toy_world
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def get_config():

@@ -7,7 +7,7 @@ Captions often name the shape and colour already; dropping the text more often t
 5% makes the image prompt carry them.
 """
 
-from ipadapter_jax.configs import toy_world
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def get_config():

@@ -6,7 +6,7 @@ image embeddings (trainable=all), with the adapter's data, steps and settings.
 Exports runs/toy/finetune/pipeline and runs/toy/finetune/ip_adapter.safetensors.
 """
 
-from ipadapter_jax.configs import toy_adapter
+from ipadapter_jax.toy.configs import adapter as toy_adapter
 
 
 def get_config():

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from ipadapter_jax.data import shapes
+from ipadapter_jax.toy import shapes
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import decode_image, decode_text, open_source
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ipadapter_jax import evaluate, toy_composition
-from ipadapter_jax.data import shapes
+from ipadapter_jax import evaluate
+from ipadapter_jax.toy import composition as toy_composition
+from ipadapter_jax.toy import shapes
 
 STRENGTHS = (0.3, 0.4, 0.5, 0.7)
 # Chosen on 128 validation pairs (the held-out seed 6, 20 DDIM steps, unguided) among 0.2-0.85:

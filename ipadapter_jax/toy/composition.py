@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.data import shapes
+from ipadapter_jax.toy import shapes
 from ipadapter_jax.image_prompts import AdapterPrompt
 
 

@@ -4,7 +4,7 @@ r"""Toy world, pretraining stage 1: a tiny CLIP (text + vision towers) trained c
 Exports runs/toy/clip/clip, a transformers CLIPModel folder.
 """
 
-from ipadapter_jax.configs import toy_world
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def get_config():

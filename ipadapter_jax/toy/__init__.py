@@ -1,0 +1,29 @@
+r"""The toy world: IP-Adapter's whole pipeline on 16x16 procedural shapes, on a CPU, in one command.
+
+  python -m ipadapter_jax.toy --workdir runs/toy             # the paper's claims, measured
+  python -m ipadapter_jax.toy pretrain --out DIR              # the pretrained toy weights, rebuilt
+
+Like a real IP-Adapter run starts from a pretrained Stable Diffusion, the toy world starts from
+pretrained toy weights that the package ships (`toy/weights/`, with how they were made and their
+sha256 in its MANIFEST.json): a tiny CLIP, a pixel-space text-to-image base and a "community
+model" fine-tuned from the base on a shifted world.
+`pretrain` rebuilds them from nothing; `--from_scratch` makes the main command do that first.
+
+  shapes       the world: procedural shapes, their captions, and the judge that reads them back
+  stages       data, pretraining and training runs            (configs/: one file per stage)
+  evaluation   held-out prompt images: every rate with its 95% Wilson interval, the claims table
+  composition  masked composition of two image prompts
+  structure    img2img and inpainting with an image prompt
+  probe        what the base's denoiser reads from its text at one noise level
+  command      `python -m ipadapter_jax.toy`
+"""
+
+from ipadapter_jax.toy.command import main, run
+from ipadapter_jax.toy.evaluation import (PromptSet, Setting, adapter_settings, base_settings,
+                                          held_out, image_only, score_settings)
+from ipadapter_jax.toy.stages import (MANIFEST, QUICK, SHIPPED, Sizes, build_data, prepare, pretrain,
+                                      shipped_weights, train_stage)
+
+__all__ = ["MANIFEST", "QUICK", "SHIPPED", "PromptSet", "Setting", "Sizes", "adapter_settings",
+           "base_settings", "build_data", "held_out", "image_only", "main", "prepare", "pretrain",
+           "run", "score_settings", "shipped_weights", "train_stage"]

@@ -70,25 +70,31 @@ def text_embeddings(encoder, tokenizer, captions: Sequence[str]) -> np.ndarray:
   return _normalise(_text_embeds(encoder, jnp.asarray(tokenize(tokenizer, list(captions)))))
 
 
-def _mean_cosine(a, b) -> float:
-  return float(np.mean(np.sum(a * b, axis=-1)))
+def cosines(a, b) -> np.ndarray:
+  """Per pair, the cosine of two unit embeddings ([N, D] each): CLIP-I's per-image values."""
+  return np.sum(a * b, axis=-1)
 
 
-def _mean_clipscore(images, texts) -> float:
-  return float(np.mean(CLIPSCORE_WEIGHT * np.maximum(np.sum(images * texts, axis=-1), 0.0)))
+def clipscores(images, texts) -> np.ndarray:
+  """Per pair, CLIPScore (Hessel et al.): CLIPSCORE_WEIGHT * max(cosine, 0), CLIP-T's values."""
+  return CLIPSCORE_WEIGHT * np.maximum(cosines(images, texts), 0.0)
+
+
+def _mean(score, a, b) -> float:
+  return float(np.mean(score(a, b)))
 
 
 def clip_i(image_encoder, processor: CLIPImageConfig, generated, prompt_images) -> float:
   """Mean cosine similarity of each generated image with its prompt image."""
-  return _mean_cosine(image_embeddings(image_encoder, processor, generated),
-                      image_embeddings(image_encoder, processor, prompt_images))
+  return _mean(cosines, image_embeddings(image_encoder, processor, generated),
+               image_embeddings(image_encoder, processor, prompt_images))
 
 
 def clip_t(image_encoder, processor: CLIPImageConfig, text_encoder, tokenizer, generated,
            captions: Sequence[str]) -> float:
   """Mean CLIPScore, 2.5 * max(cos, 0), of each generated image with its caption."""
-  return _mean_clipscore(image_embeddings(image_encoder, processor, generated),
-                         text_embeddings(text_encoder, tokenizer, captions))
+  return _mean(clipscores, image_embeddings(image_encoder, processor, generated),
+               text_embeddings(text_encoder, tokenizer, captions))
 
 
 def attribute_matches(generated, targets: Sequence[dict], judge) -> dict[str, np.ndarray]:
@@ -142,24 +148,27 @@ class CLIPScorer(NamedTuple):
   def score(self, generated, prompt_images, captions: Sequence[str]) -> dict[str, float]:
     """{"clip_i", "clip_t"} of generated images against their prompt images and captions."""
     embeds = image_embeddings(self.image_encoder, self.processor, generated)  # once for both
-    return {"clip_i": _mean_cosine(embeds, image_embeddings(self.image_encoder, self.processor,
-                                                            prompt_images)),
-            "clip_t": _mean_clipscore(embeds, text_embeddings(self.text_encoder, self.tokenizer,
-                                                              captions))}
+    prompts = image_embeddings(self.image_encoder, self.processor, prompt_images)
+    texts = text_embeddings(self.text_encoder, self.tokenizer, captions)
+    return {"clip_i": _mean(cosines, embeds, prompts), "clip_t": _mean(clipscores, embeds, texts)}
 
 
 def generate(pipe, prompts: Sequence[str], images: Sequence | None, *, batch_size: int,
-             seed: int = 0, **request) -> np.ndarray:
+             seed: int = 0, per_request: dict[str, Sequence] | None = None,
+             **request) -> np.ndarray:
   """Images for many (prompt, image) requests, `batch_size` requests per call so that one
-  program serves them all (the last call is padded). Grouped by request, `num_samples` each."""
+  program serves them all (the last call is padded). `per_request` holds pipeline arguments
+  given per request ({"init_image": [...]}), `request` those shared by all. Grouped by
+  request, `num_samples` each."""
   count = len(prompts)
   out = []
   for start in range(0, count, batch_size):
     idx = [min(i, count - 1) for i in range(start, start + batch_size)]
+    extra = {key: [values[i] for i in idx] for key, values in (per_request or {}).items()}
     chunk = pipe([prompts[i] for i in idx], None if images is None else [images[i] for i in idx],
-                 seed=seed + start, **request)
-    per_request = chunk.shape[0] // batch_size
-    out.append(chunk[:per_request * min(batch_size, count - start)])
+                 seed=seed + start, **extra, **request)
+    per_request_images = chunk.shape[0] // batch_size
+    out.append(chunk[:per_request_images * min(batch_size, count - start)])
   return np.concatenate(out)
 
 

@@ -112,7 +112,7 @@ def test_validation_scores_what_the_run_exports(world):
       ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
   generated = evaluate.generate(pipe, [""] * len(records), images, batch_size=len(records),
                                 seed=cfg["seed"], num_inference_steps=cfg["eval_steps"],
-                                guidance_scale=cfg["eval_guidance_scale"], height=16, width=16)
+                                guidance_scale=cfg["eval_guidance_scale"])
   scores = evaluate.CLIPScorer.load(weights["clip"]).score(
       generated, images, [r["text"] for r in records])
   matches = evaluate.attribute_matches(generated, records, shapes.judge)
@@ -130,14 +130,17 @@ def test_shipped_weights_match_their_manifest(tmp_path):
   with open(os.path.join(toy.SHIPPED, toy.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest["command"] == "python -m ipadapter_jax.toy pretrain"
-  for stage in ("clip", "base", "community"):
+  for stage in ("clip", "vae", "base", "community"):
     record = manifest["stages"][stage]
     assert record["steps"] > 0 and record["seconds"] > 0 and np.isfinite(record["final_loss"])
   assert "eval/shape" in manifest["stages"]["base"]["validation"]
+  vae = manifest["stages"]["vae"]  # checked before the base was built on it
+  assert min(a["all"] for a in vae["judge_on_reconstructions"].values()) >= 0.98, vae
   for name in ("base", "community"):  # each loads, here and in diffusers
     sd = load_stable_diffusion(folders[name])
-    assert sd.unet is not None and sd.vae is None
+    assert sd.unet is not None and sd.vae.config.scaling_factor == vae["scaling_factor"]
     UNet2DConditionModel.from_pretrained(folders[name], subfolder="unet")
+    AutoencoderKL.from_pretrained(folders[name], subfolder="vae")
   CLIPModel.from_pretrained(folders["clip"])
 
   copy = tmp_path / "weights"
@@ -154,6 +157,27 @@ def test_shipped_weights_match_their_manifest(tmp_path):
     toy.shipped_weights(str(copy))
 
 
+def test_judge_reads_the_shipped_vae_reconstructions(capsys):
+  """What every toy rate rests on: the judge reads background, colour and shape back from the
+  shipped VAE's reconstructions of the evaluation's 600 held-out prompt images (of each world),
+  >= 98% of the time; and our reconstruction is diffusers' (the same folder in both)."""
+  vae = load_stable_diffusion(toy.shipped_weights()["base"]).vae
+  rates = {}
+  for world in ("base", "community"):
+    examples = [shapes.example(toy.EVAL_SEED, i, toy_world.IMAGE_SIZE, world) for i in range(600)]
+    renders = np.stack([shapes.render(ex) for ex in examples])
+    rates[world] = shapes.judge_accuracy(toy.reconstruct(vae, renders), examples)
+  with capsys.disabled():
+    print(f"\njudge on 600 VAE reconstructions per world: {rates}")
+  assert all(r["all"] >= 0.98 and r["drew_a_shape"] >= 0.98 for r in rates.values()), rates
+  reference = AutoencoderKL.from_pretrained(os.path.join(toy.shipped_weights()["base"], "vae"))
+  x = torch.from_numpy(renders[:4].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+  with torch.no_grad():
+    expected = reference.decode(reference.encode(x).latent_dist.mean).sample
+  expected = np.clip((expected.numpy().transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
+  ref.assert_close(toy.reconstruct(vae, renders[:4]), expected)
+
+
 def test_pretrain_rebuilds_the_weights_from_nothing(tmp_path, capsys):
   """`pretrain` trains the CLIP, the base and the community model, then ships them with a
   manifest that `shipped_weights` accepts."""
@@ -163,7 +187,9 @@ def test_pretrain_rebuilds_the_weights_from_nothing(tmp_path, capsys):
   with open(os.path.join(out, toy.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest["command"] == "python -m ipadapter_jax.toy pretrain --quick"
-  assert [manifest["stages"][s]["steps"] for s in ("clip", "base", "community")] == [10] * 3
+  assert [manifest["stages"][s]["steps"] for s in ("clip", "vae", "base", "community")] == [10] * 4
+  assert set(manifest["stages"]["vae"]["judge_on_reconstructions"]) == {"heldout",
+                                                                       "heldout_community"}
   for stage in ("base", "community"):  # validated on their own world's held-out images
     assert 0 <= manifest["stages"][stage]["validation"]["eval/colour"] <= 1
   community = load_stable_diffusion(folders["community"])
@@ -175,7 +201,7 @@ def test_toy_clip_is_a_transformers_clip_model():
   folder = toy.shipped_weights()["clip"]
   model = CLIPModel.from_pretrained(folder).eval()
   processor = CLIPProcessor.from_pretrained(folder)
-  images = [Image.fromarray(shapes.render(ex, 16)) for ex in toy.held_out(3)]
+  images = [Image.fromarray(shapes.render(ex)) for ex in toy.held_out(3)]
   captions = [shapes.describe(ex) for ex in toy.held_out(3)]
   with torch.no_grad():
     inputs = processor(text=captions, images=images, return_tensors="pt", padding="max_length")
@@ -197,8 +223,8 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
 
   base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-  pipe = StableDiffusionPipeline(  # the toy base is pixel space; the VAE is never used here
-      vae=AutoencoderKL(**ref.VAE_LIKE), unet=unet,
+  pipe = StableDiffusionPipeline(
+      vae=AutoencoderKL.from_pretrained(base, subfolder="vae"), unet=unet,
       text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
       tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
       scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"), safety_checker=None,
@@ -209,7 +235,8 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
   ours = load_stable_diffusion(base, image_encoder=clip,
                                ip_adapter=out)
   g = torch.Generator().manual_seed(0)
-  x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([900, 20])
+  latent = toy_world.LATENT_SIZE
+  x, t = torch.randn(2, 4, latent, latent, generator=g), torch.tensor([900, 20])
   ctx = torch.randn(2, 16, 64, generator=g)
   features = torch.randn(2, 64, generator=g)
   with torch.no_grad():
@@ -224,7 +251,7 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
 
 def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   workdir, _ = world
-  annotations = shapes.write_dataset(str(tmp_path / "prompts"), 3, seed=1, size=16,
+  annotations = shapes.write_dataset(str(tmp_path / "prompts"), 3, seed=1,
                                      full_captions=True)  # held-out shapes
   base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   adapter = os.path.join(workdir, "adapter", "ip_adapter.safetensors")
@@ -244,7 +271,7 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   pipe = IPAdapterPipeline(load_stable_diffusion(base, image_encoder=clip, ip_adapter=adapter))
   generated = evaluate.generate(pipe, [""] * 3, prompts, batch_size=2, seed=0, scale=1.0,
                                 num_samples=2, guidance_scale=7.5, num_inference_steps=3)
-  assert generated.shape == (6, 16, 16, 3)
+  assert generated.shape == (6, toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE, 3)
   model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
   as_pil = [Image.fromarray((np.clip(g, 0, 1) * 255).round().astype(np.uint8)) for g in generated]
   with torch.no_grad():
@@ -288,17 +315,17 @@ def test_composition_rows_score_what_the_pipeline_draws(world):
                 == ps.examples[i].colour)
   assert rates["two images, left/right masks"]["left = first image's colour"]["rate"] == np.mean(left)
   # The judge itself: a red left half and a blue right half on white.
-  drawn = np.full((16, 16, 3), 245, np.uint8)
-  drawn[4:12, 2:8], drawn[4:12, 8:14] = shapes.COLOURS["red"], shapes.COLOURS["blue"]
+  drawn = np.full((32, 32, 3), 245, np.uint8)
+  drawn[8:24, 4:16], drawn[8:24, 16:28] = shapes.COLOURS["red"], shapes.COLOURS["blue"]
   assert toy_composition.half_colours(drawn) == ("red", "blue")
-  drawn[:, 8:] = 245
+  drawn[:, 16:] = 245
   assert toy_composition.half_colours(drawn) == ("red", "none")
 
 
 def test_structure_rows_score_what_the_pipeline_draws(world):
   """eval.json's img2img and inpainting rates are the judgements of the images the adapter
-  draws for those pairs, strengths, masks and seeds (re-sampled here), and inpainting keeps
-  the unmasked half's pixels exactly."""
+  draws for those pairs, strengths, masks and seeds (re-sampled here); the kept half of an
+  inpainted image is the init's up to the VAE's error."""
   from ipadapter_jax.toy import composition as toy_composition, structure as toy_structure
   workdir, result = world
   rates = result["structure"]
@@ -307,6 +334,10 @@ def test_structure_rows_score_what_the_pipeline_draws(world):
                                     for name in ("image prompt (scale 1.0)",
                                                  "no image prompt (scale 0)")]
   assert rates["strength"] in toy_structure.STRENGTHS and rates["seconds"] > 0
+  choice = rates["strength_choice"]  # made on validation pairs, then used for the claim
+  assert choice["strength"] == rates["strength"] and choice["pairs"] == quick.strength_pairs
+  assert toy_structure.pick_strength({float(k.split()[1].rstrip(",")): r for k, r
+                                      in choice["img2img"].items()}) == rates["strength"]
   ps = toy.PromptSet.make(quick.eval_images)
   pairs = toy_structure.contrast_pairs(ps.examples)[:quick.eval_images // 2]
   assert rates["pairs"] == len(pairs)
@@ -335,30 +366,43 @@ def test_structure_rows_score_what_the_pipeline_draws(world):
                                  **request)[:len(pairs)])
   row = rates["inpainting"]["shape's half repainted, image prompt (scale 1.0)"]
   kept = [slice(size // 2, None), slice(0, size // 2)]
-  for image, (i, _), h in zip(drawn, pairs, halves):  # the known half comes back unchanged
-    np.testing.assert_array_equal(image[:, kept[h]], np.asarray(ps.images[i])[:, kept[h]])
-  assert row["kept half = init pixels"]["rate"] == 1.0 and row["kept half: max abs difference"] == 0
+  diffs = [np.abs(image[:, kept[h]].astype(float) - np.asarray(ps.images[i])[:, kept[h]]).mean()
+           for image, (i, _), h in zip(drawn, pairs, halves)]
+  assert row["kept half: mean abs difference"] == round(float(np.mean(diffs)), 2)
   assert row["repainted half: prompt image's colour"]["rate"] == np.mean(
       [toy_composition.half_colours(image)[h] == ps.examples[j].colour
        for image, (_, j), h in zip(drawn, pairs, halves)])
+
+
+def test_strength_rule_prefers_colour_among_strengths_that_keep_the_init_shape():
+  from ipadapter_jax.toy import structure as toy_structure
+  at = lambda rate: {"rate": rate, "ci95": [rate - 0.05, rate + 0.05], "n": 100}
+  row = lambda init, prompt, both: {"shape = init image's": at(init),
+                                    "shape = prompt image's": at(prompt),
+                                    "prompt's colour, init's shape": at(both)}
+  rates = {0.3: row(0.9, 0.1, 0.2), 0.5: row(0.7, 0.2, 0.5), 0.7: row(0.4, 0.35, 0.6)}
+  assert toy_structure.pick_strength(rates) == 0.5  # 0.7 draws more, but not from the init
+  rates[0.3] = row(0.9, 0.1, 0.5)
+  assert toy_structure.pick_strength(rates) == 0.3  # a tie goes to the lower strength
+  assert toy_structure.pick_strength({0.5: row(0.3, 0.3, 0.1), 0.7: row(0.3, 0.3, 0.2)}) == 0.7
 
 
 def test_structure_judges_on_hand_made_images():
   """The structure checks' judges read what was painted: colour, shape and centre against the
   init and prompt examples, the repainted half's colour and the kept half's pixels."""
   from ipadapter_jax.toy import structure as toy_structure
-  size = 16
-  init = shapes.Example("square", "red", "white", 4, (5, 5), "")
-  prompt = shapes.Example("circle", "blue", "black", 4, (10, 11), "")
-  other = shapes.Example("cross", "red", "grey", 3, (8, 8), "")
+  size = 32
+  init = shapes.Example("square", "red", "white", 8, (10, 10), "")
+  prompt = shapes.Example("circle", "blue", "black", 8, (20, 22), "")
+  other = shapes.Example("cross", "red", "grey", 6, (16, 16), "")
   assert toy_structure.contrast_pairs([init, other, prompt]) == [(0, 2), (1, 2), (2, 0)]
   assert toy_structure.contrast_pairs([init, prompt]) == [(0, 1), (1, 0)]
   examples, pairs = [init, prompt], [(0, 1)]
   # Blue at the init square's place, a red square elsewhere, and nothing at all.
   recoloured = shapes.render(dataclasses.replace(init, colour="blue"), size)
-  moved = shapes.render(dataclasses.replace(init, centre=(10, 11)), size)
+  moved = shapes.render(dataclasses.replace(init, centre=(20, 22)), size)
   empty = np.full((size, size, 3), 245, np.uint8)
-  assert toy_structure.blob_centre(recoloured) == (5.0, 5.0)
+  assert toy_structure.blob_centre(recoloured) == (10.0, 10.0)
   assert toy_structure.blob_centre(empty) is None and not toy_structure.near(None, init)
   got = {name: toy_structure.img2img_scores(image[None], examples, pairs)
          for name, image in (("recoloured", recoloured), ("moved", moved), ("empty", empty))}
@@ -372,16 +416,22 @@ def test_structure_judges_on_hand_made_images():
   assert toy_structure.masked_half(init, size) == 0 and toy_structure.masked_half(prompt, size) == 1
   source = shapes.render(init, size)
   repainted = source.copy()
-  repainted[3:8, 2:8] = shapes.COLOURS["blue"]
+  repainted[6:16, 4:16] = shapes.COLOURS["blue"]
   scores = toy_structure.inpaint_scores(repainted[None], examples, pairs, [source], size)
   assert [scores[m]["rate"] for m in list(scores)[:4]] == [1, 0, 1, 1]
-  assert scores["kept half: max abs difference"] == 0
-  repainted[0, 12] = 0  # one changed pixel in the kept half
+  assert scores["kept half: mean abs difference"] == 0
+  repainted[0, 24] = 0  # one changed pixel in the kept half: too few to be a shape
   unpainted = source.copy()
-  unpainted[:, :8] = 245
-  scores = toy_structure.inpaint_scores(np.stack([repainted, unpainted]), examples, pairs * 2,
-                                        [source] * 2, size)
-  assert scores["kept half = init pixels"]["rate"] == 0.5
-  assert scores["kept half: max abs difference"] == 245
-  assert scores["repainted half: prompt image's colour"]["rate"] == 0.5
-  assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate([True])
+  unpainted[:, :16] = 245
+  intruder = repainted.copy()
+  intruder[20:26, 20:26] = shapes.COLOURS["red"]  # a shape where the init had none
+  scores = toy_structure.inpaint_scores(np.stack([repainted, unpainted, intruder]), examples,
+                                        pairs * 3, [source] * 3, size)
+  assert scores["kept half: init image's colour"]["rate"] == pytest.approx(2 / 3)
+  one_pixel = 245 / (32 * 16)  # mean over the kept half's pixels and channels
+  expected = (one_pixel + 0 + one_pixel + 36 * (np.abs(np.subtract(shapes.COLOURS["red"], 245)).sum()
+                                                / 3) / (32 * 16)) / 3
+  assert scores["kept half: mean abs difference"] == round(expected, 2)
+  assert scores["repainted half: prompt image's colour"]["rate"] == pytest.approx(2 / 3)
+  assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate(
+      [True, True])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from ipadapter_jax import toy
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import decode_image, decode_text, open_source
@@ -27,6 +28,35 @@ def test_judge_reads_every_attribute_back():
     for key, truth in (("shape", ex.shape), ("colour", ex.colour), ("background", ex.background)):
       right[key] += judged[key] == truth
   assert right == {"shape": n, "colour": n, "background": n}
+
+
+def test_judge_is_checked_on_600_held_out_renders(capsys):
+  """The judge the toy world's rates rest on, on the evaluation's own prompt images: exact on
+  clean renders, >= 98% on 3-tap-blurred ones (soft edges like a sample's), and every render,
+  blurred or not, counts as a drawn shape while scattered pixels do not."""
+  examples = toy.held_out(600)
+  renders = [shapes.render(ex) for ex in examples]
+  clean = shapes.judge_accuracy(renders, examples)
+  blurred = shapes.judge_accuracy([shapes.blur(r) for r in renders], examples)
+  with capsys.disabled():
+    print(f"\njudge on 600 held-out renders: clean {clean}, blurred {blurred}")
+  assert clean == {"background": 1.0, "colour": 1.0, "shape": 1.0, "all": 1.0,
+                   "drew_a_shape": 1.0}
+  assert blurred["all"] >= 0.98 and blurred["drew_a_shape"] == 1.0
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    scattered = np.full((32, 32, 3), shapes.BACKGROUNDS["white"], np.float32)
+    scattered[rng.random((32, 32)) < 0.15] = shapes.COLOURS["red"]
+    assert shapes.judge(scattered)["overlap"] < shapes.DREW_A_SHAPE
+
+
+def test_blur_is_the_separable_1_2_1_kernel():
+  dot = np.zeros((5, 5, 3), np.float32)
+  dot[2, 2] = 16.0
+  taps = np.array([1.0, 2.0, 1.0])
+  expected = np.zeros((5, 5))
+  expected[1:4, 1:4] = np.outer(taps, taps)
+  np.testing.assert_allclose(shapes.blur(dot)[..., 0], expected)
 
 
 def test_captions_use_the_vocabulary_and_name_true_attributes():

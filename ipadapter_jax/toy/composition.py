@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.toy import shapes
+from ipadapter_jax.toy import shapes, stats
 from ipadapter_jax.image_prompts import AdapterPrompt
 
 
@@ -40,17 +40,12 @@ def half_colours(image_u8: np.ndarray) -> tuple[str, str]:
   """The majority palette colour of the foreground in the left and in the right half ("none"
   for a half without foreground); the background is the image's median border colour."""
   image = image_u8.astype(np.float32)
-  border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-  foreground = np.sqrt(np.sum((image - np.median(border, axis=0)) ** 2, axis=-1)) > 60.0
+  mask = shapes.foreground(image)
   half = image.shape[1] // 2
   colours = []
   for columns in (slice(0, half), slice(half, None)):
-    pixels = image[:, columns][foreground[:, columns]]
-    if len(pixels) < 2:
-      colours.append("none")
-      continue
-    votes = [shapes._nearest(p, shapes.COLOURS) for p in pixels]  # pylint: disable=protected-access
-    colours.append(max(set(votes), key=votes.count))
+    pixels = image[:, columns][mask[:, columns]]
+    colours.append(shapes.majority_colour(pixels) if len(pixels) >= 2 else "none")
   return colours[0], colours[1]
 
 
@@ -76,15 +71,13 @@ def composition(pipe, examples, images, *, count: int, sampling_steps: int,
     out[name] = {"left = first image's colour": evaluate.rate(left),
                  "right = second image's colour": evaluate.rate(right),
                  "both halves": evaluate.rate(both),
-                 "halves with foreground: their image's colour":
-                     evaluate.rate(drawn) if drawn else {"rate": 0.0, "ci95": [0.0, 1.0], "n": 0}}
+                 "halves with foreground: their image's colour": stats.rate(drawn)}
   return out
 
 
 def table(result: dict) -> str:
-  pct = lambda m: f"{m['rate']:.0%} [{m['ci95'][0]:.0%}, {m['ci95'][1]:.0%}]"
   lines = ["| setting | left = first image's colour | right = second image's colour | "
            "both halves | halves with foreground: their image's colour |", "|---|---|---|---|---|"]
   for name, rates in result.items():
-    lines.append(f"| {name} | " + " | ".join(pct(m) for m in rates.values()) + " |")
+    lines.append(f"| {name} | " + " | ".join(stats.pct(m) for m in rates.values()) + " |")
   return "\n".join(lines)

@@ -13,17 +13,18 @@ from PIL import Image
 
 from ipadapter_jax import evaluate
 from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.toy import composition as toy_composition, shapes, structure as toy_structure
+from ipadapter_jax.toy import (composition as toy_composition, shapes, stats,
+                               structure as toy_structure)
 from ipadapter_jax.toy.configs import world as toy_world
-from ipadapter_jax.toy.stages import EVAL_SEED, Sizes, log, stage_record, trainable_parameters
+from ipadapter_jax.toy.stages import (EVAL_SEED, HELD_OUT, Sizes, log, stage_record,
+                                      trainable_parameters)
 from ipadapter_jax.weights import load_stable_diffusion
 
 # ----- Evaluation --------------------------------------------------------------------------------
 
-def held_out(count: int) -> list[shapes.Example]:
-  """Prompt images the models never saw (another seed)."""
-  return [shapes.example(seed=EVAL_SEED, index=i, size=toy_world.IMAGE_SIZE)
-          for i in range(count)]
+def held_out(count: int, seed: int = EVAL_SEED, world: str = "base") -> list[shapes.Example]:
+  """Prompt images the models never saw (another seed; by default the evaluation's)."""
+  return [shapes.example(seed, i, toy_world.IMAGE_SIZE, world) for i in range(count)]
 
 
 def other_colour(ex: shapes.Example, index: int) -> str:
@@ -41,8 +42,8 @@ class PromptSet:
   other_colours: list[str]
 
   @classmethod
-  def make(cls, count: int) -> "PromptSet":
-    examples = held_out(count)
+  def make(cls, count: int, seed: int = EVAL_SEED, world: str = "base") -> "PromptSet":
+    examples = held_out(count, seed, world)
     size = toy_world.IMAGE_SIZE
     return cls(examples, [Image.fromarray(shapes.render(ex, size)) for ex in examples],
                [shapes.describe(ex) for ex in examples],
@@ -80,14 +81,6 @@ def adapter_settings(pipe, ps: PromptSet, label: str = "adapter") -> list[Settin
                   0.5, ps.other_colours, mixed)]
 
 
-def _mean_ci(values) -> dict:
-  """{"mean", "ci95", "n"}: a mean with its normal-approximation 95% interval."""
-  values = np.asarray(values, np.float64)
-  half = evaluate.Z_95 * values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
-  mean = float(values.mean())
-  return {"mean": mean, "ci95": [mean - float(half), mean + float(half)], "n": int(values.size)}
-
-
 def score_settings(settings: list[Setting], ps: PromptSet, scorer, sizes: Sizes):
   """(rows, generated images per setting): CLIP-I, CLIP-T (means with 95% intervals) and the
   attribute matches (rates with 95% Wilson intervals)."""
@@ -100,28 +93,31 @@ def score_settings(settings: list[Setting], ps: PromptSet, scorer, sizes: Sizes)
                             guidance_scale=sizes.guidance_scale,
                             num_inference_steps=sizes.sampling_steps)
     generated[setting.name] = out
-    asked = evaluate.attribute_matches(out, [{"colour": c, "shape": ex.shape} for c, ex
-                                             in zip(setting.colours_asked, ps.examples)],
-                                       shapes.judge)
-    own = evaluate.attribute_matches(out, [dataclasses.asdict(ex) for ex in ps.examples],
-                                     shapes.judge)
-    community = [shapes.judge(image)["background"] in shapes.WORLDS["community"]
-                 for image in evaluate.to_uint8(out)]
+    judged = [shapes.judge(image) for image in evaluate.to_uint8(out)]  # once per image
     embeds = evaluate.image_embeddings(scorer.image_encoder, scorer.processor, out)
     texts = evaluate.text_embeddings(scorer.text_encoder, scorer.tokenizer, setting.clip_captions)
     row = {"setting": setting.name,
-           "clip_i": _mean_ci(np.sum(embeds * image_embeds, axis=-1)),
-           "clip_t": _mean_ci(evaluate.CLIPSCORE_WEIGHT
-                              * np.maximum(np.sum(embeds * texts, axis=-1), 0.0)),
-           "colour_asked": evaluate.rate(asked["colour"]),
-           "colour_of_image": evaluate.rate(own["colour"]),
-           "shape_of_image": evaluate.rate(own["shape"]),
-           "community_background": evaluate.rate(community),
+           "clip_i": stats.mean_ci(evaluate.cosines(embeds, image_embeds)),
+           "clip_t": stats.mean_ci(evaluate.clipscores(embeds, texts)),
+           **judged_rates(judged, setting.colours_asked, ps.examples),
            "seconds": round(time.perf_counter() - start, 1)}
     rows.append(row)
     log(f"eval: {setting.name}: colour {row['colour_asked']['rate']:.2f}, "
         f"shape {row['shape_of_image']['rate']:.2f}")
   return rows, generated
+
+
+def judged_rates(judged: list[dict], colours_asked: list[str], examples) -> dict:
+  """The attribute rates of judged images (`shapes.judge`) against the colours asked and the
+  prompt images' attributes; "drew_a_shape": whether the judge found any shape at all
+  (its best template overlap at least `shapes.DREW_A_SHAPE`)."""
+  hits = lambda key, truths: stats.rate([j[key] == t for j, t in zip(judged, truths)])
+  return {"colour_asked": hits("colour", colours_asked),
+          "colour_of_image": hits("colour", [ex.colour for ex in examples]),
+          "shape_of_image": hits("shape", [ex.shape for ex in examples]),
+          "drew_a_shape": stats.rate([j["overlap"] >= shapes.DREW_A_SHAPE for j in judged]),
+          "community_background": stats.rate([j["background"] in shapes.WORLDS["community"]
+                                              for j in judged])}
 
 
 def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, finetune_dir: str,
@@ -153,10 +149,15 @@ def evaluate_toy(workdir: str, pretrained: dict[str, str], adapter_file: str, fi
       sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale)
   log(f"eval: composition with left/right masks, {time.perf_counter() - start:.0f} s")
   start = time.perf_counter()
+  common = dict(sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale,
+                batch_size=sizes.batch_size)
+  validation = PromptSet.make(sizes.strength_pairs, *HELD_OUT["heldout"])
+  choice = toy_structure.choose_strength(adapter_pipe, validation.examples, validation.images,
+                                         count=sizes.strength_pairs, **common)
   result["structure"] = toy_structure.structure(
       adapter_pipe, ps.examples, ps.images, count=max(1, sizes.eval_images // 2),
-      sampling_steps=sizes.sampling_steps, guidance_scale=sizes.guidance_scale,
-      batch_size=sizes.batch_size)
+      strength=choice["strength"], **common)
+  result["structure"]["strength_choice"] = choice
   result["structure"]["seconds"] = round(time.perf_counter() - start, 1)
   log(f"eval: img2img and inpainting with an image prompt, {result['structure']['seconds']:.0f} s")
   columns = [np.stack([np.asarray(i, np.float32) / 255 for i in ps.images])]
@@ -219,13 +220,14 @@ def claims(result: dict) -> list[dict]:
 
 def table(result: dict) -> str:
   """eval.json's rows as a Markdown table (rates with their 95% intervals)."""
-  pct = lambda m: f"{m['rate']:.0%} [{m['ci95'][0]:.0%}, {m['ci95'][1]:.0%}]"
+  pct = stats.pct
   lines = ["| setting | CLIP-I | CLIP-T | colour = asked | colour = image | shape = image | "
-           "community background |", "|---|---|---|---|---|---|---|"]
+           "drew a shape | community background |", "|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     lines.append(f"| {r['setting']} | {r['clip_i']['mean']:.3f} | {r['clip_t']['mean']:.3f} | "
                  f"{pct(r['colour_asked'])} | {pct(r['colour_of_image'])} | "
-                 f"{pct(r['shape_of_image'])} | {pct(r['community_background'])} |")
+                 f"{pct(r['shape_of_image'])} | {pct(r['drew_a_shape'])} | "
+                 f"{pct(r['community_background'])} |")
   chance = result["chance"]
   lines.append(f"\nChance: colour {chance['colour']:.0%}, shape {chance['shape']:.0%}; "
                f"{result['prompt_images']} held-out prompt images, "

@@ -7,7 +7,8 @@ true full caption and once with the same caption but one attribute word (the sha
 swapped for another. `shapes.judge` reads that attribute from both one-step predictions. A model
 that uses the word moves its prediction to the swapped value; one that ignores it stays with
 whatever the noisy pixels still show. At high t, where sampling decides the attribute, only the
-caption can carry it (docs/toy_world.md, "How the base recipe was chosen").
+caption can carry it (docs/toy_world.md, "How the base recipe was chosen"). With a VAE the
+noising and the prediction are in its latent space, and the prediction is decoded to be judged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ipadapter_jax.conditioning import encode_text
 from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.evaluation import held_out
+from ipadapter_jax.models.vae import scale_latents, unscale_latents
 from ipadapter_jax.schedulers import DDIM
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.weights import load_stable_diffusion
@@ -62,14 +64,30 @@ def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
                          model.scheduler_config.get("prediction_type", "epsilon"))
 
 
+def to_model_space(model, pixels):
+  """Images in [-1, 1] -> what the UNet denoises: the scaled VAE posterior means (the pixels
+  themselves for a pixel-space base)."""
+  if model.vae is None:
+    return pixels
+  return scale_latents(jax.jit(lambda x: model.vae.encode(x)[0])(jnp.asarray(pixels)),
+                       model.vae.config)
+
+
+def to_pixels(model, x0):
+  """The inverse of `to_model_space`: decoded latents (in [-1, 1])."""
+  if model.vae is None:
+    return x0
+  return jax.jit(model.vae.decode)(unscale_latents(jnp.asarray(x0), model.vae.config))
+
+
 def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:
   """{attribute: {t: rates}}: with the true and the swapped caption, how often the judged
   attribute of the one-step prediction is the true value and how often the swapped one."""
   model = load_stable_diffusion(model_dir)
   alphas = np.asarray(DDIM.from_diffusers(model.scheduler_config).alphas_cumprod)
   examples = held_out(count)
-  size = model.unet.config.sample_size
-  x0 = np.stack([shapes.render(ex, size) for ex in examples]).astype(np.float32) / 127.5 - 1
+  pixels = np.stack([shapes.render(ex, toy_world.IMAGE_SIZE) for ex in examples])
+  x0 = np.asarray(to_model_space(model, pixels.astype(np.float32) / 127.5 - 1))
   noise = np.random.default_rng(seed).standard_normal(x0.shape).astype(np.float32)
   encode = jax.jit(lambda ids: encode_text(model.text_encoder, None, ids)[0])
   context = lambda examples: encode(tokenize(model.tokenizer, [shapes.describe(e)
@@ -86,8 +104,9 @@ def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:
       x_t = np.sqrt(alphas[t]) * x0 + np.sqrt(1 - alphas[t]) * noise
       row = {"alpha_bar": round(float(alphas[t]), 4)}
       for name, ctx in captions.items():
+        predicted = to_pixels(model, x0_prediction(model, x_t, t, ctx, alphas[t]))
         judged = [shapes.judge(evaluate.to_uint8(image))[attribute] for image in
-                  np.clip(x0_prediction(model, x_t, t, ctx, alphas[t]) / 2 + 0.5, 0, 1)]
+                  np.clip(np.asarray(predicted) / 2 + 0.5, 0, 1)]
         row[name] = {"true value": float(np.mean([j == v for j, v in zip(judged, truth)])),
                      "swapped value": float(np.mean([j == v for j, v in zip(judged, other)]))}
       rows[int(t)] = row

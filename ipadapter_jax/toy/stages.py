@@ -5,7 +5,8 @@ runs again; an interrupted one resumes from its last checkpoint.
 
   data       shapes in the official JSON format, built with the image-text TFDS builder
   pretrain   clip       a tiny CLIP trained contrastively          (configs/toy_clip.py)
-             base       a pixel-space text-to-image UNet           (configs/toy_base.py)
+             vae        a tiny AutoencoderKL, f=4                  (configs/toy_vae.py)
+             base       a latent text-to-image UNet                (configs/toy_base.py)
              community  the base fine-tuned on new backgrounds     (configs/toy_community.py)
   adapter    the IP-Adapter on the frozen base                     (configs/toy_adapter.py)
   finetune   the baseline: the whole UNet trained with it          (configs/toy_finetune.py)
@@ -23,22 +24,29 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.data.cache import build_embedding_cache
 from ipadapter_jax.data.image_text import build_image_text_dataset
+from ipadapter_jax.data.input_pipeline import DataSpec, open_source
 from ipadapter_jax.models import AdapterParam
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.configs import (base as toy_base, clip as toy_clip,
-                                       community as toy_community, world as toy_world)
+                                       community as toy_community, vae as toy_vae,
+                                       world as toy_world)
+from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.loop import train
 from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_stable_diffusion,
                                    save_clip_model, save_stable_diffusion)
+from ipadapter_jax.weights.diffusers import load_vae, save_vae
 from ipadapter_jax.weights.files import CheckpointError
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +59,18 @@ class Sizes:
   batch_size: int = 64                # prompt images per sampling call
   validation_images: int = 64         # held-out images scored during training
   num_steps: int | None = None        # every stage's length instead of its config's
+  vae_accuracy: float = 0.98          # the judge on the VAE's reconstructions, or no base
+  strength_pairs: int = 128           # validation pairs the img2img strength is chosen on
 
 
+# The CI-sized world: every stage, little work (and a VAE nobody can read).
 QUICK = Sizes(train_examples=256, eval_images=8, sampling_steps=5, batch_size=8,
-              validation_images=4, num_steps=10)  # the CI-sized world: every stage, little work
+              validation_images=4, num_steps=10, vae_accuracy=0.0, strength_pairs=4)
 
 SHIPPED = toy_world.SHIPPED
 MANIFEST = "MANIFEST.json"
-PRETRAINED = ("clip", "base", "community")  # the shipped folders
+PRETRAINED = ("clip", "base", "community")  # the shipped folders (base/vae is the toy VAE)
+STAGES = ("clip", "vae", "base", "community")  # the pretraining's stages, in their order
 
 
 def log(message: str):
@@ -121,16 +133,93 @@ def write_init_clip(folder: str):
                   processor=CLIPImageConfig(size=size, crop_size=(size, size)))
 
 
-def write_init_base(folder: str, clip_folder: str):
-  """A pipeline folder: a randomly initialised UNet, the trained CLIP text tower (without its
-  projection, as Stable Diffusion uses it), the tokenizer and the DDIM scheduler settings."""
+def write_init_vae(folder: str):
+  """A randomly initialised AutoencoderKL folder."""
+  if os.path.isdir(folder):
+    return
+  save_vae(AutoencoderKL(VAEConfig.from_diffusers(toy_world.VAE_CONFIG), rngs=nnx.Rngs(4)), folder)
+
+
+def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray) -> float:
+  """1 / the standard deviation of the posterior means of `images` ([N, H, W, 3] in [-1, 1]):
+  the factor that gives the diffusion model unit-variance latents, chosen as Stable Diffusion's
+  0.18215 was."""
+  encode = nnx.jit(lambda model, x: model.encode(x)[0])
+  means = np.concatenate([np.asarray(encode(vae, jnp.asarray(images[i:i + 64])))
+                          for i in range(0, len(images), 64)])
+  return float(1.0 / means.std())
+
+
+def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """The decoded posterior means of uint8 [N, H, W, 3] images, as floats in [0, 1]."""
+  roundtrip = nnx.jit(lambda model, x: model.decode(model.encode(x)[0]))
+  out = [np.asarray(roundtrip(vae, jnp.asarray(images[i:i + batch_size], jnp.float32)
+                              / 127.5 - 1.0)) for i in range(0, len(images), batch_size)]
+  return np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def check_vae(workdir: str, vae: AutoencoderKL, minimum: float, count: int = 600) -> dict:
+  """The judge on the VAE's reconstructions of `count` held-out renders of each world, kept in
+  the VAE stage's record; stops the pretraining below `minimum` (every attribute right), since
+  nothing the toy world measures could then be read from the base's samples."""
+  accuracy = {}
+  for name, (seed, world) in HELD_OUT.items():
+    examples = [shapes.example(seed, i, toy_world.IMAGE_SIZE, world) for i in range(count)]
+    renders = np.stack([shapes.render(ex, toy_world.IMAGE_SIZE) for ex in examples])
+    accuracy[name] = shapes.judge_accuracy(reconstruct(vae, renders), examples)
+    log(f"vae: the judge on {count} reconstructions of {name}: {accuracy[name]}")
+  path = os.path.join(workdir, "vae", "stage.json")
+  record = {**stage_record(workdir, "vae"), "judge_on_reconstructions": accuracy,
+            "scaling_factor": vae.config.scaling_factor}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  worst = min(a["all"] for a in accuracy.values())
+  if worst < minimum:
+    raise TrainingError(f"the toy VAE's reconstructions are judged right {worst:.1%} of the "
+                        f"time, below {minimum:.0%}: train it longer (configs/toy_vae.py) "
+                        f"before the base")
+  return accuracy
+
+
+def calibrated_vae(vae_dir: str, count: int = 512) -> AutoencoderKL:
+  """The trained VAE with its scaling factor measured on `count` images of the base's data."""
+  vae = load_vae(vae_dir)
+  seed, world, _ = DATASETS["base"]
+  images = np.stack([shapes.render(shapes.example(seed, i, toy_world.IMAGE_SIZE, world),
+                                   toy_world.IMAGE_SIZE) for i in range(count)])
+  factor = latent_scaling_factor(vae, images.astype(np.float32) / 127.5 - 1.0)
+  log(f"vae: scaling factor {factor:.4f} (1 / the latents' std on {count} images)")
+  vae.config = dataclasses.replace(vae.config, scaling_factor=round(factor, 5))
+  return vae
+
+
+def write_init_base(folder: str, clip_folder: str, vae: AutoencoderKL):
+  """A pipeline folder: a randomly initialised UNet, the trained VAE, the trained CLIP text
+  tower (without its projection, as Stable Diffusion uses it), the tokenizer and the DDIM
+  scheduler settings."""
   if os.path.isdir(folder):
     return
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(toy_world.UNET_CONFIG), rngs=nnx.Rngs(3))
-  sd = StableDiffusion(unet=unet, vae=None, scheduler_config=toy_world.SCHEDULER_CONFIG,
+  sd = StableDiffusion(unet=unet, vae=vae, scheduler_config=toy_world.SCHEDULER_CONFIG,
                        text_encoder=load_clip_text(clip_folder, with_projection=False),
                        tokenizer=load_tokenizer(clip_folder))
   save_stable_diffusion(sd, folder)
+
+
+def build_cache(workdir: str, name: str, pipeline: str, clip_dir: str) -> str:
+  """`data/{name}_cache`: the embedding cache of the built set `data/{name}` made with the VAE
+  and text tower of `pipeline` (and the toy CLIP's image tower), as a real run caches its data."""
+  out = os.path.join(workdir, "data", f"{name}_cache")
+  if os.path.isdir(out):
+    return out
+  log(f"data: caching {name} with {pipeline}")
+  shutil.rmtree(out + ".tmp", ignore_errors=True)
+  models = load_stable_diffusion(pipeline, image_encoder=clip_dir)
+  spec = DataSpec(resolution=toy_world.IMAGE_SIZE, random_crop=False, clip=None, tokenizer=None)
+  build_embedding_cache(open_source(os.path.join(workdir, "data", name)), spec, models,
+                        out + ".tmp", batch_size=64)
+  os.replace(out + ".tmp", out)
+  return out
 
 
 def train_stage(name: str, config_module, workdir: str, output: str | None,
@@ -189,14 +278,23 @@ def stage_record(workdir: str, name: str) -> dict:
 
 
 def pretrain(workdir: str, sizes: Sizes) -> dict[str, str]:
-  """The CLIP, the base and the community model trained from nothing (or reused) in `workdir`:
-  {"clip", "base", "community"} -> their exported folders."""
+  """The CLIP, the VAE, the base and the community model trained from nothing (or reused) in
+  `workdir`: {"clip", "base", "community"} -> their exported folders (the pipelines hold the
+  VAE)."""
   os.makedirs(workdir, exist_ok=True)
   build_data(workdir, sizes)
-  write_init_clip(os.path.join(workdir, "init", "clip"))
   steps = sizes.num_steps
+  write_init_clip(os.path.join(workdir, "init", "clip"))
   clip_dir = train_stage("clip", toy_clip, workdir, "clip", steps)
-  write_init_base(os.path.join(workdir, "init", "base"), clip_dir)
+  write_init_vae(os.path.join(workdir, "init", "vae"))
+  vae_dir = train_stage("vae", toy_vae, workdir, "vae", steps)
+  vae = calibrated_vae(vae_dir)  # a few seconds, and the same every time
+  check_vae(workdir, vae, sizes.vae_accuracy)
+  init_base = os.path.join(workdir, "init", "base")
+  if not os.path.isdir(init_base):
+    write_init_base(init_base, clip_dir, vae)
+  for name in ("base", "community"):
+    build_cache(workdir, name, init_base, clip_dir)
   validation = {"eval_limit": sizes.validation_images, "eval_steps": sizes.sampling_steps}
   base_dir = train_stage("base", toy_base, workdir, "pipeline", steps, validation)
   community_dir = train_stage("community", toy_community, workdir, "pipeline", steps, validation)
@@ -226,7 +324,7 @@ def ship(workdir: str, folders: dict[str, str], out: str, command: str):
   manifest = {
       "command": command,
       "machine": f"{platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores",
-      "stages": {name: stage_record(workdir, name) for name in folders},
+      "stages": {name: stage_record(workdir, name) for name in STAGES},
       "sha256": {path: _sha256(os.path.join(staging, path)) for path in _files(staging)}}
   with open(os.path.join(staging, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2)

@@ -130,7 +130,7 @@ def test_shipped_weights_match_their_manifest(tmp_path):
   with open(os.path.join(toy.SHIPPED, toy.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest["command"] == "python -m ipadapter_jax.toy pretrain"
-  for stage in ("clip", "vae", "base", "community"):
+  for stage in toy.STAGES:
     record = manifest["stages"][stage]
     assert record["steps"] > 0 and record["seconds"] > 0 and np.isfinite(record["final_loss"])
   assert "eval/shape" in manifest["stages"]["base"]["validation"]
@@ -187,7 +187,7 @@ def test_pretrain_rebuilds_the_weights_from_nothing(tmp_path, capsys):
   with open(os.path.join(out, toy.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest["command"] == "python -m ipadapter_jax.toy pretrain --quick"
-  assert [manifest["stages"][s]["steps"] for s in ("clip", "vae", "base", "community")] == [10] * 4
+  assert [manifest["stages"][s]["steps"] for s in toy.STAGES] == [10] * 5
   assert set(manifest["stages"]["vae"]["judge_on_reconstructions"]) == {"heldout",
                                                                        "heldout_community"}
   for stage in ("base", "community"):  # validated on their own world's held-out images

@@ -8,6 +8,8 @@ runs again; an interrupted one resumes from its last checkpoint.
              vae        a tiny AutoencoderKL, f=4                  (configs/toy_vae.py)
              base       a latent text-to-image UNet                (configs/toy_base.py)
              community  the base fine-tuned on new backgrounds     (configs/toy_community.py)
+             image_encoder  the CLIP trained further: the adapter's image encoder
+                                                                   (configs/toy_image_encoder.py)
   adapter    the IP-Adapter on the frozen base                     (configs/toy_adapter.py)
   finetune   the baseline: the whole UNet trained with it          (configs/toy_finetune.py)
 """
@@ -40,7 +42,8 @@ from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.configs import (base as toy_base, clip as toy_clip,
-                                       community as toy_community, vae as toy_vae,
+                                       community as toy_community,
+                                       image_encoder as toy_image_encoder, vae as toy_vae,
                                        world as toy_world)
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.loop import train
@@ -70,7 +73,7 @@ QUICK = Sizes(train_examples=256, eval_images=8, sampling_steps=5, batch_size=8,
 SHIPPED = toy_world.SHIPPED
 MANIFEST = "MANIFEST.json"
 PRETRAINED = ("clip", "base", "community")  # the shipped folders (base/vae is the toy VAE)
-STAGES = ("clip", "vae", "base", "community")  # the pretraining's stages, in their order
+STAGES = ("clip", "vae", "base", "community", "image_encoder")  # the pretraining's stages, in their order
 
 
 def log(message: str):
@@ -298,7 +301,8 @@ def pretrain(workdir: str, sizes: Sizes) -> dict[str, str]:
   validation = {"eval_limit": sizes.validation_images, "eval_steps": sizes.sampling_steps}
   base_dir = train_stage("base", toy_base, workdir, "pipeline", steps, validation)
   community_dir = train_stage("community", toy_community, workdir, "pipeline", steps, validation)
-  return {"clip": clip_dir, "base": base_dir, "community": community_dir}
+  image_encoder_dir = train_stage("image_encoder", toy_image_encoder, workdir, "clip", steps)
+  return {"clip": image_encoder_dir, "base": base_dir, "community": community_dir}
 
 
 def _sha256(path: str) -> str:

@@ -1,11 +1,12 @@
 r"""The toy world's training settings, shared by its stages (`python -m ipadapter_jax.toy` runs
 them; each also runs alone once what it starts from exists):
 
-  python -m ipadapter_jax.toy pretrain        # CLIP, VAE, base and community model from nothing
+  python -m ipadapter_jax.toy pretrain        # CLIP, VAE, base, community model, image encoder
   python train.py --config configs/toy_clip.py --workdir runs/toy/clip
   python train.py --config configs/toy_vae.py --workdir runs/toy/vae
   python train.py --config configs/toy_base.py --workdir runs/toy/base
   python train.py --config configs/toy_community.py --workdir runs/toy/community
+  python train.py --config configs/toy_image_encoder.py --workdir runs/toy/image_encoder
   python train.py --config configs/toy_adapter.py --workdir runs/toy/adapter
   python train.py --config configs/toy_finetune.py --workdir runs/toy/finetune
 

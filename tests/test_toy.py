@@ -450,8 +450,8 @@ def test_structure_judges_on_hand_made_images():
                                         pairs * 3, [source] * 3, size)
   assert scores["kept half: init image's colour"]["rate"] == pytest.approx(2 / 3)
   one_pixel = 245 / (32 * 16)  # mean over the kept half's pixels and channels
-  expected = (one_pixel + 0 + one_pixel + 36 * (np.abs(np.subtract(shapes.COLOURS["red"], 245)).sum()
-                                                / 3) / (32 * 16)) / 3
+  red = np.abs(np.subtract(shapes.COLOURS["red"], 245)).mean()  # per pixel, over channels
+  expected = (one_pixel + 0 + one_pixel + 36 * red / (32 * 16)) / 3
   assert scores["kept half: mean abs difference"] == round(expected, 2)
   assert scores["repainted half: prompt image's colour"]["rate"] == pytest.approx(2 / 3)
   assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate(

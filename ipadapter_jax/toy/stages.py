@@ -73,7 +73,8 @@ QUICK = Sizes(train_examples=256, eval_images=8, sampling_steps=5, batch_size=8,
 SHIPPED = toy_world.SHIPPED
 MANIFEST = "MANIFEST.json"
 PRETRAINED = ("clip", "base", "community")  # the shipped folders (base/vae is the toy VAE)
-STAGES = ("clip", "vae", "base", "community", "image_encoder")  # the pretraining's stages, in their order
+# The pretraining's stages, in their order.
+STAGES = ("clip", "vae", "base", "community", "image_encoder")
 
 
 def log(message: str):

@@ -21,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ipadapter_jax import evaluate
 from ipadapter_jax.conditioning import encode_text
@@ -64,20 +65,23 @@ def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
                          model.scheduler_config.get("prediction_type", "epsilon"))
 
 
+_encode_means = nnx.jit(lambda vae, x: vae.encode(x)[0])
+_decode = nnx.jit(lambda vae, z: vae.decode(z))
+
+
 def to_model_space(model, pixels):
   """Images in [-1, 1] -> what the UNet denoises: the scaled VAE posterior means (the pixels
   themselves for a pixel-space base)."""
   if model.vae is None:
     return pixels
-  return scale_latents(jax.jit(lambda x: model.vae.encode(x)[0])(jnp.asarray(pixels)),
-                       model.vae.config)
+  return scale_latents(_encode_means(model.vae, jnp.asarray(pixels)), model.vae.config)
 
 
 def to_pixels(model, x0):
   """The inverse of `to_model_space`: decoded latents (in [-1, 1])."""
   if model.vae is None:
     return x0
-  return jax.jit(model.vae.decode)(unscale_latents(jnp.asarray(x0), model.vae.config))
+  return _decode(model.vae, unscale_latents(jnp.asarray(x0), model.vae.config))
 
 
 def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:

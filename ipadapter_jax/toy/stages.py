@@ -144,20 +144,23 @@ def write_init_vae(folder: str):
   save_vae(AutoencoderKL(VAEConfig.from_diffusers(toy_world.VAE_CONFIG), rngs=nnx.Rngs(4)), folder)
 
 
+# Compiled once for every call (and every VAE of the same shapes).
+_encode_means = nnx.jit(lambda model, x: model.encode(x)[0])
+_roundtrip = nnx.jit(lambda model, x: model.decode(model.encode(x)[0]))
+
+
 def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray) -> float:
   """1 / the standard deviation of the posterior means of `images` ([N, H, W, 3] in [-1, 1]):
   the factor that gives the diffusion model unit-variance latents, chosen as Stable Diffusion's
   0.18215 was."""
-  encode = nnx.jit(lambda model, x: model.encode(x)[0])
-  means = np.concatenate([np.asarray(encode(vae, jnp.asarray(images[i:i + 64])))
+  means = np.concatenate([np.asarray(_encode_means(vae, jnp.asarray(images[i:i + 64])))
                           for i in range(0, len(images), 64)])
   return float(1.0 / means.std())
 
 
 def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """The decoded posterior means of uint8 [N, H, W, 3] images, as floats in [0, 1]."""
-  roundtrip = nnx.jit(lambda model, x: model.decode(model.encode(x)[0]))
-  out = [np.asarray(roundtrip(vae, jnp.asarray(images[i:i + batch_size], jnp.float32)
+  out = [np.asarray(_roundtrip(vae, jnp.asarray(images[i:i + batch_size], jnp.float32)
                               / 127.5 - 1.0)) for i in range(0, len(images), batch_size)]
   return np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0)
 
@@ -295,8 +298,7 @@ def pretrain(workdir: str, sizes: Sizes) -> dict[str, str]:
   vae = calibrated_vae(vae_dir)  # a few seconds, and the same every time
   check_vae(workdir, vae, sizes.vae_accuracy)
   init_base = os.path.join(workdir, "init", "base")
-  if not os.path.isdir(init_base):
-    write_init_base(init_base, clip_dir, vae)
+  write_init_base(init_base, clip_dir, vae)
   for name in ("base", "community"):
     build_cache(workdir, name, init_base, clip_dir)
   validation = {"eval_limit": sizes.validation_images, "eval_steps": sizes.sampling_steps}

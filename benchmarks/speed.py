@@ -141,18 +141,19 @@ def write_models(bench: Bench, folder: str) -> dict:
 # ----- JAX -----------------------------------------------------------------------------------
 
 def jax_measurements(bench: Bench, paths: dict, args) -> dict:
-  import functools
   import jax
   import jax.numpy as jnp
-  import optax
   from flax import nnx
   from PIL import Image
   from ipadapter_jax.models.layers import AdapterParam
   from ipadapter_jax.pipeline import IPAdapterPipeline
-  from ipadapter_jax.schedulers import NoiseSchedule
+  from ipadapter_jax.diffusion.schedule import NoiseSchedule
   from ipadapter_jax.models.networks import Networks
   from ipadapter_jax.models.vae import VAEConfig
-  from ipadapter_jax.train.step import StepSpec, init_state, train_step, trainable_filter
+  from ipadapter_jax.configs import sd15_ip_adapter
+  from ipadapter_jax.train.program import program_from_config
+  from ipadapter_jax.train.sharding import make_mesh
+  from ipadapter_jax.train.step import StepSpec
   from ipadapter_jax.weights import load_stable_diffusion
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -183,24 +184,25 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
       lambda: forward(weights, latents, t, context, embeds).block_until_ready(), args.repeats)
   out["forward_gflop"] = flops / 1e9
 
-  # The adapter train step of train.py, on cached encoder outputs (the encoders are not timed).
+  # The adapter train step of train.py (built as the loop builds it, with the SD1.5 recipe's
+  # optimizer), on one device and cached encoder outputs (the encoders are not timed).
+  cfg = sd15_ip_adapter.get_config()
+  mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+
   def step_program(remat: str):
     unet.remat = remat
     spec = StepSpec(schedule=NoiseSchedule.stable_diffusion(), image_features="image_embeds",
                     drop_image=0.05, drop_text=0.05, drop_both=0.05, cached=True,
                     latents=VAEConfig())
-    graphdef, params, frozen = nnx.split(Networks(unet=unet), trainable_filter("adapter"), ...)
-    optimizer = optax.adamw(1e-4, weight_decay=0.01)
-    state = jax.jit(functools.partial(init_state, optimizer=optimizer, ema=False))(params)
-    frozen = jax.tree.map(jnp.asarray, frozen)  # new containers, detached from the live module
+    program, params, frozen = program_from_config(cfg, Networks(unet=unet), spec, mesh)
+    state = program.init_state(params)
+    frozen = program.place_frozen(jax.tree.map(jnp.asarray, frozen))  # detached from the module
     Bt = bench.train_batch
     batch = {"text_context": context[:1].repeat(Bt, 0), "image_embeds": embeds[:1].repeat(Bt, 0),
              "latent_mean": latents[:1].repeat(Bt, 0).astype(jnp.float32),
              "latent_logvar": jnp.full((Bt,) + latents.shape[1:], -20.0)}
     empty = {"text_context": jnp.zeros((1, S, D), dtype), "image_features": jnp.zeros((E,))}
-    fn = jax.jit(functools.partial(train_step, graphdef=graphdef, spec=spec, optimizer=optimizer),
-                 donate_argnums=(0,))
-    compiled = fn.lower(state, frozen, batch, empty, rng).compile()
+    compiled = program.step(batch).lower(state, frozen, batch, empty, rng).compile()
     return compiled, state, frozen, batch, empty
 
   remat = {}

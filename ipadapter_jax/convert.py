@@ -78,7 +78,7 @@ def cmd_to_official(args) -> str:
 
 
 def cmd_to_diffusers(args) -> str:
-  from ipadapter_jax.weights.pipeline import load_stable_diffusion, save_stable_diffusion
+  from ipadapter_jax.weights.stable_diffusion import load_stable_diffusion, save_stable_diffusion
   sd = load_stable_diffusion(args.pretrained, variant=args.variant)
   save_stable_diffusion(sd, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
   kind = "SDXL" if sd.is_sdxl else "Stable Diffusion"

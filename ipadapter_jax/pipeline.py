@@ -25,17 +25,16 @@ from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as p
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
-from ipadapter_jax.samplers import DDIMSampler, Tables, default_sampler, make_sampler
-from ipadapter_jax.schedulers import DDIM
+from ipadapter_jax.diffusion.samplers import Sampler, Tables, default_sampler, make_sampler
 from ipadapter_jax.structure import (control_inputs, finite, image_size, init_inputs,
                                      t2i_inputs)
-from ipadapter_jax.weights.pipeline import StableDiffusion
+from ipadapter_jax.weights.stable_diffusion import StableDiffusion
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The static shape of a generation: what one compiled program is specialised to."""
-  sampler: Any                        # one of ipadapter_jax.samplers' samplers
+  sampler: Sampler
   num_inference_steps: int
   num_samples: int
   guidance: bool                      # classifier-free guidance (guidance_scale > 1)
@@ -247,18 +246,17 @@ def _requests(prompt, image) -> tuple[list[str], list | None]:
 class IPAdapterPipeline:
   """Sampling with a Stable Diffusion model and IP-Adapters (or none), with CFG."""
 
-  def __init__(self, models: StableDiffusion, *, scheduler=None,
+  def __init__(self, models: StableDiffusion, *, scheduler: str | Sampler | None = None,
                on_step: Callable[[int], None] | None = None):
-    """`scheduler`: a sampler name (`samplers.SAMPLERS`: ddim, euler, euler_a, dpmpp_2m,
-    dpmpp_2m_karras, ddpm, unipc), built from the model folder's scheduler config as diffusers'
-    `from_config` builds it, or a sampler object; None: the one the folder's config names."""
+    """`scheduler` (named as in diffusers' pipelines): a sampler name (`diffusion.SAMPLERS`:
+    ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, unipc), built from the model folder's
+    scheduler config as diffusers' `from_config` builds it, or a sampler of
+    `ipadapter_jax.diffusion`; None: the one the folder's config names."""
     self.models = models
     config = models.scheduler_config
     if scheduler is None or isinstance(scheduler, str):
       scheduler = make_sampler(scheduler or default_sampler(config), config)
-    elif isinstance(scheduler, DDIM):
-      scheduler = DDIMSampler(scheduler)
-    self.scheduler = scheduler
+    self.sampler = scheduler
     self.vae_scale_factor = (1 if models.vae is None else
                              2 ** (len(models.vae.config.block_out_channels) - 1))
     self._graphdef, state = nnx.split(models.networks())
@@ -279,6 +277,11 @@ class IPAdapterPipeline:
                jnp.asarray(variable.get_value(), current[path].get_value().dtype), replicated)))
            for path, variable in nnx.to_flat_state(weights)]
     self._state = nnx.merge_state(self._state, nnx.from_flat_state(new))
+
+  @property
+  def scheduler(self) -> Sampler:
+    """The old name of `sampler`, kept for one release."""
+    return self.sampler
 
   @property
   def default_size(self) -> tuple[int, int]:
@@ -402,9 +405,9 @@ class IPAdapterPipeline:
       plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
                                                        num_inference_steps, height // f, width // f,
                                                        height, width)
-    plan = Plan(sampler=self.scheduler, num_inference_steps=num_inference_steps,
+    plan = Plan(sampler=self.sampler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0 or self.scheduler.needs_noise, adapters=plans,
+                stochastic=eta > 0 or self.sampler.needs_noise, adapters=plans,
                 sdxl_zero_negative=bool(sdxl_zero), task=task,
                 controlnets=len(m.controlnets), guess_mode=guess_mode and bool(m.controlnets),
                 t2i_adapter=m.t2i_adapter is not None)

@@ -1,4 +1,5 @@
-"""Images -> the pixel arrays the frozen encoders take.
+"""Images <-> pixel arrays: what the frozen encoders and the T2I-Adapter take, and the sampled
+images back as PIL images and grids.
 
 CLIP pixels come from transformers' CLIPImageProcessorPil (the PIL backend that
 CLIPImageProcessor uses without torchvision), built once per CLIPImageConfig, which holds a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -143,3 +145,42 @@ def vae_pixels(image, resolution: int) -> np.ndarray:
   left = int(round((image.width - resolution) / 2.0))
   array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.float32)
   return (array / 255.0 - 0.5) / 0.5
+
+
+_ADAPTER_IMAGE_MODES = ("RGB", "L", "RGBA")
+
+
+def preprocess_adapter_image(image, height: int, width: int) -> np.ndarray:
+  """A control image as the adapter reads it: [height, width, C] float32 in [0, 1].
+
+  As diffusers' StableDiffusionXLAdapterPipeline: a LANCZOS resize to height x width, then /255,
+  no normalisation, channels as the image has them (1 for "L"). `image` is a PIL image or a
+  uint8 array [H, W] or [H, W, C].
+  """
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+      raise ValueError(f"preprocess_adapter_image: expected a uint8 array [H, W] or [H, W, C], "
+                       f"got {image.dtype} {list(image.shape)}")
+    image = Image.fromarray(image)
+  if not isinstance(image, Image.Image):
+    raise ValueError(f"preprocess_adapter_image: expected a PIL image or a uint8 array, got "
+                     f"{type(image).__name__}")
+  if image.mode not in _ADAPTER_IMAGE_MODES:
+    raise ValueError(f"preprocess_adapter_image: image mode {image.mode!r} is not supported "
+                     f"({', '.join(_ADAPTER_IMAGE_MODES)}); convert it first, e.g. image.convert('RGB')")
+  pixels = np.asarray(image.resize((width, height), resample=Image.Resampling.LANCZOS))
+  if pixels.ndim == 2:
+    pixels = pixels[..., None]
+  return pixels.astype(np.float32) / 255.0
+
+
+def image_grid(images: np.ndarray) -> Image.Image:
+  """[N, H, W, 3] in [0, 1] -> one PIL image, as square as N allows."""
+  n, h, w, _ = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+  for i, image in enumerate((images * 255).round().astype(np.uint8)):
+    r, c = divmod(i, cols)
+    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+  return Image.fromarray(grid)

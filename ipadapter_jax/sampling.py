@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 
-SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm", "unipc")  # = samplers.SAMPLERS
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm", "unipc")  # = diffusion.SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,18 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="weights and compute dtype")
   return p
-
-
-def image_grid(images: np.ndarray) -> Image.Image:
-  """[N, H, W, 3] in [0, 1] -> one PIL image, as square as N allows."""
-  n, h, w, _ = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-  for i, image in enumerate((images * 255).round().astype(np.uint8)):
-    r, c = divmod(i, cols)
-    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-  return Image.fromarray(grid)
 
 
 def _per_adapter(args, flag: str, count: int) -> list:
@@ -214,8 +200,9 @@ def run(args) -> dict:
 
   from ipadapter_jax.image_prompts import open_image, save_image_embeds
   from ipadapter_jax.pipeline import IPAdapterPipeline
-  from ipadapter_jax.samplers import default_sampler
+  from ipadapter_jax.diffusion.samplers import default_sampler
   from ipadapter_jax.weights import load_stable_diffusion
+  from ipadapter_jax.preprocessing import image_grid
 
   if args.latents is not None and not os.path.isfile(args.latents):
     raise FileNotFoundError(f"--latents {args.latents}: no such file")

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ipadapter_jax.models.t2i_adapter import preprocess_adapter_image
+from ipadapter_jax.preprocessing import preprocess_adapter_image
 from ipadapter_jax.preprocessing import to_pil, to_rgb
-from ipadapter_jax.samplers import first_step
+from ipadapter_jax.diffusion.samplers import first_step
 
 # Relative difference of width/height ratios beyond which an init image is refused.
 _ASPECT_TOLERANCE = 0.01

@@ -2,7 +2,6 @@
 presets, saved embeddings; timestep windows and negative images against a loop of diffusers' UNet."""
 
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -410,21 +409,6 @@ def test_an_extra_adapter_adds_only_its_attention_to_the_loop(world, ours):
   # projection) are computed once, before the loop.
   assert loop_2 - loop_1 == 2 * layers
   assert (total_2 - loop_2) - (total_1 - loop_1) >= 2 * layers
-
-
-@pytest.mark.parametrize("height,width,queries", [(64, 64, 64), (64, 64, 16), (48, 64, 12),
-                                                  (64, 48, 48), (40, 40, 25)])
-def test_masks_are_prepared_and_downsampled_as_diffusers_does(height, width, queries):
-  from ipadapter_jax import masks as mask_ops
-  rng = np.random.default_rng(queries)
-  image = Image.fromarray(rng.integers(0, 256, (height + 7, width + 3, 3), dtype=np.uint8))
-  theirs = IPAdapterMaskProcessor().preprocess([image], height=height, width=width)
-  ours = mask_ops.preprocess_mask(image, height, width)
-  np.testing.assert_array_equal(ours, theirs[0, 0].numpy())
-  with warnings.catch_warnings():  # diffusers warns when the grid does not fill T exactly
-    warnings.simplefilter("ignore")
-    expected = IPAdapterMaskProcessor.downsample(theirs[:, 0], 2, queries, 3)[0, :, 0].numpy()
-  np.testing.assert_array_equal(mask_ops.downsample_mask(ours, queries), expected)
 
 
 def test_each_adapter_saves_back_to_its_official_file(world, ours, tmp_path):

@@ -397,7 +397,7 @@ def test_sdxl_cache_holds_both_text_encoders_and_hidden_states(built, tokenizer,
   from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                          CLIPVisionModelWithProjection)
   from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-  from ipadapter_jax.weights.pipeline import StableDiffusion
+  from ipadapter_jax.weights.stable_diffusion import StableDiffusion
   out, _, expected = built
   text = dict(vocab_size=140, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
               num_attention_heads=2, max_position_embeddings=16, eos_token_id=1)

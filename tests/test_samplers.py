@@ -10,8 +10,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
-from ipadapter_jax.samplers import (DDPM, DDIMSampler, DPMSolverPP, Euler, EulerAncestral,
-                                    Tables, UniPC, first_step)
+from ipadapter_jax.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, Euler, EulerAncestral,
+                                              Tables, UniPC, first_step)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
           set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's DDIM config
@@ -21,7 +21,7 @@ CONFIGS = {
                                        timestep_spacing="trailing"),
     "linear, linspace": dict(beta_schedule="linear", timestep_spacing="linspace"),
 }
-SAMPLERS = {"ddim": (DDIMScheduler, DDIMSampler, {}),
+SAMPLERS = {"ddim": (DDIMScheduler, DDIM, {}),
             "euler": (EulerDiscreteScheduler, Euler, {}),
             "euler_karras": (EulerDiscreteScheduler, Euler, {"use_karras_sigmas": True}),
             "dpmpp_2m": (DPMSolverMultistepScheduler, DPMSolverPP, {}),
@@ -185,7 +185,7 @@ def test_sampling_with_an_image_prompt_matches_diffusers(tiny_world, tmp_path, n
 
 
 def test_the_folder_config_names_the_default_sampler():
-  from ipadapter_jax.samplers import SAMPLERS, default_sampler
+  from ipadapter_jax.diffusion.samplers import SAMPLERS, default_sampler
   from ipadapter_jax.sampling import SAMPLER_NAMES
   assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
   assert default_sampler({"_class_name": "EulerDiscreteScheduler"}) == "euler"

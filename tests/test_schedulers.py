@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ipadapter_jax.schedulers import DDIM, NoiseSchedule, add_noise, training_target, velocity
+from ipadapter_jax.diffusion import (DDIM, NoiseSchedule, add_noise, predicted_x0,
+                                     training_target, velocity)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CASES = [
@@ -91,3 +92,19 @@ def test_sd_scheduler_config_and_overrides():
     DDIM.from_diffusers(dict(pndm, thresholding=True))
   with pytest.raises(ValueError, match="beta_schedule='cosine'"):
     DDIM.from_diffusers(dict(pndm, beta_schedule="cosine"))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_predicted_x0_inverts_each_training_target(kind):
+  schedule = NoiseSchedule.stable_diffusion(prediction_type=kind)
+  alphas = schedule.alphas_cumprod()
+  rng = np.random.default_rng(0)
+  x0, eps = (jnp.asarray(a, jnp.float32) for a in rng.standard_normal((2, 3, 4, 4, 2)))
+  t = jnp.asarray([10, 500, 990])
+  target = training_target(schedule, alphas, x0, eps, t)
+  a = jnp.asarray(alphas)[t][:, None, None, None]
+  x0_hat = predicted_x0(kind, target, add_noise(alphas, x0, eps, t), jnp.sqrt(a), jnp.sqrt(1 - a))
+  # At t=990 sqrt(alpha_bar) is about 0.07: epsilon's division magnifies float32 rounding.
+  np.testing.assert_allclose(np.asarray(x0_hat), np.asarray(x0), atol=2e-5)
+  with pytest.raises(ValueError, match="prediction_type"):
+    predicted_x0("flow", target, x0, 1.0, 0.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ipadapter_jax.models.vae import VAEConfig, scale_latents, unscale_latents
-from ipadapter_jax.schedulers import NoiseSchedule
+from ipadapter_jax.diffusion.schedule import NoiseSchedule
 from ipadapter_jax.train import loop
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.step import StepSpec, clean_latents, drop_masks, min_snr_weight

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
 from ipadapter_jax.models.t2i_adapter import (T2IAdapterConfig, avg_pool_2x2_ceil, check_fits,
-                                              pixel_unshuffle, preprocess_adapter_image)
+                                              pixel_unshuffle)
+from ipadapter_jax.preprocessing import preprocess_adapter_image
 from ipadapter_jax.models.unet import UNetConfig
 from ipadapter_jax.weights import CheckpointError, load_t2i_adapter, save_t2i_adapter
 from tests import torch_reference as ref

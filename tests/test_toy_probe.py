@@ -1,8 +1,5 @@
 """The caption-word probe: swaps the right word and reads the model's one-step prediction right."""
 
-import numpy as np
-import pytest
-
 from ipadapter_jax import toy
 from ipadapter_jax.toy import probe as toy_probe
 from ipadapter_jax.toy.configs import world as toy_world
@@ -14,18 +11,6 @@ def test_swapped_values_always_differ_and_vary():
     other = toy_probe.swapped_values(examples, attribute)
     assert all(o != getattr(ex, attribute) for o, ex in zip(other, examples))
     assert len(set(other)) > 2
-
-
-def test_predicted_clean_inverts_each_training_target():
-  rng = np.random.default_rng(0)
-  x0, eps = rng.standard_normal((2, 3, 4, 4))
-  a = 0.3
-  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
-  targets = {"epsilon": eps, "sample": x0, "v_prediction": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}
-  for kind, target in targets.items():
-    np.testing.assert_allclose(toy_probe.predicted_clean(target, x_t, a, kind), x0, atol=1e-12)
-  with pytest.raises(ValueError, match="prediction_type"):
-    toy_probe.predicted_clean(eps, x_t, a, "flow")
 
 
 def test_the_shipped_base_follows_a_swapped_colour_word():

@@ -35,7 +35,7 @@ def _cache(args) -> int:
   # pylint: disable=import-outside-toplevel
   from ipadapter_jax.data.cache import build_embedding_cache
   from ipadapter_jax.data.input_pipeline import DataSpec, open_source
-  from ipadapter_jax.weights.pipeline import load_stable_diffusion
+  from ipadapter_jax.weights.stable_diffusion import load_stable_diffusion
   import jax.numpy as jnp
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   models = load_stable_diffusion(args.model, image_encoder=args.image_encoder, dtype=dtype)

@@ -31,7 +31,7 @@ from ipadapter_jax.data.input_pipeline import DataSpec, RawExample, is_cached
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.models.networks import Networks
-from ipadapter_jax.weights.pipeline import StableDiffusion
+from ipadapter_jax.weights.stable_diffusion import StableDiffusion
 
 CACHE_VERSION = "1.0.0"
 EMPTY_TEXT_FILE = "empty_text.npz"

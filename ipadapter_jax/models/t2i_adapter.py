@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from ipadapter_jax.models.configs import reject_unknown, require
 from ipadapter_jax.models.layers import Conv2d, ParamKeys, from_nhwc, to_nhwc
@@ -329,30 +328,3 @@ def check_fits(adapter_config: T2IAdapterConfig, unet_config, source: str = "T2I
                        f"('downscale_factor'={adapter_config.downscale_factor}, {kind}), but "
                        f"{slot.where} of the UNet needs 1/{needed} (vae_scale_factor "
                        f"{vae_scale_factor})")
-
-
-_IMAGE_MODES = ("RGB", "L", "RGBA")
-
-
-def preprocess_adapter_image(image, height: int, width: int) -> np.ndarray:
-  """A control image as the adapter reads it: [height, width, C] float32 in [0, 1].
-
-  As diffusers' StableDiffusionXLAdapterPipeline: a LANCZOS resize to height x width, then /255,
-  no normalisation, channels as the image has them (1 for "L"). `image` is a PIL image or a
-  uint8 array [H, W] or [H, W, C].
-  """
-  if isinstance(image, np.ndarray):
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
-      raise ValueError(f"preprocess_adapter_image: expected a uint8 array [H, W] or [H, W, C], "
-                       f"got {image.dtype} {list(image.shape)}")
-    image = Image.fromarray(image)
-  if not isinstance(image, Image.Image):
-    raise ValueError(f"preprocess_adapter_image: expected a PIL image or a uint8 array, got "
-                     f"{type(image).__name__}")
-  if image.mode not in _IMAGE_MODES:
-    raise ValueError(f"preprocess_adapter_image: image mode {image.mode!r} is not supported "
-                     f"({', '.join(_IMAGE_MODES)}); convert it first, e.g. image.convert('RGB')")
-  pixels = np.asarray(image.resize((width, height), resample=Image.Resampling.LANCZOS))
-  if pixels.ndim == 2:
-    pixels = pixels[..., None]
-  return pixels.astype(np.float32) / 255.0

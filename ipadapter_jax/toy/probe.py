@@ -29,7 +29,7 @@ from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.evaluation import held_out
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
-from ipadapter_jax.schedulers import DDIM
+from ipadapter_jax.diffusion.schedule import NoiseSchedule, predicted_x0
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.weights import load_stable_diffusion
 
@@ -46,23 +46,11 @@ def swapped_values(examples, attribute: str) -> list[str]:
   return out
 
 
-def predicted_clean(output, x_t, alpha_bar: float, kind: str):
-  """The clean image a model output implies at x_t, for diffusers' prediction types."""
-  a, s = np.sqrt(alpha_bar), np.sqrt(1 - alpha_bar)
-  if kind == "v_prediction":
-    return a * x_t - s * output
-  if kind == "sample":
-    return output
-  if kind == "epsilon":
-    return (x_t - s * output) / a
-  raise ValueError(f"unknown prediction_type {kind!r}")
-
-
 def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
   """The model's one-step clean image from x_t."""
   output = np.asarray(model.unet(jnp.asarray(x_t), jnp.full((x_t.shape[0],), t), context))
-  return predicted_clean(output, x_t, alpha_bar,
-                         model.scheduler_config.get("prediction_type", "epsilon"))
+  return predicted_x0(model.scheduler_config.get("prediction_type", "epsilon"), output, x_t,
+                      np.sqrt(alpha_bar), np.sqrt(1 - alpha_bar))
 
 
 _encode_means = nnx.jit(lambda vae, x: vae.encode(x)[0])
@@ -88,7 +76,7 @@ def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:
   """{attribute: {t: rates}}: with the true and the swapped caption, how often the judged
   attribute of the one-step prediction is the true value and how often the swapped one."""
   model = load_stable_diffusion(model_dir)
-  alphas = np.asarray(DDIM.from_diffusers(model.scheduler_config).alphas_cumprod)
+  alphas = NoiseSchedule.from_diffusers(model.scheduler_config).alphas_cumprod()
   examples = held_out(count)
   pixels = np.stack([shapes.render(ex, toy_world.IMAGE_SIZE) for ex in examples])
   x0 = np.asarray(to_model_space(model, pixels.astype(np.float32) / 127.5 - 1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -24,8 +23,8 @@ from ipadapter_jax.train.metrics import MetricsWriter
 from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.outputs import SampleGrids, export, write_run_files
 from ipadapter_jax.train.validation import Validation
-from ipadapter_jax.train.step import (init_state, make_optimizer, make_schedule, train_step,
-                                      trainable_filter)
+from ipadapter_jax.train.program import program_from_config
+from ipadapter_jax.train.step import make_schedule
 from ipadapter_jax.weights.files import CheckpointError
 
 
@@ -103,7 +102,7 @@ def train(cfg, workdir: str) -> dict:
   spec = step_spec(cfg, sd, cached=cached)
   write_run_files(cfg, sd, workdir)
   networks = sd.networks()
-  graphdef, params, frozen = nnx.split(networks, trainable_filter(cfg.model.trainable), ...)
+  program, params, frozen = program_from_config(cfg, networks, spec, mesh)
   data_spec = input_pipeline.DataSpec(
       resolution=cfg.data.resolution, random_crop=cfg.data.random_crop, clip=sd.image_processor,
       tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer_2, image_key=cfg.data.image_key,
@@ -112,15 +111,10 @@ def train(cfg, workdir: str) -> dict:
       source, data_spec, global_batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
       worker_count=cfg.data.worker_count)
 
-  # ----- Train state and shardings: created in place on the devices --------------------------
-  optimizer = make_optimizer(cfg.optimizer, cfg.num_steps)
-  new_state = functools.partial(init_state, optimizer=optimizer, ema=spec.ema_decay > 0)
-  state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(new_state, params),
-                                            cfg.mesh.shard_trainable)
-  frozen_shardings = sharding.tree_shardings(mesh, frozen, cfg.mesh.shard_frozen)
-  replicated = sharding.replicated(mesh)
-  state = jax.jit(new_state, out_shardings=state_shardings)(params)
-  frozen = jax.device_put(frozen, frozen_shardings)
+  # ----- Train state and frozen weights: placed in their shards on the devices ---------------
+  replicated = program.replicated
+  state = program.init_state(params)
+  frozen = program.place_frozen(frozen)
   empty = jax.device_put(empty_conditions(cfg, sd, spec), replicated)
 
   # ----- Restore ---------------------------------------------------------------------------
@@ -129,7 +123,7 @@ def train(cfg, workdir: str) -> dict:
   start = checkpoints.latest_step() or 0
   if start:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings)
+                            state, program.state_shardings)
     state, data_state = checkpoints.restore(start, abstract)
     batches.set_state(data_state)
   metrics = MetricsWriter(workdir, resume_step=start)
@@ -142,12 +136,7 @@ def train(cfg, workdir: str) -> dict:
   # ----- Step function, compiled ahead of the loop -----------------------------------------
   key = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=replicated)()  # on every host
   first = next(batches)
-  batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), first)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, spec=spec, optimizer=optimizer),
-      in_shardings=(state_shardings, frozen_shardings, batch_shardings, replicated, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  compiled = step_fn.lower(state, frozen, first, empty, key).compile()
+  compiled = program.step(first).lower(state, frozen, first, empty, key).compile()
 
   # ----- Loop ------------------------------------------------------------------------------
   stop = {"signal": None}

@@ -11,7 +11,7 @@ from ipadapter_jax.data.cache import load_empty_text
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize
 from ipadapter_jax.models.image_proj import AdapterConfig
-from ipadapter_jax.schedulers import NoiseSchedule
+from ipadapter_jax.diffusion.schedule import NoiseSchedule
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.step import StepSpec
 from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_clip_vision,

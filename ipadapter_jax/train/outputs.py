@@ -13,7 +13,7 @@ from PIL import Image
 
 from ipadapter_jax import storage
 from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.sampling import image_grid
+from ipadapter_jax.preprocessing import image_grid
 from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
                                    save_stable_diffusion)
 from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, adapter_metadata

@@ -20,7 +20,7 @@ from flax import nnx
 from ipadapter_jax.conditioning import CACHE_KEYS, encode_image_or_null, encode_text, where_batch
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.vae import VAEConfig, sample_posterior, scale_latents
-from ipadapter_jax.schedulers import NoiseSchedule, add_noise, training_target
+from ipadapter_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 
 TRAINABLE = ("adapter", "unet", "all", "clip", "vae")
 

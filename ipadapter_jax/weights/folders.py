@@ -29,6 +29,16 @@ def resolve_subfolder(path: str, subfolder: str) -> str:
   raise CheckpointError(f"{path}: neither it nor its '{subfolder}/' holds a config.json")
 
 
+def hub_patterns(variant: str | None, stem: str = "*") -> list[str]:
+  """The files of a hub folder a loader may read: configs, tokenizer files, the `stem` weights
+  (of `variant`, when given) as safetensors, single or sharded, and their indexes."""
+  weights = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+  patterns = ["*.json", "*.txt", weights, "*.safetensors.index*.json"]
+  if stem != "*":  # shards are named stem-00001-of-00002.safetensors
+    patterns.append(f"{stem}*-of-*.safetensors")
+  return patterns
+
+
 def local_path(path_or_id: str, *, revision: str | None = None,
                allow_patterns: list[str] | None = None) -> str:
   """A local folder for `path_or_id`: the path itself, or a hub download.

@@ -29,7 +29,10 @@ class TrainProgram:
   mesh: jax.sharding.Mesh
   state_shardings: Any
   frozen_shardings: Any
-  ema: bool
+
+  @property
+  def ema(self) -> bool:
+    return self.spec.ema_decay > 0
 
   @property
   def replicated(self):
@@ -62,13 +65,12 @@ def build_program(networks, spec: StepSpec, mesh, *, trainable: str, optimizer,
   `trainable` says; the weights stay where they are (see `TrainProgram.init_state` and
   `place_frozen`)."""
   graphdef, params, frozen = nnx.split(networks, trainable_filter(trainable), ...)
-  ema = spec.ema_decay > 0
   abstract_state = jax.eval_shape(
-      functools.partial(init_state, optimizer=optimizer, ema=ema), params)
+      functools.partial(init_state, optimizer=optimizer, ema=spec.ema_decay > 0), params)
   program = TrainProgram(
       graphdef=graphdef, spec=spec, optimizer=optimizer, mesh=mesh,
       state_shardings=sharding.tree_shardings(mesh, abstract_state, shard_trainable),
-      frozen_shardings=sharding.tree_shardings(mesh, frozen, shard_frozen), ema=ema)
+      frozen_shardings=sharding.tree_shardings(mesh, frozen, shard_frozen))
   return program, params, frozen
 
 

@@ -17,8 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save notes out of the progress bar
-  from ipadapter_jax.train.loop import run
-  sys.exit(run(_CONFIG.value, _WORKDIR.value))
+  from ipadapter_jax.train.loop import train_command
+  sys.exit(train_command(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

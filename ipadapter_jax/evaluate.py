@@ -216,7 +216,7 @@ def load_annotated_images(annotations: str, limit: int | None = None,
   return images, records
 
 
-def run(args) -> dict:
+def evaluate_from_flags(args) -> dict:
   """Evaluates as `args` say; returns (and writes) the scores and settings."""
   from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
@@ -240,7 +240,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
   from ipadapter_jax.weights.files import CheckpointError  # pylint: disable=import-outside-toplevel
   try:
-    run(build_parser().parse_args(argv))
+    evaluate_from_flags(build_parser().parse_args(argv))
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,9 +1,10 @@
 """What each adapter is given for a generation, checked and turned into traced arrays.
 
 `AdapterPrompt` is one adapter's share of a request: its images (or their saved embeddings),
-scale, per-image weights and masks, timestep window and negative image. `prepare` turns a list
-of them (one per loaded adapter, in load order) into the static `AdapterPlan`s a compiled
-program is specialised to and the arrays it reads, so changing any value keeps the program.
+scale, per-image weights and masks, timestep window and negative image. `adapter_inputs` turns
+a list of them (one per loaded adapter, in load order) into the static `AdapterPlan`s a compiled
+program is specialised to and the `AdapterInputs` it reads, so changing any value keeps the
+program.
 `save_image_embeds` / `load_image_embeds` keep encoded images in a .safetensors file whose
 tensors are exactly diffusers' `ip_adapter_image_embeds` (negative first) for one prompt.
 """
@@ -16,6 +17,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from flax import struct
 from PIL import Image
 
 from ipadapter_jax import adapter_scales, masks as mask_ops
@@ -66,6 +68,18 @@ class AdapterPlan:
   negative_image: bool
 
 
+@struct.dataclass
+class AdapterInputs:
+  """The traced part of one adapter's prompt (I images, L decoupled layers, S steps)."""
+  scale: np.ndarray                         # [L] per decoupled layer
+  window: np.ndarray                        # [S] 1 where the image prompt acts
+  pixels: np.ndarray | None = None          # [R or 1, I, h, w, 3] CLIP pixels
+  embeds: np.ndarray | None = None          # [2, I, ...] saved (negative, positive) features
+  negative_pixels: np.ndarray | None = None  # [1, h, w, 3] the negative image's CLIP pixels
+  weights: np.ndarray | None = None         # [I] per-image weights
+  masks: tuple[np.ndarray, ...] | None = None  # per layer [1, T, I]
+
+
 def window_table(window, num_steps: int, where: str = "window") -> np.ndarray:
   """[num_steps] float32 of 1 where the image prompt acts (start <= i / S < end), else 0."""
   try:
@@ -98,10 +112,10 @@ def _check_embeds(embeds, kind: str, index: int, expected_tail) -> np.ndarray:
   return embeds
 
 
-def prepare(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, layer_names, queries,
-            num_steps: int, height: int, width: int, processor: CLIPImageConfig | None,
-            has_encoder: bool, feature_shapes: dict | None = None):
-  """(plans, arrays): one `AdapterPlan` and one dict of arrays per adapter.
+def adapter_inputs(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, layer_names, queries,
+                   num_steps: int, height: int, width: int, processor: CLIPImageConfig | None,
+                   has_encoder: bool, feature_shapes: dict | None = None):
+  """(plans, inputs): one `AdapterPlan` and one `AdapterInputs` per adapter.
 
   `adapters` are the loaded adapters (each with `adapter_config`), `layer_names` and `queries`
   the UNet's cross-attention names and query counts at this size, `feature_shapes` the image
@@ -111,7 +125,7 @@ def prepare(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, layer_names
     raise ValueError(f"{len(prompts)} adapter prompts for {len(adapters)} loaded adapters: "
                      "give one per adapter, in load order")
   processor = processor or CLIPImageConfig()
-  plans, arrays = [], []
+  plans, inputs = [], []
   for a, (prompt, adapter) in enumerate(zip(prompts, adapters)):
     kind = adapter.adapter_config.image_features
     where = f"adapter {a}"
@@ -153,8 +167,8 @@ def prepare(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, layer_names
                              masked=prompt.masks is not None, weighted=prompt.weights is not None,
                              precomputed=prompt.embeds is not None,
                              negative_image=prompt.negative_image is not None))
-    arrays.append(x)
-  return tuple(plans), tuple(arrays)
+    inputs.append(AdapterInputs(**x))
+  return tuple(plans), tuple(inputs)
 
 
 def save_image_embeds(path: str, embeds: Sequence[np.ndarray], kinds: Sequence[str]) -> None:

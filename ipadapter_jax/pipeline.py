@@ -2,17 +2,18 @@
 guidance (text-to-image, img2img or inpainting, with ControlNets or a T2I-Adapter for
 structure) and the VAE decode, compiled as one program.
 
-Everything that changes between calls of the same shape (prompt, negative prompt, images, every
-adapter's scale, weights, masks and window, guidance scale, eta, seed, initial latents, strength,
-init and control images, control scales and windows) is a traced input, so it never recompiles;
-each adapter's image keys/values and a T2I-Adapter's features are computed once per generation,
-outside the denoising loop (docs/composition.md, docs/structure.md).
+A call's arguments become a `request.Plan` (static: what the program is specialised to) and a
+`request.Inputs` pytree (traced). Everything that changes between calls of the same shape
+(prompt, negative prompt, images, every adapter's scale, weights, masks and window, guidance
+scale, eta, seed, initial latents, strength, init and control images, control scales and
+windows) is traced, so it never recompiles; each adapter's image keys/values and a
+T2I-Adapter's features are computed once per generation, outside the denoising loop
+(docs/composition.md, docs/structure.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,30 +22,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
-from ipadapter_jax.image_prompts import AdapterPlan, AdapterPrompt, prepare as prepare_adapters
-from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
-from ipadapter_jax.tokenizer import tokenize
-from ipadapter_jax.models.vae import scale_latents, unscale_latents
 from ipadapter_jax.diffusion.samplers import Sampler, Tables, default_sampler, make_sampler
-from ipadapter_jax.structure import (control_inputs, finite, image_size, init_inputs,
-                                     t2i_inputs)
+from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt
+from ipadapter_jax.models.vae import scale_latents, unscale_latents
+from ipadapter_jax.request import (INPAINT, TEXT2IMG, Inputs, Plan, Request, default_size,
+                                   image_prompt_inputs, plan_generation, vae_scale_factor)
 from ipadapter_jax.weights.stable_diffusion import StableDiffusion
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The static shape of a generation: what one compiled program is specialised to."""
-  sampler: Sampler
-  num_inference_steps: int
-  num_samples: int
-  guidance: bool                      # classifier-free guidance (guidance_scale > 1)
-  stochastic: bool                    # eta > 0, or an ancestral sampler: noise at every step
-  adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
-  sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
-  task: str = "text2img"              # text2img | img2img | inpaint
-  controlnets: int = 0                # how many ControlNets act (their residuals are summed)
-  guess_mode: bool = False            # ControlNet guess mode (the positive half only)
-  t2i_adapter: bool = False           # a T2I-Adapter's feature maps are added
+class TextConditioning(NamedTuple):
+  """What the UNet (and the ControlNets) read of the text, for every row of its batch."""
+  context: jax.Array   # [rows, S, D]
+  added: dict          # SDXL: text_embeds and time_ids; else empty
 
 
 def _repeat_pairs(x, n: int):
@@ -52,19 +41,23 @@ def _repeat_pairs(x, n: int):
   return jnp.repeat(x, n, axis=0)
 
 
-def image_features(image_encoder, plan: AdapterPlan, x: dict):
+def _positive_half(x):
+  return x[x.shape[0] // 2:]
+
+
+def image_features(image_encoder, plan: AdapterPlan, x: AdapterInputs):
   """(negative [1, I, ...], positive [R, I, ...]) image features of one adapter's prompt: saved
   ones, or its R x I images through the encoder, against the unconditional features (diffusers'
   zero embedding / mean-grey image) or the negative image's."""
   if plan.precomputed:
-    return x["embeds"][:1], x["embeds"][1:]
-  pixels = x["pixels"]
+    return x.embeds[:1], x.embeds[1:]
+  pixels = x.pixels
   rows, images = pixels.shape[:2]
   positive = encode_image(image_encoder, pixels.reshape((-1,) + pixels.shape[2:]),
                           plan.image_features)
   positive = positive.reshape((rows, images) + positive.shape[1:])
   if plan.negative_image:
-    negative = encode_image(image_encoder, x["negative_pixels"], plan.image_features)
+    negative = encode_image(image_encoder, x.negative_pixels, plan.image_features)
   else:
     negative = null_image_features(image_encoder, plan.image_features)[None]
   return jnp.broadcast_to(negative[:, None], (1, images) + negative.shape[1:]), positive
@@ -80,11 +73,28 @@ def _image_prompts(models, plan: Plan, adapter_inputs, requests: int):
                                 for f in (negative, positive)])
     features = _repeat_pairs(features, plan.num_samples)
     if not plan.guidance:
-      features = features[features.shape[0] // 2:]
+      features = _positive_half(features)
     prompts.append(adapter.encode_image_prompt(
-        features.reshape((-1,) + features.shape[2:]), x["scale"], num_images=a_plan.num_images,
-        weights=x.get("weights"), masks=x.get("masks")))
+        features.reshape((-1,) + features.shape[2:]), x.scale, num_images=a_plan.num_images,
+        weights=x.weights, masks=x.masks))
   return tuple(prompts)
+
+
+def _text_conditioning(models, plan: Plan, inputs: Inputs) -> TextConditioning:
+  """The prompts' tokens and (SDXL) pooled embeddings and size conditioning, each request
+  `num_samples` times; the positive half only without guidance."""
+  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, inputs.ids,
+                                inputs.ids_2)
+  if plan.sdxl_zero_negative:  # the first half of the rows are the (empty) negative prompts
+    negatives = context.shape[0] // 2
+    context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
+  context = _repeat_pairs(context, plan.num_samples)
+  added = {}
+  if pooled is not None:
+    added = dict(text_embeds=_repeat_pairs(pooled, plan.num_samples), time_ids=inputs.time_ids)
+  if not plan.guidance:
+    context, added = _positive_half(context), {k: _positive_half(v) for k, v in added.items()}
+  return TextConditioning(context, added)
 
 
 def _encode(vae, pixels, noise):
@@ -97,36 +107,59 @@ def _encode(vae, pixels, noise):
                        * noise, vae.config)
 
 
-def _initial_latents(models, plan: Plan, inputs, tables: Tables, host_tables: Tables):
+def _initial_latents(models, plan: Plan, inputs: Inputs, tables: Tables, host_tables: Tables):
   """(latents at the run's first step, the init image's latents or None).
 
   text2img: the noise times the sampler's initial sigma. img2img: the init image's latents
   noised to the first step. Inpainting: the same, or the scaled noise where diffusers starts
   from noise (strength 1, or `latents=` given)."""
-  sampler, noise = plan.sampler, inputs["latents"].astype(jnp.float32)
+  sampler, noise, init = plan.sampler, inputs.latents.astype(jnp.float32), inputs.init
   from_noise = noise * sampler.init_noise_sigma(host_tables)
-  if plan.task == "text2img":
+  if plan.task == TEXT2IMG:
     return from_noise, None
-  image = jnp.repeat(_encode(models.vae, inputs["init_pixels"], inputs["posterior_noise"]),
-                     plan.num_samples, axis=0)
-  noised = sampler.add_noise(image, noise, inputs["start"], tables)
-  if plan.task == "inpaint":
-    noised = jnp.where(inputs["from_noise"], from_noise, noised)
+  image = jnp.repeat(_encode(models.vae, init.pixels, init.posterior_noise), plan.num_samples,
+                     axis=0)
+  noised = sampler.add_noise(image, noise, init.start, tables)
+  if plan.task == INPAINT:
+    noised = jnp.where(init.from_noise, from_noise, noised)
   return noised, image
 
 
-def _control_residuals(controlnets, plan: Plan, control, i, x, x_positive, t, context, added):
+def _inpainting_channels(models, plan: Plan, inputs: Inputs, latent_channels: int):
+  """An inpainting UNet's extra input channels (the mask and the masked image's latents) for
+  every row of its batch; None for a UNet that takes the latents alone."""
+  if plan.task != INPAINT or models.unet.config.in_channels == latent_channels:
+    return None
+  n, init = plan.num_samples, inputs.init
+  masked = jnp.repeat(_encode(models.vae, init.masked_pixels, init.masked_noise), n, axis=0)
+  extra = jnp.concatenate([jnp.repeat(init.latent_mask, n, axis=0), masked], axis=-1)
+  return jnp.concatenate([extra] * 2) if plan.guidance else extra
+
+
+def _keep_known(plan: Plan, inputs: Inputs, tables: Tables, i, latents, image_latents, mask):
+  """Inpainting with a regular UNet: the known part (where `mask` is 0) put back after step i,
+  noised to the next step (or clean after the last)."""
+  known = jnp.where(i + 1 < plan.num_inference_steps,
+                    plan.sampler.add_noise(image_latents, inputs.latents, i + 1, tables),
+                    image_latents)
+  return (1 - mask) * known + mask * latents
+
+
+def _control_residuals(controlnets, plan: Plan, inputs: Inputs, i, x, x_positive, t,
+                       text: TextConditioning):
   """The ControlNets' (down residuals, mid residual) at step i, summed over the nets. They see
   the text tokens only, never the image prompt; in guess mode only the positive half, with
   zeros for the negative one (diffusers' semantics)."""
+  control = inputs.control
+  context, added = text
   half_only = plan.guess_mode and plan.guidance
   if half_only:
-    half = context.shape[0] // 2
-    x, context, added = x_positive, context[half:], {k: v[half:] for k, v in added.items()}
+    x, context = x_positive, _positive_half(context)
+    added = {k: _positive_half(v) for k, v in added.items()}
   down = mid = None
   for k, net in enumerate(controlnets):
-    image = jnp.broadcast_to(control["images"][k], (x.shape[0],) + control["images"][k].shape[1:])
-    d, m = net(x, t, context, image, conditioning_scale=control["scales"][k] * control["keep"][k, i],
+    image = jnp.broadcast_to(control.images[k], (x.shape[0],) + control.images[k].shape[1:])
+    d, m = net(x, t, context, image, conditioning_scale=control.scales[k] * control.keep[k, i],
                guess_mode=plan.guess_mode, **added)
     down = list(d) if down is None else [a + b for a, b in zip(down, d)]
     mid = m if mid is None else mid + m
@@ -136,87 +169,88 @@ def _control_residuals(controlnets, plan: Plan, control, i, x, x_positive, t, co
   return down, mid
 
 
-def _adapter_features(t2i_adapter, t2i, batch: int):
+def _t2i_features(t2i_adapter, inputs: Inputs, batch: int):
   """The T2I-Adapter's feature maps times its scale, for every row of the UNet's batch."""
-  features = t2i_adapter(t2i["image"])
-  return [jnp.broadcast_to(f * t2i["scale"], (batch,) + f.shape[1:]) for f in features]
+  features = t2i_adapter(inputs.t2i.image)
+  return [jnp.broadcast_to(f * inputs.t2i.scale, (batch,) + f.shape[1:]) for f in features]
 
 
-def generate(graphdef, state, inputs: dict[str, Any], *, plan: Plan, on_step=None):
+def _structure_residuals(models, plan: Plan, inputs: Inputs, i, x, x_positive, t,
+                         text: TextConditioning, t2i_features) -> dict:
+  """The UNet's residual inputs at step i: the ControlNets' and the T2I-Adapter's."""
+  residuals = {}
+  if plan.controlnets:
+    residuals["down_residuals"], residuals["mid_residual"] = _control_residuals(
+        models.controlnets, plan, inputs, i, x, x_positive, t, text)
+  if t2i_features is not None:
+    on = inputs.t2i.steps[i]
+    residuals["intrablock_residuals"] = [f * on for f in t2i_features]
+  return residuals
+
+
+def _windowed(image_prompts, inputs: Inputs, i):
+  """The image prompts of step i: each adapter's scale times its timestep window."""
+  return tuple(p._replace(scale=p.scale * a.window[i])
+               for p, a in zip(image_prompts, inputs.adapters)) or None
+
+
+def _guided(out, plan: Plan, guidance_scale):
+  """Classifier-free guidance: uncond + scale * (cond - uncond) over the batch's two halves."""
+  if not plan.guidance:
+    return out
+  uncond, cond = jnp.split(out, 2)
+  return uncond + guidance_scale * (cond - uncond)
+
+
+def _step_noise(plan: Plan, inputs: Inputs, i, shape):
+  """The noise a stochastic step adds: the given step noise, else drawn from the seed."""
+  if inputs.step_noise is not None:
+    return inputs.step_noise[i]
+  if plan.stochastic:
+    return jax.random.normal(jax.random.fold_in(inputs.key, i), shape)
+  return None
+
+
+def generate(graphdef, state, inputs: Inputs, *, plan: Plan, on_step=None):
   """The whole generation as one pure function of the models' state and the traced inputs."""
   models = nnx.merge(graphdef, state)
-  unet, vae = models.unet, models.vae
-  n = plan.num_samples   # per prompt
-  half = inputs["latents"].shape[0]  # all prompts' samples: the positive half of a CFG batch
-  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, inputs["ids"],
-                                inputs.get("ids_2"))
-  if plan.sdxl_zero_negative:  # the first half of the rows are the (empty) negative prompts
-    negatives = context.shape[0] // 2
-    context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
-  # The image tokens' keys/values: once, outside the loop.
-  image_prompts = _image_prompts(models, plan, inputs.get("adapters", ()), context.shape[0] // 2)
-  context = _repeat_pairs(context, n)
-  added = {}
-  if pooled is not None:
-    added = dict(text_embeds=_repeat_pairs(pooled, n), time_ids=inputs["time_ids"])
-  if not plan.guidance:  # only the positive half
-    context = context[half:]
-    added = {k: v[half:] for k, v in added.items()}
+  unet, vae, sampler = models.unet, models.vae, plan.sampler
+  text = _text_conditioning(models, plan, inputs)
+  # The image tokens' keys/values and the T2I-Adapter's features: once, outside the loop.
+  requests = inputs.ids.shape[0] // 2
+  image_prompts = _image_prompts(models, plan, inputs.adapters, requests)
+  t2i_features = (_t2i_features(models.t2i_adapter, inputs, text.context.shape[0])
+                  if plan.t2i_adapter else None)
 
-  sampler = plan.sampler
   host_tables = sampler.tables(plan.num_inference_steps)
   tables = Tables(*(jnp.asarray(a) for a in host_tables))
-  start = inputs.get("start", 0)  # traced: a new strength does not recompile
   latents, image_latents = _initial_latents(models, plan, inputs, tables, host_tables)
-  extra_channels = None  # an inpainting UNet's mask and masked-image latents
-  if plan.task == "inpaint":
-    mask = jnp.repeat(inputs["latent_mask"], n, axis=0)
-    if unet.config.in_channels > latents.shape[-1]:
-      masked = jnp.repeat(_encode(vae, inputs["masked_pixels"], inputs["masked_noise"]), n, axis=0)
-      extra_channels = jnp.concatenate([mask, masked], axis=-1)
-      extra_channels = jnp.concatenate([extra_channels] * 2) if plan.guidance else extra_channels
-
-  features = (_adapter_features(models.t2i_adapter, inputs["t2i"], context.shape[0])
-              if plan.t2i_adapter else None)
+  extra_channels = _inpainting_channels(models, plan, inputs, latents.shape[-1])
+  keep_known = plan.task == INPAINT and extra_channels is None
+  if keep_known:
+    mask = jnp.repeat(inputs.init.latent_mask, plan.num_samples, axis=0)
 
   def denoise(i, carry):
     latents, state = carry
     t = tables.timesteps[i]
     positive = sampler.scale_model_input(latents, i, tables)
     x = jnp.concatenate([positive, positive]) if plan.guidance else positive
-    structure = {}
-    if plan.controlnets:
-      structure["down_residuals"], structure["mid_residual"] = _control_residuals(
-          models.controlnets, plan, inputs["control"], i, x, positive, t, context, added)
-    if features is not None:
-      on = inputs["t2i"]["steps"][i]
-      structure["intrablock_residuals"] = [f * on for f in features]
+    residuals = _structure_residuals(models, plan, inputs, i, x, positive, t, text, t2i_features)
     if extra_channels is not None:
       x = jnp.concatenate([x, extra_channels], axis=-1)
-    step_prompts = tuple(p._replace(scale=p.scale * a["window"][i])  # the timestep windows
-                         for p, a in zip(image_prompts, inputs.get("adapters", ())))
-    out = unet(x, t, context, image_prompt=step_prompts or None, **added,
-               **structure).astype(jnp.float32)
-    if plan.guidance:
-      uncond, cond = jnp.split(out, 2)
-      out = uncond + inputs["guidance_scale"] * (cond - uncond)
-    noise = None
-    if "step_noise" in inputs:
-      noise = inputs["step_noise"][i]
-    elif plan.stochastic:
-      noise = jax.random.normal(jax.random.fold_in(inputs["key"], i), latents.shape)
-    latents, state = sampler.advance(out, i, latents, state, tables, eta=inputs["eta"],
-                                     noise=noise, start=start)
-    if plan.task == "inpaint" and extra_channels is None:  # a regular UNet: keep the known part
-      known = jnp.where(i + 1 < plan.num_inference_steps,
-                        sampler.add_noise(image_latents, inputs["latents"], i + 1, tables),
-                        image_latents)
-      latents = (1 - mask) * known + mask * latents
+    out = unet(x, t, text.context, image_prompt=_windowed(image_prompts, inputs, i),
+               **text.added, **residuals).astype(jnp.float32)
+    latents, state = sampler.advance(_guided(out, plan, inputs.guidance_scale), i, latents,
+                                     state, tables, eta=inputs.eta,
+                                     noise=_step_noise(plan, inputs, i, latents.shape),
+                                     start=inputs.start)
+    if keep_known:
+      latents = _keep_known(plan, inputs, tables, i, latents, image_latents, mask)
     if on_step is not None:
       jax.debug.callback(on_step, i)
     return latents, state
 
-  latents, _ = jax.lax.fori_loop(start, plan.num_inference_steps, denoise,
+  latents, _ = jax.lax.fori_loop(inputs.start, plan.num_inference_steps, denoise,
                                  (latents, sampler.init_state(latents)))
   images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
@@ -227,20 +261,6 @@ def encode_embeds(graphdef, state, adapter_inputs, *, plans):
   models = nnx.merge(graphdef, state)
   return tuple(jnp.concatenate(image_features(models.image_encoder, p, x))
                for p, x in zip(plans, adapter_inputs))
-
-
-def _requests(prompt, image) -> tuple[list[str], list | None]:
-  """(prompts, images or None) of equal length from single values and/or lists."""
-  prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-  images = None if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
-  count = max(len(prompts), len(images or ()))
-  for name, values in (("prompt", prompts), ("image", images)):
-    if values is not None and len(values) not in (1, count):
-      raise ValueError(f"{len(prompts)} prompts and {len(images)} images: give one of each or "
-                       f"equally many")
-    if values is not None and not values:
-      raise ValueError(f"an empty list of {name}s")
-  return prompts * (count // len(prompts)), images and images * (count // len(images))
 
 
 class IPAdapterPipeline:
@@ -257,8 +277,7 @@ class IPAdapterPipeline:
     if scheduler is None or isinstance(scheduler, str):
       scheduler = make_sampler(scheduler or default_sampler(config), config)
     self.sampler = scheduler
-    self.vae_scale_factor = (1 if models.vae is None else
-                             2 ** (len(models.vae.config.block_out_channels) - 1))
+    self.vae_scale_factor = vae_scale_factor(models)
     self._graphdef, state = nnx.split(models.networks())
     devices = jax.local_devices()  # sampling runs within one process, also in multi-host runs
     self.mesh = jax.make_mesh((len(devices),), ("data",),
@@ -286,178 +305,25 @@ class IPAdapterPipeline:
   @property
   def default_size(self) -> tuple[int, int]:
     """(height, width) the UNet was trained at, when its config says."""
-    size = self.models.unet.config.sample_size or 64
-    return size * self.vae_scale_factor, size * self.vae_scale_factor
+    return default_size(self.models)
 
-  def prepare(self, prompt: str | Sequence[str] = "", image=None, *,
-              adapters: Sequence[AdapterPrompt] | None = None,
-              negative_prompt: str | None = None, scale=1.0, guidance_scale: float = 7.5,
-              num_inference_steps: int = 50, eta: float = 0.0, num_samples: int = 1,
-              seed: int = 0, latents=None, height: int | None = None, width: int | None = None,
-              step_noise=None, init_image=None, strength: float | None = None, mask_image=None,
-              posterior_noise: dict | None = None, control_images=None,
-              controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-              control_guidance_end=1.0, guess_mode: bool = False, adapter_image=None,
-              adapter_conditioning_scale: float = 1.0, adapter_conditioning_factor: float = 1.0):
-    """Checks the request and builds (plan, inputs) for `generate`.
-
-    `prompt` and `image` may be lists (one entry per request, a single value is shared); every
-    request gets `num_samples` images. `image` with `scale` is the one-adapter shorthand; with
-    several adapters (or several images, masks, windows, negative images, saved embeddings)
-    pass `adapters`, one `AdapterPrompt` per loaded adapter, shared by every request.
-    `negative_prompt=None` is diffusers' default: the empty text, or zero embeddings for SDXL
-    models with `force_zeros_for_empty_prompt`. `step_noise` [steps, N, C, h, w] (diffusers'
-    layout) replaces the noise a stochastic step draws from the seed (to reproduce another
-    implementation's run).
-
-    `init_image` (one, or one per request) starts from that image noised to `strength`
-    (img2img; default as diffusers: 0.8, SDXL 0.3); with `mask_image` the white part is
-    repainted and the rest kept (inpainting; default strength 1.0, SDXL 0.9999), by an
-    inpainting UNet (9 input channels) or, with a regular UNet, by putting the known part back
-    after every step. Without height/width an img2img output has the init image's size.
-    `latents` is then diffusers' noise: added to the init image's latents (img2img), or as
-    the inpainting pipelines' `latents=` (the start, scaled by the initial sigma).
-    `posterior_noise` {"init_image": [R, C, h, w], "masked_image": ...} replaces the seed's
-    noise of the VAE posterior samples (to reproduce another implementation's run).
-
-    `control_images` (one per loaded ControlNet, in load order) give structure control, each
-    net with its `controlnet_conditioning_scale` and acting from `control_guidance_start` to
-    `control_guidance_end` (fractions of the steps that run; a value or one per net);
-    `guess_mode` as diffusers'. `adapter_image` is the loaded T2I-Adapter's input, its features
-    times `adapter_conditioning_scale`, added in the first `adapter_conditioning_factor` of the
-    steps. Without height/width the output takes the control (or adapter) image's size, as
-    diffusers' ControlNet and T2I-Adapter pipelines do.
-    """
-    m = self.models
-    prompts, images = _requests(prompt, image)
-    f = self.vae_scale_factor
-    if not (height or width):
-      first = lambda images: images[0] if isinstance(images, (list, tuple)) else images
-      if init_image is not None and mask_image is None:
-        height, width = image_size(first(init_image), f)
-      elif control_images:
-        height, width = image_size(first(control_images), f)
-      elif adapter_image is not None and m.t2i_adapter is not None:
-        height, width = image_size(adapter_image, m.t2i_adapter.config.downscale_factor)
-    height, width = height or self.default_size[0], width or self.default_size[1]
-    if height % f or width % f:
-      raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
-    if num_samples < 1:
-      raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
-      finite(name, value)
-    channels = m.vae.config.latent_channels if m.vae is not None else m.unet.config.in_channels
-    total = len(prompts) * num_samples
-    shape = (total, height // f, width // f, channels)
-    init_key, key = jax.random.split(jax.random.key(seed))
-    latents_given = latents is not None
-    if latents is None:
-      latents = jax.random.normal(init_key, shape, jnp.float32)
-    else:  # diffusers' layout [N, C, h, w]
-      latents = np.asarray(latents, np.float32)
-      expected = (total, channels, height // f, width // f)
-      if latents.shape != expected:
-        raise ValueError(f"initial latents have shape {list(latents.shape)}, expected "
-                         f"{list(expected)} (prompts x num_samples, C, height/{f}, width/{f})")
-      latents = jnp.asarray(latents.transpose(0, 2, 3, 1))
-
-    if step_noise is not None:
-      step_noise = np.asarray(step_noise, np.float32)
-      expected = (num_inference_steps,) + shape[:1] + shape[3:] + shape[1:3]
-      if step_noise.shape != expected:
-        raise ValueError(f"step_noise has shape {list(step_noise.shape)}, expected "
-                         f"{list(expected)} (steps, N, C, h, w)")
-    sdxl_zero = m.is_sdxl and negative_prompt is None and m.model_index.get(
-        "force_zeros_for_empty_prompt", True)
-    negative = negative_prompt or ""
-    texts = [negative] * len(prompts) + prompts  # all negatives, then all positives
-    inputs = {"ids": tokenize(m.tokenizer, texts),
-              "latents": latents, "key": key,
-              "guidance_scale": jnp.float32(guidance_scale), "eta": jnp.float32(eta)}
-    if m.is_sdxl:
-      inputs["ids_2"] = tokenize(m.tokenizer_2, texts)
-      ids = [height, width, 0, 0, height, width]  # original size, crop corner, target size
-      inputs["time_ids"] = jnp.tile(jnp.asarray([ids], jnp.float32), (2 * total, 1))
-    if step_noise is not None:
-      inputs["step_noise"] = jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2))
-    task = "text2img"
-    if init_image is not None or mask_image is not None:
-      task = "inpaint" if mask_image is not None else "img2img"
-      inputs.update(init_inputs(
-          init_image, mask_image, strength, num_inference_steps, len(prompts), height, width,
-          posterior_noise, init_key, vae_scale_factor=f, latent_channels=channels,
-          sdxl=m.is_sdxl, given_latents=latents_given))
-    elif m.unet.config.in_channels != channels:
-      raise ValueError(f"this UNet takes {m.unet.config.in_channels} input channels (an "
-                       "inpainting model): give an init_image and a mask_image")
-    start = int(inputs.get("start", 0))
-    if control_images is not None or m.controlnets:
-      inputs["control"] = control_inputs(
-          m.controlnets, control_images, controlnet_conditioning_scale, control_guidance_start,
-          control_guidance_end, num_inference_steps, start, height, width)
-    if adapter_image is not None or m.t2i_adapter is not None:
-      inputs["t2i"] = t2i_inputs(m.t2i_adapter, adapter_image, adapter_conditioning_scale,
-                                 adapter_conditioning_factor, num_inference_steps, start, height,
-                                 width)
-    guess_mode = bool(guess_mode) or any(n.config.global_pool_conditions for n in m.controlnets)
-    plans = ()
-    if images is not None or adapters is not None:
-      plans, inputs["adapters"] = self._adapter_inputs(images, scale, adapters,
-                                                       num_inference_steps, height // f, width // f,
-                                                       height, width)
-    plan = Plan(sampler=self.sampler, num_inference_steps=num_inference_steps,
-                num_samples=num_samples, guidance=guidance_scale > 1,
-                stochastic=eta > 0 or self.sampler.needs_noise, adapters=plans,
-                sdxl_zero_negative=bool(sdxl_zero), task=task,
-                controlnets=len(m.controlnets), guess_mode=guess_mode and bool(m.controlnets),
-                t2i_adapter=m.t2i_adapter is not None)
-    return plan, inputs
-
-  def _adapter_inputs(self, images, scale, adapters, num_steps, latent_h, latent_w, height, width):
-    m = self.models
-    loaded = m.adapters()
-    if not loaded:
-      raise ValueError("an image prompt needs an IP-Adapter (load the model with ip_adapter=...)")
-    if images is not None and adapters is not None:
-      raise ValueError("give either image (with scale) or adapters, not both")
-    feature_shapes = None
-    if m.image_encoder is not None:
-      c = m.image_encoder.config
-      tokens = (c.image_size // c.patch_size) ** 2 + 1
-      feature_shapes = {"image_embeds": (c.projection_dim,),
-                        "hidden_states": (tokens, c.hidden_size)}
-    context = dict(layer_names=m.unet.cross_attention_names(),
-                   queries=m.unet.cross_attention_queries(latent_h, latent_w),
-                   num_steps=num_steps, height=height, width=width,
-                   processor=m.image_processor, has_encoder=m.image_encoder is not None,
-                   feature_shapes=feature_shapes)
-    if adapters is not None:
-      return prepare_adapters(list(adapters), loaded, **context)
-    if len(loaded) > 1:
-      raise ValueError(f"{len(loaded)} adapters are loaded: give one AdapterPrompt each "
-                       "(adapters=[...])")
-    # The shorthand: one image per request for the one adapter.
-    plans, arrays = prepare_adapters([AdapterPrompt(images=images[:1], scale=scale)], loaded,
-                                     **context)
-    processor = m.image_processor or CLIPImageConfig()
-    arrays[0]["pixels"] = clip_pixels([to_pil(i) for i in images], processor)[:, None]
-    return plans, arrays
+  def prepare(self, prompt: str | Sequence[str] = "", image=None, **request) -> tuple[Plan, Inputs]:
+    """Checks a request (the arguments of `request.Request`) and builds the (plan, inputs) of
+    `generate`."""
+    return plan_generation(self.models, self.sampler, Request(prompt, image, **request))
 
   def image_embeds(self, adapters: Sequence[AdapterPrompt]) -> list[np.ndarray]:
     """Per adapter its images' features [2, I, ...] (negative, positive), to save with
     `image_prompts.save_image_embeds` and reuse as `AdapterPrompt(embeds=...)`."""
     h, w = self.default_size
-    f = self.vae_scale_factor
-    plans, arrays = self._adapter_inputs(None, 1.0, adapters, 1, h // f, w // f, h, w)
-    return [np.asarray(e) for e in self._encode_embeds(self._graphdef, self._state, arrays,
+    plans, inputs = image_prompt_inputs(self.models, None, 1.0, adapters, 1, h, w)
+    return [np.asarray(e) for e in self._encode_embeds(self._graphdef, self._state, inputs,
                                                        plans=plans)]
 
-  def _shard(self, inputs):
-    n = inputs["latents"].shape[0]
-    batch = P("data") if n % self.mesh.size == 0 else P()
-    out = dict(inputs)
-    out["latents"] = jax.device_put(inputs["latents"], NamedSharding(self.mesh, batch))
-    return out
+  def _shard(self, inputs: Inputs) -> Inputs:
+    """The start noise split over the devices along the batch, where it divides evenly."""
+    batch = P("data") if inputs.latents.shape[0] % self.mesh.size == 0 else P()
+    return inputs.replace(latents=jax.device_put(inputs.latents, NamedSharding(self.mesh, batch)))
 
   def compile(self, **request):
     """Compiles (without running) the program for a request; returns the compiled executable."""
@@ -467,7 +333,7 @@ class IPAdapterPipeline:
 
   def __call__(self, prompt: str | Sequence[str] = "", image=None, **request) -> np.ndarray:
     """Images [requests x num_samples, H, W, 3] float32 in [0, 1] (diffusers' output_type="np"),
-    grouped by request."""
+    grouped by request. The arguments are `request.Request`'s: diffusers' names and defaults."""
     plan, inputs = self.prepare(prompt, image, **request)
     images = self._generate(self._graphdef, self._state, self._shard(inputs), plan=plan,
                             on_step=self._on_step)

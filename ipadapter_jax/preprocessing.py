@@ -174,10 +174,11 @@ def preprocess_adapter_image(image, height: int, width: int) -> np.ndarray:
   return pixels.astype(np.float32) / 255.0
 
 
-def image_grid(images: np.ndarray) -> Image.Image:
-  """[N, H, W, 3] in [0, 1] -> one PIL image, as square as N allows."""
+def image_grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
+  """[N, H, W, 3] in [0, 1] -> one PIL image, row by row with `cols` columns (default: as
+  square as N allows)."""
   n, h, w, _ = images.shape
-  cols = math.ceil(math.sqrt(n))
+  cols = cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   grid = np.zeros((rows * h, cols * w, 3), np.uint8)
   for i, image in enumerate((images * 255).round().astype(np.uint8)):

@@ -193,7 +193,7 @@ def structure_control(args) -> dict:
   return out
 
 
-def run(args) -> dict:
+def sample_from_flags(args) -> dict:
   """Samples as `args` say; returns the settings and timings written beside the grid."""
   import jax.numpy as jnp
   from tqdm import tqdm
@@ -235,7 +235,7 @@ def run(args) -> dict:
                  eta=args.eta, num_samples=args.num_samples, seed=args.seed, latents=latents,
                  height=args.height, width=args.width, **conditions)
   _, inputs = pipe.prepare(args.prompt, **request)  # every check before anything is written
-  steps = args.num_inference_steps - int(inputs.get("start", 0))
+  steps = args.num_inference_steps - int(inputs.start)
   if args.save_image_embeds:
     if adapters is None:
       raise ValueError("--save_image_embeds needs --ip_adapter and --image")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
   from ipadapter_jax.weights.files import CheckpointError
   args = build_parser().parse_args(argv)
   try:
-    run(args)
+    sample_from_flags(args)
   except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -2,7 +2,8 @@
 diffusers' pipelines prepare them (`VaeImageProcessor`): Lanczos resize to the output size; init
 pixels in [-1, 1], control pixels in [0, 1]; masks greyscale and binarised at 0.5, and
 nearest-neighbour downsampled to the latents; the first step from `strength`; each ControlNet's
-and the T2I-Adapter's per-step 0/1 table. All of it becomes traced inputs of one program.
+and the T2I-Adapter's per-step 0/1 table. All of it becomes traced inputs of one program
+(`InitInputs`, `ControlInputs`, `T2IInputs`).
 
 A request's init, control or adapter image keeps its aspect ratio or is refused: diffusers
 stretches it to height x width without a word, which silently distorts the picture.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from PIL import Image
 
 from ipadapter_jax.preprocessing import preprocess_adapter_image
@@ -21,6 +23,34 @@ from ipadapter_jax.diffusion.samplers import first_step
 
 # Relative difference of width/height ratios beyond which an init image is refused.
 _ASPECT_TOLERANCE = 0.01
+
+
+@struct.dataclass
+class InitInputs:
+  """img2img and inpainting: R init images, their latents' size h x w x C."""
+  pixels: jax.Array                     # [R, H, W, 3] in [-1, 1]
+  posterior_noise: jax.Array            # [R, h, w, C] the VAE posterior sample's noise
+  start: jax.Array                      # the first step that runs (from strength)
+  latent_mask: jax.Array | None = None  # inpainting: [R, h, w, 1], 1 where repainted
+  masked_pixels: jax.Array | None = None  # [R, H, W, 3] the init pixels with the hole zeroed
+  masked_noise: jax.Array | None = None   # [R, h, w, C] its posterior sample's noise
+  from_noise: jax.Array | None = None     # start from pure noise (strength 1 or latents= given)
+
+
+@struct.dataclass
+class ControlInputs:
+  """K ControlNets over S steps."""
+  images: tuple[jax.Array, ...]  # per net [1, H, W, 3] in [0, 1]
+  scales: jax.Array              # [K]
+  keep: jax.Array                # [K, S] 1 where a net acts
+
+
+@struct.dataclass
+class T2IInputs:
+  """The T2I-Adapter over S steps."""
+  image: jax.Array   # [1, H, W, C]
+  scale: jax.Array
+  steps: jax.Array   # [S] 1 where its features are added
 
 
 def finite(name: str, value) -> None:
@@ -66,18 +96,26 @@ def inpaint_mask(mask, height: int, width: int) -> np.ndarray:
   return (np.asarray(grey, np.float32) / 255.0 >= 0.5).astype(np.float32)
 
 
+def _nearest_index(source: int, target: int) -> np.ndarray:
+  """PyTorch's nearest source index, floor(i * (source / target)) in float32 as it computes it
+  (float64 picks another row for some sizes, e.g. 60 -> 22)."""
+  ratio = np.float32(source) / np.float32(target)
+  index = np.floor(np.arange(target, dtype=np.float32) * ratio).astype(int)
+  return np.minimum(index, source - 1)
+
+
 def nearest_downsample(mask_HW: np.ndarray, h: int, w: int) -> np.ndarray:
-  """[h, w]: PyTorch's `F.interpolate(mode="nearest")` (source index floor(i * H / h))."""
+  """[h, w]: PyTorch's `F.interpolate(mode="nearest")`."""
   H, W = mask_HW.shape
-  rows = np.floor(np.arange(h) * (H / h)).astype(int)
-  cols = np.floor(np.arange(w) * (W / w)).astype(int)
-  return mask_HW[rows][:, cols]
+  return mask_HW[_nearest_index(H, h)][:, _nearest_index(W, w)]
 
 
 def control_image(image, height: int, width: int) -> np.ndarray:
   """[height, width, 3] float32 in [0, 1]: a ControlNet's conditioning image, resized (Lanczos)
   as diffusers' control image processor does."""
-  image = to_rgb(to_pil(image).resize((width, height), resample=Image.LANCZOS))
+  # As diffusers' control processor: resize, then drop any alpha channel (PIL's convert; nothing
+  # is composited onto a background).
+  image = to_pil(image).resize((width, height), resample=Image.LANCZOS).convert("RGB")
   return np.asarray(image, np.float32) / 255.0
 
 
@@ -90,7 +128,8 @@ def guidance_window(start: float, end: float, steps: int, what: str = "control g
   return 1.0 - ((i / steps < start) | ((i + 1) / steps > end)).astype(np.float32)
 
 
-def control_inputs(nets, images, scales, starts, ends, num_steps, start, height, width) -> dict:
+def control_inputs(nets, images, scales, starts, ends, num_steps, start, height,
+                   width) -> ControlInputs:
   """Each ControlNet's conditioning pixels [1, H, W, 3], scale and per-step 0/1 table (the
   windows are fractions of the steps that run, from `start`)."""
   if not nets:
@@ -116,10 +155,12 @@ def control_inputs(nets, images, scales, starts, ends, num_steps, start, height,
   keep = np.zeros((len(nets), num_steps), np.float32)
   for k, (s, e) in enumerate(zip(starts, ends)):
     keep[k, start:] = guidance_window(float(s), float(e), run)
-  return {"images": tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
-          "scales": jnp.asarray(scales, jnp.float32), "keep": jnp.asarray(keep)}
+  return ControlInputs(
+      images=tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
+      scales=jnp.asarray(scales, jnp.float32), keep=jnp.asarray(keep))
 
-def t2i_inputs(adapter, image, scale, factor, num_steps, start, height, width) -> dict:
+
+def t2i_inputs(adapter, image, scale, factor, num_steps, start, height, width) -> T2IInputs:
   """The T2I-Adapter's input pixels [1, H, W, C], scale and per-step 0/1 table."""
   if adapter is None:
     raise ValueError("an adapter_image needs a T2I-Adapter (load the model with t2i_adapter=...)")
@@ -131,12 +172,13 @@ def t2i_inputs(adapter, image, scale, factor, num_steps, start, height, width) -
   check_aspect(image, height, width, "adapter image")
   steps = np.zeros((num_steps,), np.float32)
   steps[start:start + int((num_steps - start) * factor)] = 1.0
-  return {"image": jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
-          "scale": jnp.float32(scale), "steps": jnp.asarray(steps)}
+  return T2IInputs(image=jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
+                   scale=jnp.float32(scale), steps=jnp.asarray(steps))
+
 
 def init_inputs(init_image, mask_image, strength, num_steps, requests, height, width,
                 posterior_noise, key, *, vae_scale_factor: int, latent_channels: int, sdxl: bool,
-                given_latents: bool) -> dict:
+                given_latents: bool) -> InitInputs:
   """The traced inputs of img2img and inpainting: init pixels, the posterior noise, the first
   step, and for inpainting the mask (at the latents' size) and the masked pixels."""
   if init_image is None:
@@ -175,14 +217,15 @@ def init_inputs(init_image, mask_image, strength, num_steps, requests, height, w
                        f"{list(expected)} (requests, C, h, w)")
     return jnp.asarray(array.transpose(0, 2, 3, 1))
 
-  out = {"init_pixels": jnp.asarray(pixels), "posterior_noise": noise("init_image", noise_keys[0]),
-         "start": jnp.int32(start)}
-  if inpaint:
-    masks = np.stack([inpaint_mask(mask, height, width) for mask in
-                      per_request(mask_image, "mask image")])[..., None]
-    out["latent_mask"] = jnp.asarray(np.stack(
-        [nearest_downsample(mask[..., 0], height // f, width // f) for mask in masks])[..., None])
-    out["masked_pixels"] = jnp.asarray(pixels * (masks < 0.5))
-    out["masked_noise"] = noise("masked_image", noise_keys[1])
-    out["from_noise"] = jnp.asarray(strength == 1.0 or given_latents)
-  return out
+  init = InitInputs(pixels=jnp.asarray(pixels), posterior_noise=noise("init_image", noise_keys[0]),
+                    start=jnp.int32(start))
+  if not inpaint:
+    return init
+  masks = np.stack([inpaint_mask(mask, height, width) for mask in
+                    per_request(mask_image, "mask image")])[..., None]
+  latent_mask = np.stack([nearest_downsample(mask[..., 0], height // f, width // f)
+                          for mask in masks])[..., None]
+  return init.replace(latent_mask=jnp.asarray(latent_mask),
+                      masked_pixels=jnp.asarray(pixels * (masks < 0.5)),
+                      masked_noise=noise("masked_image", noise_keys[1]),
+                      from_noise=jnp.asarray(strength == 1.0 or given_latents))

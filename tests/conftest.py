@@ -87,4 +87,4 @@ def quick_toy_world(tmp_path_factory):
   """The toy world at CI size, every stage run once: (workdir, eval.json contents)."""
   from ipadapter_jax import toy
   workdir = str(tmp_path_factory.mktemp("toy"))
-  return workdir, toy.run(workdir, quick=True)
+  return workdir, toy.run_world(workdir, quick=True)

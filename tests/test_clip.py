@@ -13,7 +13,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
                           CLIPVisionModelWithProjection)
 
 from ipadapter_jax.models import clip
-from ipadapter_jax.models.presets import CLIP_L14_TEXT, OPENCLIP_BIGG14_TEXT, OPENCLIP_H14_VISION
+from ipadapter_jax.models.released import CLIP_L14_TEXT, OPENCLIP_BIGG14_TEXT, OPENCLIP_H14_VISION
 from ipadapter_jax.weights import CheckpointError, load_clip_text, load_clip_vision
 from ipadapter_jax.weights.files import read_safetensors
 from tests import torch_reference as ref

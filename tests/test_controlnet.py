@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from ipadapter_jax.models.controlnet import ControlNetConfig, ControlNetModel, check_fits
-from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
+from ipadapter_jax.models.released import SD15_UNET, SDXL_UNET
 from ipadapter_jax.models.unet import UNetConfig
 from ipadapter_jax.weights import CheckpointError, load_controlnet, save_controlnet
 from tests import torch_reference as ref

@@ -18,7 +18,7 @@ from ipadapter_jax import convert
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.models import AdapterConfig, AdapterParam, UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.image_proj import make_image_projection
-from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
+from ipadapter_jax.models.released import SD15_UNET, SDXL_UNET
 from ipadapter_jax.weights import (CheckpointError, load_ip_adapter, load_unet,
                                    read_ip_adapter, save_ip_adapter)
 from ipadapter_jax.weights.tables import assign, named_variables, torch_name

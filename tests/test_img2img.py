@@ -138,10 +138,11 @@ def test_inpainting_below_full_strength_matches_diffusers(world):
   _, inputs = pipe.prepare(PROMPT, Image.open(world[0] / "prompt.png"), init_image=init,
                            mask_image=mask, strength=0.7, height=H, width=W, num_samples=2,
                            num_inference_steps=STEPS)
-  nchw = lambda name: np.asarray(inputs[name]).transpose(0, 3, 1, 2)
+  nchw = lambda array: np.asarray(array).transpose(0, 3, 1, 2)
   expected, _ = _theirs(StableDiffusionInpaintPipeline, world, image=init, mask_image=mask,
                         strength=0.7, height=H, width=W,
-                        feed=[nchw("posterior_noise"), nchw("latents"), nchw("masked_noise")])
+                        feed=[nchw(inputs.init.posterior_noise), nchw(inputs.latents),
+                              nchw(inputs.init.masked_noise)])
   _report("inpainting, 4-channel UNet, strength 0.7", run(), expected)
 
 
@@ -255,9 +256,9 @@ def test_sdxl_img2img_and_inpainting_match_diffusers(sdxl, task):
     request["mask_image"] = kw["mask_image"] = mask
   _, inputs = ours.prepare(PROMPT, prompt_image, negative_prompt=NEGATIVE, guidance_scale=5.0,
                            **request)
-  nchw = lambda name: np.asarray(inputs[name]).transpose(0, 3, 1, 2)
-  feed = [nchw("posterior_noise"), nchw("latents")] + (
-      [nchw("masked_noise")] if task == "inpaint" else [])
+  nchw = lambda array: np.asarray(array).transpose(0, 3, 1, 2)
+  feed = [nchw(inputs.init.posterior_noise), nchw(inputs.latents)] + (
+      [nchw(inputs.init.masked_noise)] if task == "inpaint" else [])
   original = torch.randn
 
   def fed(*args, **kwargs):

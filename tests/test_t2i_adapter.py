@@ -13,7 +13,7 @@ from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_xl_adapter import
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ipadapter_jax.models.presets import SD15_UNET, SDXL_UNET
+from ipadapter_jax.models.released import SD15_UNET, SDXL_UNET
 from ipadapter_jax.models.t2i_adapter import (T2IAdapterConfig, avg_pool_2x2_ceil, check_fits,
                                               pixel_unshuffle)
 from ipadapter_jax.preprocessing import preprocess_adapter_image

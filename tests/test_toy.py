@@ -64,7 +64,7 @@ def test_every_stage_runs_and_reports(world, capsys):
   exports = {p: os.path.getmtime(os.path.join(workdir, p))
              for p in ("adapter/ip_adapter.safetensors", "finetune/pipeline")}
   capsys.readouterr()
-  toy.run(workdir, quick=True)  # a rerun reuses every finished stage
+  toy.run_world(workdir, quick=True)  # a rerun reuses every finished stage
   err = capsys.readouterr().err
   assert err.count("reusing") == 2
   assert exports == {p: os.path.getmtime(os.path.join(workdir, p)) for p in exports}

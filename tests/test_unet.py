@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from ipadapter_jax.models import AdapterConfig, AdapterParam, UNet2DConditionModel, UNetConfig
-from ipadapter_jax.models.presets import SD15_UNET, SD21_UNET, SDXL_UNET
+from ipadapter_jax.models.released import SD15_UNET, SD21_UNET, SDXL_UNET
 from ipadapter_jax.weights import load_unet
 from tests import torch_reference as ref
 

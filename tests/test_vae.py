@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 from safetensors.torch import save_file
 
-from ipadapter_jax.models.presets import SD_VAE
+from ipadapter_jax.models.released import SD_VAE
 from ipadapter_jax.models.vae import (AutoencoderKL, VAEConfig, sample_posterior, scale_latents,
                                       unscale_latents)
 from ipadapter_jax.weights import load_vae

@@ -274,8 +274,37 @@ class Euler(_OnXt):
     return x + (x - x0) / sigma * (sigmas[i + 1] - sigma), state
 
 
+class _Multistep(_OnXt):
+  """The multistep solvers on the data prediction (DPM-Solver++, UniPC): x is x_t itself, at the
+  sigmas of diffusers' multistep timestep spacing."""
+
+  def add_noise(self, x0, noise, i, tables: Tables):
+    """x at step i: alpha_i x0 + sigma_i noise."""
+    alpha, sigma = _alpha_sigma(tables.sigmas[i])
+    return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+
+  def _sigma_tables(self, n: int, sigma_max=None, sigma_min=None, *, round_karras: bool = True,
+                    karras_last: bool = False) -> Tables:
+    """Timesteps and n + 1 sigmas: interpolated at the spaced timesteps, or Karras sigmas
+    between `sigma_max` and `sigma_min` (default: the training range) with their timesteps;
+    the last sigma 0 ("zero") or the smallest (training or, with `karras_last`, Karras)."""
+    ts = _multistep_timesteps(self, n)
+    train = self.schedule.train_sigmas()
+    last = float(train[0])
+    if self.use_karras_sigmas:
+      sigmas = karras_sigmas(sigma_max or float(train[-1]), sigma_min or float(train[0]), n)
+      ts = sigma_to_t(sigmas, np.log(train))
+      ts = ts.round() if round_karras else ts
+      last = float(sigmas[-1]) if karras_last else last
+    else:
+      sigmas = np.interp(ts, np.arange(len(train)), train)
+    last = 0.0 if self.final_sigmas_type == "zero" else last
+    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
+                  np.concatenate([sigmas, [last]]).astype(np.float32))
+
+
 @dataclasses.dataclass(frozen=True)
-class DPMSolverPP(_OnXt):
+class DPMSolverPP(_Multistep):
   """DPM-Solver++ (Lu et al., 2022), multistep, order 2, midpoint (diffusers'
   DPMSolverMultistepScheduler with its defaults); `use_karras_sigmas` gives "DPM++ 2M Karras"."""
   schedule: NoiseSchedule = NoiseSchedule()
@@ -301,26 +330,11 @@ class DPMSolverPP(_OnXt):
     return sampler
 
   def tables(self, n: int) -> Tables:
-    ts = _multistep_timesteps(self, n)
-    train = self.schedule.train_sigmas()
-    if self.use_karras_sigmas:
-      sigmas = karras_sigmas(float(train[-1]), float(train[0]), n)
-      ts = sigma_to_t(sigmas, np.log(train))
-      if self.schedule.beta_schedule != "squaredcos_cap_v2":
-        ts = ts.round()
-    else:
-      sigmas = np.interp(ts, np.arange(len(train)), train)
-    last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
-    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
-                  np.concatenate([sigmas, [last]]).astype(np.float32))
+    # diffusers keeps the Karras timesteps of a cosine schedule unrounded
+    return self._sigma_tables(n, round_karras=self.schedule.beta_schedule != "squaredcos_cap_v2")
 
   def init_state(self, x):
     return jnp.zeros_like(x, jnp.float32)  # the previous step's x0 estimate
-
-  def add_noise(self, x0, noise, i, tables: Tables):
-    """x at step i: alpha_i x0 + sigma_i noise (this sampler's x is x_t itself)."""
-    alpha, sigma = _alpha_sigma(tables.sigmas[i])
-    return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
 
   def advance(self, out, i, x, previous_x0, tables: Tables, *, eta=0.0, noise=None, start=0):
     """One step; the run's first step (`start`), and the last when lower-order finishing
@@ -431,7 +445,7 @@ class DDPM(_Timestepped):
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPC(_OnXt):
+class UniPC(_Multistep):
   """UniPC (Zhao et al., 2023), the B(h) = e^h - 1 ("bh2") predictor-corrector on the data
   prediction, multistep of order 1 or 2 (diffusers' UniPCMultistepScheduler with its defaults).
 
@@ -483,28 +497,11 @@ class UniPC(_OnXt):
     return sampler
 
   def tables(self, n: int) -> Tables:
-    ts = _multistep_timesteps(self, n)
-    train = self.schedule.train_sigmas()
-    if self.use_karras_sigmas:
-      sigmas = karras_sigmas(self.sigma_max or float(train[-1]), self.sigma_min or float(train[0]),
-                             n)
-      ts = sigma_to_t(sigmas, np.log(train)).round()
-      last = float(sigmas[-1])
-    else:
-      sigmas = np.interp(ts, np.arange(len(train)), train)
-      last = float(train[0])
-    last = 0.0 if self.final_sigmas_type == "zero" else last
-    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
-                  np.concatenate([sigmas, [last]]).astype(np.float32))
+    return self._sigma_tables(n, self.sigma_max, self.sigma_min, karras_last=True)
 
   def init_state(self, x):
     zeros = jnp.zeros_like(x, jnp.float32)
     return zeros, zeros, zeros  # x0 estimates at steps i - 1 and i - 2, the sample at i - 1
-
-  def add_noise(self, x0, noise, i, tables: Tables):
-    """x at step i: alpha_i x0 + sigma_i noise (this sampler's x is x_t itself)."""
-    alpha, sigma = _alpha_sigma(tables.sigmas[i])
-    return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
 
   @staticmethod
   def _lambda(sigma):

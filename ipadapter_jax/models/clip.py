@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.models.attention import dot_product_attention
-from ipadapter_jax.models.configs import require
+from ipadapter_jax.models.config_checks import require
 from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, ParamKeys, to_nhwc
 
 ACTIVATIONS = {

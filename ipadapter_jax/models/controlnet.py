@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
+from ipadapter_jax.models.config_checks import check_fixed, reject_unknown, require
 from ipadapter_jax.models.embeddings import TimestepEmbedding, conditioning_embedding
 from ipadapter_jax.models.layers import Conv2d, ParamKeys, from_nhwc, to_nhwc
 from ipadapter_jax.models.resnet import ResnetBlock2D

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.models.configs import reject_unknown, require
+from ipadapter_jax.models.config_checks import reject_unknown, require
 from ipadapter_jax.models.layers import Conv2d, ParamKeys, from_nhwc, to_nhwc
 
 ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
+from ipadapter_jax.models.config_checks import check_fixed, reject_unknown, require
 from ipadapter_jax.models.adapters import encode_image_prompt
 from ipadapter_jax.models.attention import Attention, ImagePrompt, Transformer2DModel
 from ipadapter_jax.models.embeddings import TimestepEmbedding, conditioning_embedding

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.models.attention import dot_product_attention
-from ipadapter_jax.models.configs import check_fixed, reject_unknown, require
+from ipadapter_jax.models.config_checks import check_fixed, reject_unknown, require
 from ipadapter_jax.models.layers import (Conv2d, GroupNorm, Linear, ParamKeys, from_nhwc,
                                          to_nhwc)
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D

@@ -19,14 +19,14 @@ text-to-image UNet) and a "community model" fine-tuned from the base on a shifte
   command      `python -m ipadapter_jax.toy`
 """
 
-from ipadapter_jax.toy.command import main, run
+from ipadapter_jax.toy.command import main, run_world
 from ipadapter_jax.toy.evaluation import (PromptSet, Setting, adapter_settings, base_settings,
                                           held_out, image_only, score_settings)
 from ipadapter_jax.toy.stages import (EVAL_SEED, MANIFEST, QUICK, SHIPPED, STAGES, Sizes,
-                                      build_data, prepare, pretrain, reconstruct,
+                                      build_data, prepare_world, pretrain, reconstruct,
                                       shipped_weights, train_stage)
 
 __all__ = ["EVAL_SEED", "MANIFEST", "QUICK", "SHIPPED", "STAGES", "PromptSet", "Setting", "Sizes",
            "adapter_settings", "base_settings", "build_data", "held_out", "image_only", "main",
-           "prepare", "pretrain", "reconstruct", "run", "score_settings", "shipped_weights",
-           "train_stage"]
+           "prepare_world", "pretrain", "reconstruct", "run_world", "score_settings",
+           "shipped_weights", "train_stage"]

@@ -1,4 +1,4 @@
-"""`python -m ipadapter_jax.toy`: every stage of the toy world, then its evaluation (`run`), or
+"""`python -m ipadapter_jax.toy`: every stage of the toy world, then its evaluation (`run_world`), or
 the pretraining of the weights it ships (`pretrain`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ipadapter_jax.weights.files import CheckpointError
 
 # ----- The command -------------------------------------------------------------------------------
 
-def run(workdir: str, quick: bool = False, from_scratch: bool = False,
+def run_world(workdir: str, quick: bool = False, from_scratch: bool = False,
         sampling_steps: int | None = None) -> dict:
   """Every stage, then the evaluation; prints the tables and returns eval.json's contents."""
   sizes = QUICK if quick else Sizes()
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
            command="python -m ipadapter_jax.toy pretrain" + (" --quick" if args.quick else ""))
       print(f"wrote {args.out} ({MANIFEST}: how it was made and every file's sha256)")
     else:
-      run(args.workdir or toy_world.WORKDIR, args.quick, args.from_scratch, args.sampling_steps)
+      run_world(args.workdir or toy_world.WORKDIR, args.quick, args.from_scratch, args.sampling_steps)
   except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

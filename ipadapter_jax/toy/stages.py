@@ -363,7 +363,7 @@ def shipped_weights(folder: str = SHIPPED) -> dict[str, str]:
   return {name: os.path.join(folder, name) for name in PRETRAINED}
 
 
-def prepare(workdir: str, sizes: Sizes, from_scratch: bool = False) -> tuple[str, str]:
+def prepare_world(workdir: str, sizes: Sizes, from_scratch: bool = False) -> tuple[str, str]:
   """The data, the toy CLIP and the base model (shipped, or pretrained here); returns the
   CLIP and base folders."""
   pretrained = pretrained_weights(workdir, sizes, from_scratch)

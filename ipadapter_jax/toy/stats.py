@@ -65,7 +65,7 @@ def combine(measures: list[dict]) -> dict:
   {"mean", "ci95", "range", "values", "n"}. The mean and the range are the per-seed values'; the
   interval is, for a rate, Wilson on the hits pooled over the seeds, and for a mean, the per-seed
   half-widths h combined as the standard error of a mean of k equal means, sqrt(mean(h^2) / k).
-  ci95 is None where a seed has no interval (`evaluate.run`'s means only)."""
+  ci95 is None where a seed has no interval (`evaluate.evaluate_from_flags`'s means only)."""
   is_rate = "rate" in measures[0]
   values = [float(m["rate"] if is_rate else m["mean"]) for m in measures]
   mean = float(np.mean(values))

@@ -214,7 +214,7 @@ def _gather(tree):
   return jax.tree.map(one, tree)
 
 
-def run(cfg, workdir: str) -> int:
+def train_command(cfg, workdir: str) -> int:
   """train() for the command line: a run-ending problem is one line on stderr, exit code 1."""
   try:
     summary = train(cfg, workdir)

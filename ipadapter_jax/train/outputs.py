@@ -77,7 +77,7 @@ class SampleGrids:
     self.pipe.update_weights(weights)
     prompts = self.prompts * max(1, len(self.images))  # one batched call: row by row
     images = [image for image in self.images for _ in self.prompts] or None
-    grid = image_grid(self.pipe(prompts, images, **self.request))
+    grid = image_grid(self.pipe(prompts, images, **self.request), cols=len(self.prompts))
     png = io.BytesIO()
     grid.save(png, format="PNG")
     storage.write_bytes(storage.join(self.workdir, "samples", f"step_{step:07d}.png"),

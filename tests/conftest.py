@@ -4,6 +4,9 @@ import tempfile
 # One persistent compilation cache per test run, shared with the subprocesses tests start:
 # the same tiny programs compile once instead of in every test.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-"))
+# The tests run on the CPU. libtpu (installed for tests/test_tpu_compile.py, which compiles for TPU
+# topologies without a TPU) is then not probed by every process the tests start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

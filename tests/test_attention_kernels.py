@@ -2,6 +2,11 @@
 here) against XLA's attention, the per-platform choice, and a whole UNet on the chunked path
 against diffusers."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +17,8 @@ from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.models.attention import dot_product_attention
 from ipadapter_jax.weights import load_unet
 from tests import torch_reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _qkv(T, S, H=3, K=8, seed=0, dtype=jnp.float32):
@@ -116,3 +123,40 @@ def test_asking_for_splash_runs_it_interpreted_off_tpu():
   err = float(jnp.abs(dot_product_attention(q, k, v, "splash")
                       - kernels.xla_attention(q, k, v)).max())
   assert err <= 1e-5
+
+
+SHARDED_SPLASH = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ipadapter_jax.models import attention_kernels as kernels
+mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+rng = np.random.default_rng(0)
+q, k, v, g = (jnp.asarray(rng.standard_normal((shape, 200, 2, 64)), jnp.float32)
+              for shape in (4, 4, 4, 4))
+split = NamedSharding(mesh, P(("data", "fsdp")))
+q, k, v, g = (jax.device_put(x, split) for x in (q, k, v, g))
+loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * g))
+splash = kernels.on_mesh(lambda q, k, v: kernels.splash_attention(q, k, v, interpret=True), mesh)
+out = {}
+for name, f in (("splash", splash), ("xla", kernels.xla_attention)):
+  out[name] = jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+text = jax.jit(splash).lower(q, k, v).as_text()
+err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out["splash"]),
+                                                      jax.tree.leaves(out["xla"])))
+print(json.dumps({"err": err, "shard_map": "shard_map" in text or "sdy.manual_computation" in text}))
+"""
+
+
+def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
+  """Over a mesh of several devices splash runs in shard_map over the batch axes (a Pallas kernel
+  cannot be partitioned by XLA), and its outputs and gradients equal XLA's attention."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  print(out)
+  assert out["shard_map"]
+  assert out["err"] <= 1e-4  # the gradients sum 4 x 200 x 128 products: float32 rounding

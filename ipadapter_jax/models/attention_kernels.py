@@ -13,15 +13,25 @@
 `choose` picks one when none is asked for: cuDNN for bf16/fp16 on NVIDIA GPUs, splash on TPUs
 and chunked on CPUs for self-attention of at least `LONG` tokens, XLA otherwise (cross-attention
 over 77 + N tokens is small: a plain einsum). docs/performance.md has the measurements.
+
+The platform is that of the devices a program is compiled for, not the host's: a program
+traced under `compiling_for(mesh)` (`on_mesh` wraps a function so) takes the kernels of the
+mesh's platform, so a TPU program compiled on a CPU host (benchmarks/tpu_compile.py) holds the
+splash kernel. A Pallas kernel cannot be partitioned by XLA, so over a mesh of several devices
+splash runs inside `shard_map` over the batch axes, each device on its own examples.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
 LONG = 1024  # keys from which self-attention takes a blocked kernel (CPU and TPU)
@@ -34,6 +44,48 @@ TRAINING_CHUNK = 128
 _LOG2E = math.log2(math.e)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What a program is compiled for: its devices' platform and, when sharded, the mesh and the
+  mesh axes its batch is split over."""
+  platform: str
+  mesh: jax.sharding.Mesh | None = None
+  batch_axes: tuple[str, ...] = ()
+
+  @property
+  def batch_shards(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.batch_axes) if self.mesh else 1
+
+
+_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("target", default=None)
+
+
+def target() -> Target:
+  """The target of the program being traced: set by `compiling_for`, else the host's backend."""
+  return _TARGET.get() or Target(jax.default_backend())
+
+
+@contextlib.contextmanager
+def compiling_for(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...] | None = None):
+  """Traces within take the kernels of `mesh`'s platform, split over `batch_axes` (default:
+  every axis of the mesh, as the train step and the sampling program split their batch)."""
+  axes = tuple(mesh.axis_names) if batch_axes is None else tuple(batch_axes)
+  token = _TARGET.set(Target(mesh.devices.flat[0].platform, mesh, axes))
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def on_mesh(fn, mesh: jax.sharding.Mesh):
+  """`fn` traced under `compiling_for(mesh)`, for `jax.jit`."""
+  @functools.wraps(fn)
+  def traced_for_mesh(*args, **kwargs):
+    with compiling_for(mesh):
+      return fn(*args, **kwargs)
+  return traced_for_mesh
+
+
 def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> str:
   """The kernel for one attention call; refuses an impossible explicit choice in one line.
 
@@ -41,7 +93,7 @@ def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> str
   not: everything shorter (cross-attention over 77 + N tokens, low-resolution levels) is a
   plain XLA einsum.
   """
-  platform = jax.default_backend()
+  platform = target().platform
   half = q_BTHK.dtype in (jnp.bfloat16, jnp.float16)
   head_dim = q_BTHK.shape[-1]
   blocked = (q_BTHK.shape[1] == k_BSHK.shape[1] >= LONG) and not has_bias
@@ -170,9 +222,23 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
 
   The kernel takes one sequence and [H, T, K]; it is vmapped over the batch. Its block sizes
   must divide T, so T is padded to a multiple of 128 with keys masked out by a segment id.
+  Over a mesh of several devices it runs in `shard_map`, split over the target's batch axes
+  (replicated where the batch does not divide).
   """
+  t = target()
   if interpret is None:  # Pallas' interpreter off TPUs: slow, for tests
-    interpret = jax.default_backend() != "tpu"
+    interpret = t.platform != "tpu"
+  attend = functools.partial(_splash_local, interpret=interpret)
+  if t.batch_shards == 1:
+    return attend(q_BTHK, k_BSHK, v_BSHK)
+  spec = P(t.batch_axes) if q_BTHK.shape[0] % t.batch_shards == 0 else P()
+  # check_vma=False: the kernel's outputs carry no varying-axes annotation for shard_map to check
+  return jax.shard_map(attend, mesh=t.mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
+
+
+def _splash_local(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool):
+  """`splash_attention` on one device's examples."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as kernel, splash_attention_mask as masks)
   B, T, H, K = q_BTHK.shape

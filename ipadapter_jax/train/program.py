@@ -15,6 +15,7 @@ import jax
 import optax
 from flax import nnx
 
+from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.step import (StepSpec, TrainState, init_state, make_optimizer,
                                       train_step, trainable_filter)
@@ -48,11 +49,13 @@ class TrainProgram:
 
   def step(self, batch_example, *, donate: bool = True):
     """The jitted step (state, frozen, batch, empty, key) -> (state, outputs), for batches
-    shaped like `batch_example` (a dict of arrays or ShapeDtypeStructs)."""
+    shaped like `batch_example` (a dict of arrays or ShapeDtypeStructs), compiled for the
+    mesh's devices (also when they are another platform's, e.g. a TPU topology's)."""
     batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch_example)
+    step = functools.partial(train_step, graphdef=self.graphdef, spec=self.spec,
+                             optimizer=self.optimizer)
     return jax.jit(
-        functools.partial(train_step, graphdef=self.graphdef, spec=self.spec,
-                          optimizer=self.optimizer),
+        kernels.on_mesh(step, self.mesh),  # the attention kernels of the mesh's platform
         in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings,
                       self.replicated, self.replicated),
         out_shardings=(self.state_shardings, self.replicated),

@@ -1,0 +1,166 @@
+r"""Real-size adapter training and sampling compiled for TPU topologies, on any host: libtpu's
+compiler reports per-chip memory, FLOPs and collectives before anyone rents the pod.
+
+  pip install -e ".[tpu]"
+  python benchmarks/tpu_compile.py --model sd15 --topology v5e-8 --program train --batch 8
+  python benchmarks/tpu_compile.py --model sd15 --topology v5e-8 --program train --batch 8 --fit
+  python benchmarks/tpu_compile.py --model sd15 --topology v5e-8 --program sample --batch 4
+  python benchmarks/tpu_compile.py --table   # every row measured so far, as markdown
+
+Each run appends one row to benchmarks/tpu_compile.json. The train step is the loop's
+(`train/program.py`): the frozen bf16 UNet, the float32 adapter and AdamW state, an embedding-
+cache batch, the (data, fsdp) mesh and shardings of the run config. `--fit` compiles a second
+batch size and extrapolates the memory line to the largest per-chip batch that fits the chip's
+HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per chip, with the FLOPs of the
+Mosaic attention kernels (which XLA does not count) added from `aot.blocked_attention_flops`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "tpu_compile.json")
+GIB = 2 ** 30
+# Per chip: bf16 peak FLOP/s, HBM bytes, HBM bytes/s (Cloud TPU's published figures).
+CHIPS = {"v5e": (197e12, 16 * GIB, 819e9), "v4": (275e12, 32 * GIB, 1228e9),
+         "v5p": (459e12, 95 * GIB, 2765e9)}
+# Slice name -> (topology, chips per host): libtpu's default host shape for v5e differs from
+# the v5litepod-8 VM's single 8-chip host.
+TOPOLOGIES = {"v5e-4": ("v5e:2x2", None), "v5e-8": ("v5e:2x4", (2, 4, 1)),
+              "v4-8": ("v4:2x2x1", None), "v5p-8": ("v5p:2x2x1", None),
+              "v5e-64": ("v5e:8x8", None), "v5p-64": ("v5p:4x4x2", None)}
+
+
+def models(name: str) -> dict:
+  from ipadapter_jax.models import released
+  common = dict(vae=released.SD_VAE, text=released.CLIP_L14_TEXT,
+                vision=released.OPENCLIP_H14_VISION, embed=1024)  # ViT-H image encoder
+  if name == "sd15":
+    return dict(common, unet=released.SD15_UNET, size=512)
+  if name == "sdxl":
+    return dict(common, unet=released.SDXL_UNET, size=1024, text_2=released.OPENCLIP_BIGG14_TEXT)
+  raise SystemExit(f"unknown model {name!r}: sd15 or sdxl")
+
+
+def measure(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ipadapter_jax.models.image_proj import AdapterConfig
+  from ipadapter_jax.train import aot
+
+  spec = models(args.model)
+  topology, per_host = TOPOLOGIES[args.topology]
+  mesh = aot.tpu_mesh(topology, args.fsdp, per_host)
+  chips = mesh.size
+  peak, hbm, bandwidth = CHIPS[topology.split(":")[0]]
+  latent = spec["size"] // 8
+  unet = aot.abstract_unet(spec["unet"], AdapterConfig(num_tokens=4, embed_dim=spec["embed"]),
+                           remat=args.remat)
+
+  def compiled_for(batch: int):
+    start = time.perf_counter()
+    if args.program == "train":
+      compiled = aot.compile_train_step(unet, mesh, batch_size=batch * chips, latent_size=latent,
+                                        ema_decay=0.9999 if args.ema else 0.0,
+                                        shard_frozen=args.fsdp > 1, shard_trainable=args.fsdp > 1)
+    else:
+      networks = aot.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
+                                       spec.get("text_2"))
+      plan, inputs = aot.sampling_request(networks, num_samples=batch * chips,
+                                          size=spec["size"], steps=args.steps)
+      compiled = aot.compile_sampling(networks, aot.data_mesh(mesh.devices.flat), plan, inputs)
+    return compiled, time.perf_counter() - start
+
+  compiled, seconds = compiled_for(args.batch)
+  r = aot.report(compiled)
+  row = {"model": args.model, "program": args.program, "topology": args.topology,
+         "chips": chips, "hosts": len({d.process_index for d in mesh.devices.flat}),
+         "mesh": dict(mesh.shape), "batch_per_chip": args.batch, "remat": args.remat,
+         "ema": args.ema, "compile_s": round(seconds, 1), "hbm_gib": hbm / GIB,
+         "memory_gib": {k: v / GIB for k, v in r["memory"].items()},
+         "fits": r["memory"]["total"] <= hbm, "xla_flops": r["flops"],
+         "bytes_accessed": r["bytes_accessed"], "collectives": r["collectives"],
+         "mosaic_kernels": r["mosaic_kernels"]}
+  attention = aot.blocked_attention_flops(unet, latent, args.batch)
+  if args.program == "train":
+    row["attention_flops"] = 3 * attention
+    flops = r["flops"] + row["attention_flops"]
+    roofline = max(flops / peak, r["bytes_accessed"] / bandwidth)
+    row.update(flops=flops, roofline_s=roofline, images_per_s_per_chip=args.batch / roofline)
+  else:  # the loop body is compiled once: per step, the CFG batch of 2 x batch images
+    row["steps"] = args.steps
+    row["attention_flops_per_step"] = 2 * attention
+  if args.fit:
+    second, _ = compiled_for(2 * args.batch)
+    total = [r["memory"]["total"], aot.report(second)["memory"]["total"]]
+    per_example = (total[1] - total[0]) / args.batch
+    fixed = total[0] - per_example * args.batch
+    row["memory_per_example_gib"] = per_example / GIB
+    row["largest_batch_per_chip"] = int(np.floor((hbm - fixed) / per_example))
+  row.update(host=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+             jax=jax.__version__, date=datetime.date.today().isoformat())
+  del jnp
+  return row
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| model | program | slice (chips, hosts) | mesh | batch/chip | remat | memory/chip "
+           "(GiB: args + temp = total of HBM) | fits | largest batch | FLOPs/chip (XLA + "
+           "attention) | roofline s | img/s/chip | collectives | Mosaic | compile s |",
+           "|" + "---|" * 15]
+  for r in rows:
+    m = r["memory_gib"]
+    coll = ", ".join(f"{k} {v['count']}x {v['bytes'] / 2 ** 20:.1f} MiB"
+                     for k, v in sorted(r["collectives"].items())) or "none"
+    flops = (f"{r['xla_flops'] / 1e12:.2f} + {r['attention_flops'] / 1e12:.2f} T"
+             if r["program"] == "train" else f"{r['xla_flops'] / 1e12:.2f} T (loop body once)")
+    lines.append(
+        f"| {r['model']} | {r['program']} | {r['topology']} ({r['chips']}, {r['hosts']}) | "
+        f"{r['mesh']} | {r['batch_per_chip']} | {r['remat']} | {m['argument']:.2f} + "
+        f"{m['temp']:.2f} = {m['total']:.2f} of {r['hbm_gib']:.0f} | "
+        f"{'yes' if r['fits'] else 'no'} | {r.get('largest_batch_per_chip', '')} | {flops} | "
+        f"{r.get('roofline_s', float('nan')):.3f} | {r.get('images_per_s_per_chip', float('nan')):.1f} | "
+        f"{coll} | {r['mosaic_kernels']} | {r['compile_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="sd15", choices=("sd15", "sdxl"))
+  p.add_argument("--program", default="train", choices=("train", "sample"))
+  p.add_argument("--topology", default="v5e-8", choices=sorted(TOPOLOGIES))
+  p.add_argument("--batch", type=int, default=8, help="examples (train) or images per chip")
+  p.add_argument("--fsdp", type=int, default=1, help="the mesh's fsdp axis (weights sharded)")
+  p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+  p.add_argument("--ema", action="store_true", help="keep an EMA of the adapter")
+  p.add_argument("--steps", type=int, default=50, help="sampling steps (program sample)")
+  p.add_argument("--fit", action="store_true", help="also compile 2x the batch: largest batch")
+  p.add_argument("--table", action="store_true", help="print the table of tpu_compile.json")
+  args = p.parse_args(argv)
+  rows = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []
+  if args.table:
+    print(table(rows))
+    return 0
+  # Compile-only: no TPU is probed, and libtpu is told it runs on no TPU VM.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  sys.path.insert(0, ROOT)
+  row = measure(args)
+  print(json.dumps(row, indent=1))
+  rows.append(row)
+  with open(RESULTS, "w") as f:
+    json.dump(rows, f, indent=1)
+  print(table([row]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

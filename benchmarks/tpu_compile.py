@@ -111,6 +111,14 @@ def measure(args) -> dict:
   return row
 
 
+def latest(rows: list[dict]) -> list[dict]:
+  """The last row measured of each setting, in the order the settings were first measured."""
+  key = lambda r: tuple(str(r[k]) for k in ("model", "program", "topology", "mesh",
+                                             "batch_per_chip", "remat", "ema"))
+  last = {key(r): r for r in rows}
+  return list({key(r): last[key(r)] for r in rows}.values())
+
+
 def table(rows: list[dict]) -> str:
   lines = ["| model | program | slice (chips, hosts) | mesh | batch/chip | remat | memory/chip "
            "(GiB: args + temp = total of HBM) | fits | largest batch | FLOPs/chip (XLA + "
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   rows = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []
   if args.table:
-    print(table(rows))
+    print(table(latest(rows)))
     return 0
   # Compile-only: no TPU is probed, and libtpu is told it runs on no TPU VM.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

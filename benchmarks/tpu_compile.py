@@ -9,9 +9,10 @@ compiler reports per-chip memory, FLOPs and collectives before anyone rents the 
 
 Each run appends one row to benchmarks/tpu_compile.json. The train step is the loop's
 (`train/program.py`): the frozen bf16 UNet, the float32 adapter and AdamW state, an embedding-
-cache batch, the (data, fsdp) mesh and shardings of the run config. `--fit` compiles a second
-batch size and extrapolates the memory line to the largest per-chip batch that fits the chip's
-HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per chip, with the FLOPs of the
+cache batch, the recipe's run config (configs/sd15_ip_adapter.py or sdxl_ip_adapter.py: its
+optimizer, dropout and noise settings) and the (data, fsdp) mesh and shardings it asks for.
+`--fit` compiles a second batch size and extrapolates the memory line to the largest per-chip
+batch that fits the chip's HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per chip, with the FLOPs of the
 Mosaic attention kernels (which XLA does not count) added from `aot.blocked_attention_flops`.
 """
 
@@ -39,13 +40,15 @@ TOPOLOGIES = {"v5e-4": ("v5e:2x2", None), "v5e-8": ("v5e:2x4", (2, 4, 1)),
 
 
 def models(name: str) -> dict:
+  from ipadapter_jax.configs import sd15_ip_adapter, sdxl_ip_adapter
   from ipadapter_jax.models import released
   common = dict(vae=released.SD_VAE, text=released.CLIP_L14_TEXT,
                 vision=released.OPENCLIP_H14_VISION, embed=1024)  # ViT-H image encoder
   if name == "sd15":
-    return dict(common, unet=released.SD15_UNET, size=512)
+    return dict(common, unet=released.SD15_UNET, size=512, config=sd15_ip_adapter)
   if name == "sdxl":
-    return dict(common, unet=released.SDXL_UNET, size=1024, text_2=released.OPENCLIP_BIGG14_TEXT)
+    return dict(common, unet=released.SDXL_UNET, size=1024, config=sdxl_ip_adapter,
+                text_2=released.OPENCLIP_BIGG14_TEXT)
   raise SystemExit(f"unknown model {name!r}: sd15 or sdxl")
 
 
@@ -62,15 +65,18 @@ def measure(args) -> dict:
   chips = mesh.size
   peak, hbm, bandwidth = CHIPS[topology.split(":")[0]]
   latent = spec["size"] // 8
+  cfg = spec["config"].get_config()  # the recipe's run config: its optimizer, dropout, noise
+  cfg.optimizer.ema_decay = 0.9999 if args.ema else 0.0
+  cfg.mesh.fsdp = args.fsdp
+  cfg.mesh.shard_frozen = cfg.mesh.shard_trainable = args.fsdp > 1
   unet = aot.abstract_unet(spec["unet"], AdapterConfig(num_tokens=4, embed_dim=spec["embed"]),
                            remat=args.remat)
 
   def compiled_for(batch: int):
     start = time.perf_counter()
     if args.program == "train":
-      compiled = aot.compile_train_step(unet, mesh, batch_size=batch * chips, latent_size=latent,
-                                        ema_decay=0.9999 if args.ema else 0.0,
-                                        shard_frozen=args.fsdp > 1, shard_trainable=args.fsdp > 1)
+      compiled = aot.compile_train_step(unet, mesh, cfg, batch_size=batch * chips,
+                                        latent_size=latent)
     else:
       networks = aot.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
                                        spec.get("text_2"))
@@ -130,13 +136,15 @@ def table(rows: list[dict]) -> str:
                      for k, v in sorted(r["collectives"].items())) or "none"
     flops = (f"{r['xla_flops'] / 1e12:.2f} + {r['attention_flops'] / 1e12:.2f} T"
              if r["program"] == "train" else f"{r['xla_flops'] / 1e12:.2f} T (loop body once)")
+    mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
+    roofline = (f"{r['roofline_s']:.3f} | {r['images_per_s_per_chip']:.1f}"
+                if "roofline_s" in r else "- | -")
     lines.append(
         f"| {r['model']} | {r['program']} | {r['topology']} ({r['chips']}, {r['hosts']}) | "
-        f"{r['mesh']} | {r['batch_per_chip']} | {r['remat']} | {m['argument']:.2f} + "
+        f"{mesh} | {r['batch_per_chip']} | {r['remat']} | {m['argument']:.2f} + "
         f"{m['temp']:.2f} = {m['total']:.2f} of {r['hbm_gib']:.0f} | "
-        f"{'yes' if r['fits'] else 'no'} | {r.get('largest_batch_per_chip', '')} | {flops} | "
-        f"{r.get('roofline_s', float('nan')):.3f} | {r.get('images_per_s_per_chip', float('nan')):.1f} | "
-        f"{coll} | {r['mosaic_kernels']} | {r['compile_s']:.0f} |")
+        f"{'yes' if r['fits'] else 'no'} | {r.get('largest_batch_per_chip', '-')} | {flops} | "
+        f"{roofline} | {coll} | {r['mosaic_kernels']} | {r['compile_s']:.0f} |")
   return "\n".join(lines)
 
 

@@ -160,3 +160,17 @@ def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
   print(out)
   assert out["shard_map"]
   assert out["err"] <= 1e-4  # the gradients sum 4 x 200 x 128 products: float32 rounding
+
+
+def test_the_choice_follows_the_compile_target_not_the_host(monkeypatch):
+  """A program compiled for GPU devices takes cuDNN for bf16 (and XLA for float32) even when
+  this host is a CPU; one compiled for the host keeps the CPU's kernels."""
+  q16, k16 = (jnp.zeros((2, 1024, 2, 64), jnp.bfloat16) for _ in range(2))
+  q32, k32 = (jnp.zeros((2, 1024, 2, 64), jnp.float32) for _ in range(2))
+  assert kernels.choose(None, q16, k16, has_bias=False) == "chunked"
+  monkeypatch.setattr(kernels, "target", lambda: kernels.Target("gpu"))
+  assert kernels.choose(None, q16, k16, has_bias=False) == "cudnn"
+  assert kernels.choose(None, q32, k32, has_bias=False) == "xla"
+  assert kernels.choose("cudnn", q16, k16, has_bias=False) == "cudnn"  # no refusal on a GPU
+  with pytest.raises(ValueError, match="needs bfloat16"):
+    kernels.choose("cudnn", q32, k32, has_bias=False)

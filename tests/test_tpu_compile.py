@@ -6,10 +6,10 @@ per-chip memory figures read back and add up."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from ipadapter_jax.configs import sd15_ip_adapter
 from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
@@ -37,6 +37,14 @@ def unet():
   return aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), ADAPTER)
 
 
+def _config(fsdp: int = 1):
+  """The SD1.5 recipe's run config, its weights sharded over fsdp when there is one."""
+  cfg = sd15_ip_adapter.get_config()
+  cfg.mesh.fsdp = fsdp
+  cfg.mesh.shard_frozen = cfg.mesh.shard_trainable = fsdp > 1
+  return cfg
+
+
 def _bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -53,8 +61,7 @@ def test_the_kernel_follows_the_mesh_not_the_host():
 
 def test_train_step_compiles_for_tpu_with_splash_and_data_parallel_collectives(unet):
   mesh = _mesh()
-  compiled = aot.compile_train_step(unet, mesh, batch_size=8, latent_size=LATENT,
-                                    optimizer=optax.adamw(1e-4))
+  compiled = aot.compile_train_step(unet, mesh, _config(), batch_size=8, latent_size=LATENT)
   r = aot.report(compiled)
   print(r)
   assert r["mosaic_kernels"] >= 1  # the splash kernel, inside shard_map
@@ -76,8 +83,8 @@ def test_train_step_compiles_for_tpu_with_splash_and_data_parallel_collectives(u
 
 
 def test_fsdp_gathers_the_frozen_weights_it_shards(unet):
-  compiled = aot.compile_train_step(unet, _mesh(fsdp=2), batch_size=8, latent_size=LATENT,
-                                    shard_frozen=True)
+  compiled = aot.compile_train_step(unet, _mesh(fsdp=2), _config(fsdp=2), batch_size=8,
+                                    latent_size=LATENT)
   r = aot.report(compiled)
   assert r["mosaic_kernels"] >= 1
   assert r["collectives"]["all-gather"]["count"] >= 1

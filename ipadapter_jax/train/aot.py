@@ -34,7 +34,7 @@ from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
 from ipadapter_jax.pipeline import generate
 from ipadapter_jax.request import Inputs, Plan
 from ipadapter_jax.train import sharding
-from ipadapter_jax.train.program import build_program
+from ipadapter_jax.train.program import program_from_config
 from ipadapter_jax.train.step import StepSpec
 
 # The Mosaic custom call a compiled Pallas TPU kernel becomes.
@@ -81,12 +81,14 @@ def abstract_unet(raw_config: dict, adapter: AdapterConfig | None, *, dtype=jnp.
   return unet
 
 
-def adapter_step_spec(unet, *, ema_decay: float = 0.0) -> StepSpec:
-  """The SD recipe's adapter step (docs/reference.md §5) on an embedding cache."""
-  return StepSpec(schedule=NoiseSchedule.stable_diffusion(),
-                  image_features=unet.adapter_config.image_features, drop_image=0.05,
-                  drop_text=0.05, drop_both=0.05, cached=True, latents=VAEConfig(),
-                  ema_decay=ema_decay)
+def adapter_step_spec(unet, cfg) -> StepSpec:
+  """A run config's adapter step on an embedding cache, for the SD noise schedule."""
+  overrides = {"prediction_type": cfg.noise.prediction_type} if cfg.noise.prediction_type else {}
+  return StepSpec(schedule=NoiseSchedule.stable_diffusion(**overrides),
+                  image_features=unet.adapter_config.image_features,
+                  drop_image=cfg.dropout.image, drop_text=cfg.dropout.text,
+                  drop_both=cfg.dropout.both, cached=True, latents=VAEConfig(),
+                  snr_gamma=cfg.noise.snr_gamma, ema_decay=cfg.optimizer.ema_decay)
 
 
 def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77):
@@ -108,17 +110,14 @@ def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77)
   return batch, empty
 
 
-def compile_train_step(unet, mesh, *, batch_size: int, latent_size: int,
-                       optimizer: optax.GradientTransformation | None = None,
-                       ema_decay: float = 0.0, shard_frozen: bool = False,
-                       shard_trainable: bool = False):
-  """The compiled adapter train step of a run on `mesh`: the trainable/frozen split, optimizer
-  state and shardings as `train/program.py` builds them for the loop, over a global batch."""
-  optimizer = optimizer or optax.adamw(1e-4, weight_decay=0.01)  # the paper's recipe
-  spec = adapter_step_spec(unet, ema_decay=ema_decay)
-  program, params, frozen = build_program(Networks(unet=unet), spec, mesh, trainable="adapter",
-                                          optimizer=optimizer, shard_trainable=shard_trainable,
-                                          shard_frozen=shard_frozen)
+def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
+                       optimizer: optax.GradientTransformation | None = None):
+  """The compiled adapter train step of a run with config `cfg` on `mesh`, built as the loop
+  builds it (`program_from_config`: the configured optimizer, the trainable/frozen split, the
+  mesh's shardings, donation), for a global batch of cached encoder outputs."""
+  spec = adapter_step_spec(unet, cfg)
+  program, params, frozen = program_from_config(cfg, Networks(unet=unet), spec, mesh,
+                                                optimizer=optimizer)
   state = jax.eval_shape(program.init_state, params)
   batch, empty = cached_batch(unet, batch_size, latent_size)
   key = jax.eval_shape(lambda: jax.random.key(0))

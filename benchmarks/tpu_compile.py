@@ -54,7 +54,6 @@ def models(name: str) -> dict:
 
 def measure(args) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from ipadapter_jax.models.image_proj import AdapterConfig
   from ipadapter_jax.train import aot
@@ -113,7 +112,6 @@ def measure(args) -> dict:
     row["largest_batch_per_chip"] = int(np.floor((hbm - fixed) / per_example))
   row.update(host=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              jax=jax.__version__, date=datetime.date.today().isoformat())
-  del jnp
   return row
 
 

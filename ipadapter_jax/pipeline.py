@@ -264,6 +264,12 @@ def encode_embeds(graphdef, state, adapter_inputs, *, plans):
                for p, x in zip(plans, adapter_inputs))
 
 
+def latents_sharding(mesh, images: int) -> NamedSharding:
+  """The start noise split over the sampling mesh's devices along the batch, where it divides
+  evenly; else replicated."""
+  return NamedSharding(mesh, P("data") if images % mesh.size == 0 else P())
+
+
 class IPAdapterPipeline:
   """Sampling with a Stable Diffusion model and IP-Adapters (or none), with CFG."""
 
@@ -323,9 +329,8 @@ class IPAdapterPipeline:
                                                        plans=plans)]
 
   def _shard(self, inputs: Inputs) -> Inputs:
-    """The start noise split over the devices along the batch, where it divides evenly."""
-    batch = P("data") if inputs.latents.shape[0] % self.mesh.size == 0 else P()
-    return inputs.replace(latents=jax.device_put(inputs.latents, NamedSharding(self.mesh, batch)))
+    return inputs.replace(latents=jax.device_put(
+        inputs.latents, latents_sharding(self.mesh, inputs.latents.shape[0])))
 
   def compile(self, **request):
     """Compiles (without running) the program for a request; returns the compiled executable."""

@@ -31,7 +31,7 @@ from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.pipeline import generate
+from ipadapter_jax.pipeline import generate, latents_sharding
 from ipadapter_jax.request import Inputs, Plan
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.program import program_from_config
@@ -193,9 +193,8 @@ def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):
   weights replicated, the start noise split over the devices where it divides."""
   graphdef, state = nnx.split(networks)
   replicated = NamedSharding(mesh, P())
-  batch = P("data") if inputs.latents.shape[0] % mesh.size == 0 else P()
   input_shardings = jax.tree.map(lambda _: replicated, inputs).replace(
-      latents=NamedSharding(mesh, batch))
+      latents=latents_sharding(mesh, inputs.latents.shape[0]))
   program = on_mesh(lambda state, inputs: generate(graphdef, state, inputs, plan=plan), mesh)
   return jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
                                         input_shardings)).lower(state, inputs).compile()

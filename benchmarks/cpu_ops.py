@@ -1,6 +1,7 @@
 r"""Where a CPU step's time goes: the sd15-small UNet's main operations, XLA against PyTorch.
 
   python benchmarks/cpu_ops.py
+  python benchmarks/cpu_ops.py --backward   # only the chunked attention's backward variants
 
 Each operation at the shapes it has in the sd15-small UNet forward (batch 4): 3x3 convolutions
 at every level, the self-attention at 32x32, and a dense layer, timed alone (median of repeats)
@@ -11,6 +12,7 @@ the CPU rows of speed.py with it.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,87 @@ def attention_torch(batch: int, tokens: int, heads: int, head_dim: int, backward
   return median_time(step)
 
 
+def _backward_variants():
+  """name -> f(q, k, v): the chunked kernel's forward with each backward that was tried."""
+  from ipadapter_jax.models import attention_kernels as kernels
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  def prepared(residuals, dout_BTHK):
+    q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse_BHT = residuals
+    to_BHTK = lambda x: x.transpose(0, 2, 1, 3)
+    q = to_BHTK(q_BTHK) * (kernels._LOG2E / q_BTHK.shape[-1] ** 0.5)
+    dout = to_BHTK(dout_BTHK)
+    return q, dout, jnp.sum(to_BHTK(out_BTHK) * dout, axis=-1), lse_BHT
+
+  def over_queries(residuals, dout_BTHK):  # dk and dv summed over the query chunks
+    q, dout, delta, lse = prepared(residuals, dout_BTHK)
+    k, v = (x.transpose(0, 2, 1, 3) for x in residuals[1:3])
+    chunk = lambda x: x.reshape(x.shape[:2] + (-1, 128) + x.shape[3:]).swapaxes(0, 2).swapaxes(1, 2)
+
+    def one(carry, xs):
+      q_c, dout_c, lse_c, delta_c = xs
+      p = jnp.exp2(jnp.einsum("bhqk,bhsk->bhqs", q_c, k, **f32) - lse_c[..., None])
+      ds = p * (jnp.einsum("bhqk,bhsk->bhqs", dout_c, v, **f32) - delta_c[..., None])
+      dk = carry[0] + jnp.einsum("bhqs,bhqk->bhsk", ds, q_c, **f32)
+      dv = carry[1] + jnp.einsum("bhqs,bhqk->bhsk", p, dout_c, **f32)
+      return (dk, dv), jnp.einsum("bhqs,bhsk->bhqk", ds, k, **f32)
+    (dk, dv), dq = jax.lax.scan(one, (jnp.zeros_like(k), jnp.zeros_like(v)),
+                                (chunk(q), chunk(dout), chunk(lse[..., None])[..., 0],
+                                 chunk(delta[..., None])[..., 0]))
+    dq = dq.transpose(1, 2, 0, 3, 4).reshape(q.shape)
+    return _grads(residuals, dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3))
+
+  def over_keys(dq_rows: bool):
+    def backward(residuals, dout_BTHK):
+      q, dout, delta, lse = prepared(residuals, dout_BTHK)
+      keys, values = (kernels._chunks(x, 128) for x in residuals[1:3])
+
+      def one(dq, kv):
+        k_c, v_c = kv
+        p = jnp.exp2(jnp.einsum("bhsk,bhtk->bhst", k_c, q, **f32) - lse[:, :, None])
+        ds = p * (jnp.einsum("bhsk,bhtk->bhst", v_c, dout, **f32) - delta[:, :, None])
+        dq_c = (jnp.einsum("bhst,bhsk->bhtk", ds, k_c, **f32) if dq_rows
+                else jnp.einsum("bhsk,bhst->bhkt", k_c, ds, **f32))
+        return dq + dq_c, (jnp.einsum("bhst,bhtk->bhsk", ds, q, **f32),
+                           jnp.einsum("bhst,bhtk->bhsk", p, dout, **f32))
+      B, H, T, K = q.shape
+      dq, (dk, dv) = jax.lax.scan(one, jnp.zeros((B, H, T, K) if dq_rows else (B, H, K, T)),
+                                  (keys, values))
+      S = residuals[1].shape[1]
+      dk, dv = (kernels._unchunk(x, S) for x in (dk, dv))
+      return _grads(residuals, dq if dq_rows else dq.swapaxes(2, 3), dk, dv)
+    return backward
+
+  def _grads(residuals, dq_BHTK, dk_BSHK, dv_BSHK):
+    K = residuals[0].shape[-1]
+    return dq_BHTK.transpose(0, 2, 1, 3) / K ** 0.5, dk_BSHK / kernels._LOG2E, dv_BSHK
+
+  def with_backward(backward):
+    fn = jax.custom_vjp(lambda q, k, v: kernels.chunked_attention(q, k, v))
+    fn.defvjp(lambda q, k, v: kernels._chunked_forward(q, k, v, kernels.TRAINING_CHUNK),
+              backward)
+    return fn
+  return {"over 128-query chunks, dk and dv summed": with_backward(over_queries),
+          "over 128-key chunks, dq as [B, H, T, K]": with_backward(over_keys(True)),
+          "over 128-key chunks, dq as [B, H, K, T]": with_backward(over_keys(False)),
+          "the kernel (attention_kernels.chunked_attention)": kernels.chunked_attention}
+
+
+def backward_variants(shape: tuple[int, int, int, int]):
+  """(name, seconds, max abs gradient difference from the kernel's) of forward + backward."""
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(4))
+  grads = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), (0, 1, 2)))
+  variants = _backward_variants()
+  expected = grads(variants["the kernel (attention_kernels.chunked_attention)"])(q, k, v)
+  rows = []
+  for name, fn in variants.items():
+    f = grads(fn)
+    error = max(float(jnp.abs(a - b).max()) for a, b in zip(f(q, k, v), expected))
+    rows.append((name, median_time(lambda: jax.block_until_ready(f(q, k, v))), error))
+  return rows
+
+
 def dense(rows: int, features: int):
   rng = np.random.default_rng(0)
   x, w = rng.standard_normal((rows, features), np.float32), rng.standard_normal(
@@ -142,7 +225,20 @@ def dense(rows: int, features: int):
   return median_time(lambda: f(xj, wj).block_until_ready()), t
 
 
+def print_backward_variants():
+  for shape in ((2, 1024, 8, 8), (1, 4096, 8, 40)):
+    torch_time = attention_torch(shape[0], shape[1], shape[2], shape[3], backward=True)
+    print(f"\nchunked self-attention {list(shape)} [B, T, H, K], forward + backward; torch SDPA "
+          f"{torch_time * 1e3:.3f} ms\n| backward | JAX | JAX / PyTorch | max abs difference "
+          "from the kernel's gradients |\n|---|---|---|---|")
+    for name, seconds, error in backward_variants(shape):
+      print(f"| {name} | {seconds * 1e3:.3f} ms | {seconds / torch_time:.2f} | {error:.1e} |")
+
+
 def main():
+  if "--backward" in sys.argv:  # only the chunked kernel's backward variants
+    print_backward_variants()
+    return
   torch.set_num_threads(torch.get_num_threads())
   rows = [("conv 3x3, 32x32x64", conv(4, 32, 64)), ("conv 3x3, 16x16x128", conv(4, 16, 128)),
           ("conv 3x3, 8x8x256", conv(4, 8, 256)), ("conv 3x3, 4x4x256", conv(4, 4, 256)),

@@ -5,8 +5,8 @@
 - "chunked": queries in chunks, each chunk's logits, exp2 and value product done before the
   next, the softmax normalised after the value product. On XLA:CPU this keeps a chunk's
   logits in cache instead of streaming [B, H, T, T] through memory (benchmarks/cpu_ops.py).
-  Its custom VJP recomputes each chunk's probabilities from the saved log-sum-exp, so the
-  backward never stores [B, H, T, T] either.
+  Its custom VJP goes over the keys in chunks instead, recomputing each chunk's probabilities
+  from the saved log-sum-exp, so the backward never stores [B, H, T, T] either.
 - "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16).
 - "splash": JAX's Pallas splash attention kernel (TPUs; `interpret=True` runs it anywhere).
 
@@ -38,8 +38,9 @@ LONG = 1024  # keys from which self-attention takes a blocked kernel (CPU and TP
 # Queries per chunk: 64 x 1,024 keys of float32 logits are 256 KiB a head, an eighth of a 2 MiB
 # L2; 128 queries measured 3.4x slower (benchmarks/RESULTS.md).
 CHUNK = 64
-# Differentiated, forward and backward take 128 queries a chunk: the pair measured 110 ms
-# against 155 ms with 64 (and 123 ms with 64 forward, 128 backward).
+# Differentiated, the forward takes 128 queries a chunk and the backward 128 keys: at
+# [2, 1024, 8, 8] the pair measured 53 ms, against 60 ms with 64 queries forward and 61-82 ms
+# with 96, 160 or 192 keys (benchmarks/RESULTS.md).
 TRAINING_CHUNK = 128
 _LOG2E = math.log2(math.e)
 
@@ -173,44 +174,48 @@ def chunked_attention(q_BTHK, k_BSHK, v_BSHK, chunk: int = CHUNK):
 
 def _chunked_forward(q_BTHK, k_BSHK, v_BSHK, chunk):
   q, k, v = _prepare(q_BTHK, k_BSHK, v_BSHK, chunk)
-  out, lse = jax.lax.map(lambda q_BHQK: _chunk_forward(q_BHQK, k, v), q)
-  out_BTHK = _unchunk(out, q_BTHK.shape[1]).astype(q_BTHK.dtype)
-  return out_BTHK, (q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse)
+  out, lse_CBHQ = jax.lax.map(lambda q_BHQK: _chunk_forward(q_BHQK, k, v), q)
+  T = q_BTHK.shape[1]
+  out_BTHK = _unchunk(out, T).astype(q_BTHK.dtype)
+  C, B, H, Q = lse_CBHQ.shape
+  lse_BHT = lse_CBHQ.transpose(1, 2, 0, 3).reshape(B, H, C * Q)[..., :T]
+  return out_BTHK, (q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse_BHT)
 
 
 def _chunked_backward(chunk, residuals, dout_BTHK):
-  """Each chunk's probabilities recomputed from the saved log-sum-exp; dk and dv summed over
-  the chunks."""
+  """Key chunks this time: each chunk's transposed probabilities [B, H, chunk, T] recomputed
+  from the saved log-sum-exp, its dk and dv whole, dq summed over the chunks. XLA:CPU ran this
+  2-3x faster than chunking the queries (benchmarks/RESULTS.md)."""
   del chunk
-  chunk = TRAINING_CHUNK
-  q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse = residuals
-  q, k, v = _prepare(q_BTHK, k_BSHK, v_BSHK, chunk)
-  dout = _chunks(dout_BTHK.astype(jnp.float32), chunk)
-  # rowsum(dout * out): the softmax's correction term, per query.
-  delta = jnp.sum(_chunks(out_BTHK.astype(jnp.float32), chunk) * dout, axis=-1)
+  q_BTHK, k_BSHK, v_BSHK, out_BTHK, lse_BHT = residuals
   f32 = dict(preferred_element_type=jnp.float32)
-  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+  to_BHTK = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)
+  q = to_BHTK(q_BTHK) * (_LOG2E / math.sqrt(q_BTHK.shape[-1]))  # logits in log2 units
+  dout = to_BHTK(dout_BTHK)
+  # rowsum(dout * out): the softmax's correction term, per query.
+  delta_BHT = jnp.sum(to_BHTK(out_BTHK) * dout, axis=-1)
+  keys = _chunks(k_BSHK.astype(jnp.float32), TRAINING_CHUNK)
+  values = _chunks(v_BSHK.astype(jnp.float32), TRAINING_CHUNK)
 
-  def one(carry, xs):
-    dk, dv = carry
-    q_BHQK, dout_BHQK, lse_BHQ, delta_BHQ = xs
-    logits = jnp.einsum("bhqk,bhsk->bhqs", q_BHQK, k, **f32)
-    p = jnp.exp2(logits - lse_BHQ[..., None])
-    dv = dv + jnp.einsum("bhqs,bhqk->bhsk", p, dout_BHQK, **f32)
-    dp = jnp.einsum("bhqk,bhsk->bhqs", dout_BHQK, v32, **f32)
-    ds = p * (dp - delta_BHQ[..., None])  # d(true logits)
-    dq = jnp.einsum("bhqs,bhsk->bhqk", ds, k32, **f32)
-    dk = dk + jnp.einsum("bhqs,bhqk->bhsk", ds, q_BHQK.astype(jnp.float32), **f32)
-    return (dk, dv), dq
+  def one(dq_BHKT, kv):
+    k_BHSK, v_BHSK = kv
+    p_BHST = jnp.exp2(jnp.einsum("bhsk,bhtk->bhst", k_BHSK, q, **f32) - lse_BHT[:, :, None])
+    dv = jnp.einsum("bhst,bhtk->bhsk", p_BHST, dout, **f32)
+    dp_BHST = jnp.einsum("bhsk,bhtk->bhst", v_BHSK, dout, **f32)
+    ds_BHST = p_BHST * (dp_BHST - delta_BHT[:, :, None])  # d(true logits)
+    dk = jnp.einsum("bhst,bhtk->bhsk", ds_BHST, q, **f32)
+    # dq transposed, [B, H, K, T]: the product then runs along ds's rows (T contiguous). As
+    # [B, H, T, K] it took as long as the rest of forward and backward together.
+    return dq_BHKT + jnp.einsum("bhsk,bhst->bhkt", k_BHSK, ds_BHST, **f32), (dk, dv)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), (q, dout, lse, delta))
-  # The true logits are q k^T / sqrt(K): dq = ds k / sqrt(K); the chunks' q already carries
-  # log2(e) / sqrt(K), so dk = ds^T q_chunks / log2(e).
-  dq_BTHK = _unchunk(dq, q_BTHK.shape[1]) / math.sqrt(q_BTHK.shape[-1])
-  dk_BSHK = (dk / _LOG2E).transpose(0, 2, 1, 3)
-  return (dq_BTHK.astype(q_BTHK.dtype), dk_BSHK.astype(k_BSHK.dtype),
-          dv.transpose(0, 2, 1, 3).astype(v_BSHK.dtype))
+  B, H, T, K = q.shape
+  dq_BHKT, (dk, dv) = jax.lax.scan(one, jnp.zeros((B, H, K, T), jnp.float32), (keys, values))
+  # The true logits are q k^T / sqrt(K): dq = ds k / sqrt(K); q above carries
+  # log2(e) / sqrt(K), so dk = ds^T q / log2(e).
+  S = k_BSHK.shape[1]
+  dq_BTHK = dq_BHKT.transpose(0, 3, 1, 2) / math.sqrt(K)
+  return (dq_BTHK.astype(q_BTHK.dtype), (_unchunk(dk, S) / _LOG2E).astype(k_BSHK.dtype),
+          _unchunk(dv, S).astype(v_BSHK.dtype))
 
 
 chunked_attention.defvjp(lambda q, k, v, chunk: _chunked_forward(q, k, v, TRAINING_CHUNK),

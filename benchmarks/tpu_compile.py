@@ -12,9 +12,11 @@ Each run appends one row to benchmarks/tpu_compile.json. The train step is the l
 cache batch, the recipe's run config (configs/sd15_ip_adapter.py or sdxl_ip_adapter.py: its
 optimizer, dropout and noise settings) and the (data, fsdp) mesh and shardings it asks for.
 `--fit` compiles a second batch size and extrapolates the memory line to the largest per-chip
-batch that fits the chip's HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per chip, with the FLOPs of the
-Mosaic attention kernels (which XLA does not count) added from `aot.blocked_attention_flops`.
-"""
+batch that fits the chip's HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per
+chip, with the FLOPs of the Mosaic attention kernels (which XLA does not count) added from
+`aot.blocked_attention_flops`. Against it, the products and convolutions of the same program
+traced with XLA's attention (`aot.matmul_flops`): the arithmetic as written, without the
+compiler's cost model."""
 
 from __future__ import annotations
 
@@ -68,33 +70,43 @@ def measure(args) -> dict:
   cfg.optimizer.ema_decay = 0.9999 if args.ema else 0.0
   cfg.mesh.fsdp = args.fsdp
   cfg.mesh.shard_frozen = cfg.mesh.shard_trainable = args.fsdp > 1
-  unet = aot.abstract_unet(spec["unet"], AdapterConfig(num_tokens=4, embed_dim=spec["embed"]),
-                           remat=args.remat)
+  adapter = AdapterConfig(num_tokens=4, embed_dim=spec["embed"])
+
+  def program(batch: int, counted: bool = False):
+    """(jitted program, abstract arguments) at `batch` per chip. `counted`: to be traced for
+    `aot.matmul_flops`, with XLA's attention in the UNet and the sampling program on this
+    host's CPU, where the VAE's attention is not a Mosaic call either."""
+    unet = aot.abstract_unet(spec["unet"], adapter, remat=args.remat,
+                             attention_implementation="xla" if counted else None)
+    if args.program == "train":
+      return aot.train_step(unet, mesh, cfg, batch_size=batch * chips, latent_size=latent)
+    networks = aot.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
+                                     spec.get("text_2"))
+    plan, inputs = aot.sampling_request(networks, num_samples=batch * chips, size=spec["size"],
+                                        steps=args.steps)
+    devices = jax.devices("cpu")[:1] if counted else mesh.devices.flat
+    return aot.sampling_program(networks, aot.data_mesh(devices), plan, inputs)
 
   def compiled_for(batch: int):
     start = time.perf_counter()
-    if args.program == "train":
-      compiled = aot.compile_train_step(unet, mesh, cfg, batch_size=batch * chips,
-                                        latent_size=latent)
-    else:
-      networks = aot.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
-                                       spec.get("text_2"))
-      plan, inputs = aot.sampling_request(networks, num_samples=batch * chips,
-                                          size=spec["size"], steps=args.steps)
-      compiled = aot.compile_sampling(networks, aot.data_mesh(mesh.devices.flat), plan, inputs)
-    return compiled, time.perf_counter() - start
+    jitted, arguments = program(batch)
+    return jitted.lower(*arguments).compile(), time.perf_counter() - start
 
   compiled, seconds = compiled_for(args.batch)
+  # The arithmetic as written, with no Mosaic call to hide FLOPs.
+  jitted, arguments = program(args.batch, counted=True)
+  traced = aot.matmul_flops(jax.make_jaxpr(jitted)(*arguments)) / chips
   r = aot.report(compiled)
   row = {"model": args.model, "program": args.program, "topology": args.topology,
          "chips": chips, "hosts": len({d.process_index for d in mesh.devices.flat}),
          "mesh": dict(mesh.shape), "batch_per_chip": args.batch, "remat": args.remat,
          "ema": args.ema, "compile_s": round(seconds, 1), "hbm_gib": hbm / GIB,
          "memory_gib": {k: v / GIB for k, v in r["memory"].items()},
-         "fits": r["memory"]["total"] <= hbm, "xla_flops": r["flops"],
+         "fits": r["memory"]["total"] <= hbm, "xla_flops": r["flops"], "matmul_flops": traced,
          "bytes_accessed": r["bytes_accessed"], "collectives": r["collectives"],
          "mosaic_kernels": r["mosaic_kernels"]}
-  attention = aot.blocked_attention_flops(unet, latent, args.batch)
+  attention = aot.blocked_attention_flops(aot.abstract_unet(spec["unet"], adapter), latent,
+                                          args.batch)
   if args.program == "train":
     row["attention_flops"] = 3 * attention
     flops = r["flops"] + row["attention_flops"]
@@ -125,15 +137,20 @@ def latest(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   lines = ["| model | program | slice (chips, hosts) | mesh | batch/chip | remat | memory/chip "
-           "(GiB: args + temp = total of HBM) | fits | largest batch | FLOPs/chip (XLA + "
-           "attention) | roofline s | img/s/chip | collectives | Mosaic | compile s |",
+           "(GiB: args + temp = total of HBM) | fits | largest batch | TFLOP/chip: XLA (+ "
+           "Mosaic attention) (traced products) | roofline s | img/s/chip | collectives | Mosaic | compile s |",
            "|" + "---|" * 15]
   for r in rows:
     m = r["memory_gib"]
     coll = ", ".join(f"{k} {v['count']}x {v['bytes'] / 2 ** 20:.1f} MiB"
                      for k, v in sorted(r["collectives"].items())) or "none"
-    flops = (f"{r['xla_flops'] / 1e12:.2f} + {r['attention_flops'] / 1e12:.2f} T"
-             if r["program"] == "train" else f"{r['xla_flops'] / 1e12:.2f} T (loop body once)")
+    if r["program"] == "train":
+      flops = f"{r['xla_flops'] / 1e12:.2f} + {r['attention_flops'] / 1e12:.2f}"
+      flops += f" ({r['matmul_flops'] / 1e12:.2f})" if "matmul_flops" in r else ""
+    else:  # XLA counts the denoising loop's body once; the traced count has every step
+      flops = f"{r['xla_flops'] / 1e12:.2f}, loop body once"
+      flops += (f" ({r['matmul_flops'] / 1e12:.2f}, {r['steps']} steps)"
+                if "matmul_flops" in r else "")
     mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
     roofline = (f"{r['roofline_s']:.3f} | {r['images_per_s_per_chip']:.1f}"
                 if "roofline_s" in r else "- | -")

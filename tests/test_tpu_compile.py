@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax.configs import sd15_ip_adapter
 from ipadapter_jax.models import attention_kernels as kernels
@@ -115,3 +116,42 @@ def test_blocked_attention_flops_count_the_long_self_attention_layers():
   assert aot.blocked_attention_flops(sdxl, 128, 1) == 4 * (10 * 4096 ** 2 * 640
                                                            + 60 * 1024 ** 2 * 1280)
   assert aot.blocked_attention_flops(sd15, 16, 1) == 0  # 256 tokens at most: XLA's einsums
+
+
+def test_matmul_flops_counts_products_convolutions_and_loops():
+  """Hand counts: 2 x output elements x contracted size for each product and convolution."""
+  conv = lambda img, kernel, stride, groups=1: jax.lax.conv_general_dilated(
+      img, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+
+  def program(x, w, img):
+    y = jax.jit(lambda x, w: x @ w)(x, w)                 # 2 x (4 x 16) x 8
+    strided = conv(img, jnp.ones((3, 3, 3, 5)), 2)        # 2 x (2 x 5 x 5 x 5) x (3 x 3 x 3)
+    depthwise = conv(img, jnp.ones((3, 3, 1, 3)), 1, 3)   # 2 x (2 x 10 x 10 x 3) x (3 x 3 x 1)
+    y, _ = jax.lax.scan(lambda c, _: (c @ jnp.ones((16, 16)), None), y, length=3)  # 3 x 2 x 64 x 16
+    batched = jnp.einsum("bij,bjk->bik", jnp.ones((5, 4, 6)), jnp.ones((5, 6, 7)))  # 2 x 140 x 6
+    return y, strided, depthwise, batched
+
+  jaxpr = jax.make_jaxpr(program)(jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((2, 10, 10, 3)))
+  assert aot.matmul_flops(jaxpr) == (2 * 64 * 8 + 2 * 250 * 27 + 2 * 600 * 9 + 3 * 2 * 64 * 16
+                                     + 2 * 140 * 6)
+  # shard_map: the body sees one chip's [2, 8] rows of [8, 8]; the four chips do the whole.
+  sharded = jax.shard_map(lambda x: x @ jnp.ones((8, 16)), mesh=_mesh(), in_specs=P("data"),
+                          out_specs=P("data"))
+  assert aot.matmul_flops(jax.make_jaxpr(sharded)(jnp.ones((8, 8)))) == 2 * 8 * 16 * 8
+
+
+def test_matmul_flops_of_the_train_step_against_xla():
+  """The adapter train step with XLA's attention, compiled for this CPU: XLA's FLOP count is
+  the products and convolutions counted from the traced program plus the elementwise work
+  (norms, activations, softmax, AdamW), a few percent here."""
+  from ipadapter_jax.train import sharding
+  unet = aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=16), ADAPTER,
+                           attention_implementation="xla")
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices("cpu")[:1])
+  step, args = aot.train_step(unet, mesh, _config(), batch_size=2, latent_size=16)
+  counted = aot.matmul_flops(jax.make_jaxpr(step)(*args))
+  xla = aot.report(step.lower(*args).compile())["flops"]
+  print(f"train step: XLA {xla:.4g} FLOPs, products and convolutions {counted:.4g}: "
+        f"ratio {xla / counted:.3f}")
+  assert counted <= xla <= 1.25 * counted

@@ -72,11 +72,13 @@ def abstract(build):
 
 
 def abstract_unet(raw_config: dict, adapter: AdapterConfig | None, *, dtype=jnp.bfloat16,
-                  param_dtype=jnp.bfloat16, remat: str = "none") -> UNet2DConditionModel:
+                  param_dtype=jnp.bfloat16, remat: str = "none",
+                  attention_implementation: str | None = None) -> UNet2DConditionModel:
   """A UNet (with its adapter) by shape, from a diffusers unet/config.json."""
   unet = abstract(lambda: UNet2DConditionModel(
       UNetConfig.from_diffusers(raw_config), adapter=adapter, dtype=dtype,
-      param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+      param_dtype=param_dtype, attention_implementation=attention_implementation,
+      rngs=nnx.Rngs(0)))
   unet.remat = remat
   return unet
 
@@ -110,18 +112,63 @@ def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77)
   return batch, empty
 
 
-def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
-                       optimizer: optax.GradientTransformation | None = None):
-  """The compiled adapter train step of a run with config `cfg` on `mesh`, built as the loop
-  builds it (`program_from_config`: the configured optimizer, the trainable/frozen split, the
-  mesh's shardings, donation), for a global batch of cached encoder outputs."""
+def train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
+               optimizer: optax.GradientTransformation | None = None):
+  """(step, abstract arguments): the adapter train step of a run with config `cfg` on `mesh`,
+  built as the loop builds it (`program_from_config`: the configured optimizer, the
+  trainable/frozen split, the mesh's shardings, donation), for a global batch of cached encoder
+  outputs."""
   spec = adapter_step_spec(unet, cfg)
   program, params, frozen = program_from_config(cfg, Networks(unet=unet), spec, mesh,
                                                 optimizer=optimizer)
   state = jax.eval_shape(program.init_state, params)
   batch, empty = cached_batch(unet, batch_size, latent_size)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return program.step(batch).lower(state, frozen, batch, empty, key).compile()
+  return program.step(batch), (state, frozen, batch, empty, key)
+
+
+def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
+                       optimizer: optax.GradientTransformation | None = None):
+  """The compiled `train_step`."""
+  step, args = train_step(unet, mesh, cfg, batch_size=batch_size, latent_size=latent_size,
+                          optimizer=optimizer)
+  return step.lower(*args).compile()
+
+
+def matmul_flops(jaxpr) -> int:
+  """The FLOPs of every matrix product and convolution in a traced program, from their shapes:
+  2 x output elements x contracted size (for a convolution, the kernel window times its input
+  channels per group). A scan's body counts `length` times, a while loop's body once (its trip
+  count is not known when traced, and XLA's count does the same), a `cond` its largest branch,
+  a `shard_map` its body once per device.
+  This is the program's arithmetic as written, independent of the compiler's cost model, which
+  also counts elementwise work and leaves out Mosaic kernels."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name, params = eqn.primitive.name, eqn.params
+    if name == "pallas_call":
+      raise ValueError("cannot count the FLOPs inside a Pallas kernel: trace the program with "
+                       "attention_implementation='xla'")
+    out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+    if name == "dot_general":
+      (contract, _), _ = params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in contract]))
+    elif name == "conv_general_dilated":
+      rhs, spec = eqn.invars[1].aval.shape, params["dimension_numbers"].rhs_spec
+      window = int(np.prod([rhs[d] for d in spec[2:]])) * rhs[spec[1]]
+      total += 2 * int(np.prod(out)) * window
+    elif name == "cond":
+      total += max(matmul_flops(branch) for branch in params["branches"])
+    else:
+      inner = [v for v in params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
+      count = sum(matmul_flops(v) for v in inner)
+      if name == "scan":
+        count *= params["length"]
+      elif name == "shard_map":  # the body's shapes are one device's: every device runs it
+        count *= int(np.prod([params["mesh"].shape[a] for a in params["newly_manual_axes"]]))
+      total += count
+  return total
 
 
 def blocked_attention_flops(unet, latent_size: int, batch: int) -> int:
@@ -188,16 +235,23 @@ def sampling_request(networks: Networks, *, num_samples: int, size: int, steps: 
   return plan, inputs
 
 
-def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):
-  """The compiled sampling program on `mesh` (a one-axis "data" mesh, as the pipeline's): the
-  weights replicated, the start noise split over the devices where it divides."""
+def sampling_program(networks: Networks, mesh, plan: Plan, inputs: Inputs):
+  """(program, abstract arguments): the sampling program on `mesh` (a one-axis "data" mesh, as
+  the pipeline's), the weights replicated, the start noise split over the devices where it
+  divides."""
   graphdef, state = nnx.split(networks)
   replicated = NamedSharding(mesh, P())
   input_shardings = jax.tree.map(lambda _: replicated, inputs).replace(
       latents=latents_sharding(mesh, inputs.latents.shape[0]))
   program = on_mesh(lambda state, inputs: generate(graphdef, state, inputs, plan=plan), mesh)
   return jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
-                                        input_shardings)).lower(state, inputs).compile()
+                                        input_shardings)), (state, inputs)
+
+
+def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):
+  """The compiled `sampling_program`."""
+  program, args = sampling_program(networks, mesh, plan, inputs)
+  return program.lower(*args).compile()
 
 
 def data_mesh(devices) -> jax.sharding.Mesh:
@@ -264,6 +318,6 @@ def adapter_size(unet) -> tuple[int, int]:
 
 
 __all__ = ["COLLECTIVES", "MOSAIC_CALL", "abstract_networks", "abstract_unet", "adapter_size",
-           "adapter_step_spec", "blocked_attention_flops", "cached_batch", "collectives", "compile_sampling",
-           "compile_train_step", "data_mesh", "report", "sampling_request", "tpu_devices",
-           "tpu_mesh"]
+           "adapter_step_spec", "blocked_attention_flops", "cached_batch", "collectives",
+           "compile_sampling", "compile_train_step", "data_mesh", "matmul_flops", "report",
+           "sampling_program", "sampling_request", "tpu_devices", "tpu_mesh", "train_step"]

@@ -138,7 +138,8 @@ def latest(rows: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
   lines = ["| model | program | slice (chips, hosts) | mesh | batch/chip | remat | memory/chip "
            "(GiB: args + temp = total of HBM) | fits | largest batch | TFLOP/chip: XLA (+ "
-           "Mosaic attention) (traced products) | roofline s | img/s/chip | collectives | Mosaic | compile s |",
+           "Mosaic attention) (traced products) | roofline s | img/s/chip | collectives | "
+           "Mosaic | compile s |",
            "|" + "---|" * 15]
   for r in rows:
     m = r["memory_gib"]

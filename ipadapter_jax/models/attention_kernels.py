@@ -40,7 +40,7 @@ LONG = 1024  # keys from which self-attention takes a blocked kernel (CPU and TP
 CHUNK = 64
 # Differentiated, the forward takes 128 queries a chunk and the backward 128 keys: at
 # [2, 1024, 8, 8] the pair measured 53 ms, against 60 ms with 64 queries forward and 61-82 ms
-# with 96, 160 or 192 keys (benchmarks/RESULTS.md).
+# with 96, 160 or 192 keys (timed before dq was kept transposed, which made it 25.7 ms).
 TRAINING_CHUNK = 128
 _LOG2E = math.log2(math.e)
 

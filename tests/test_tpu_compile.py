@@ -3,6 +3,8 @@ chips) on this CPU-only host by libtpu's compiler: the attention kernel follows 
 Pallas splash kernel, partitioned by hand), the collectives are the mesh's, and the compiler's
 per-chip memory figures read back and add up."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,7 @@ ADAPTER = AdapterConfig(num_tokens=4, embed_dim=ref.VISION_LIKE["projection_dim"
 pytestmark = pytest.mark.xdist_group("tpu_compile")
 
 
+@functools.cache  # one topology query to libtpu per mesh
 def _mesh(fsdp: int = 1):
   try:
     return aot.tpu_mesh(TOPOLOGY, fsdp)
@@ -135,8 +138,9 @@ def test_matmul_flops_counts_products_convolutions_and_loops():
   jaxpr = jax.make_jaxpr(program)(jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((2, 10, 10, 3)))
   assert aot.matmul_flops(jaxpr) == (2 * 64 * 8 + 2 * 250 * 27 + 2 * 600 * 9 + 3 * 2 * 64 * 16
                                      + 2 * 140 * 6)
-  # shard_map: the body sees one chip's [2, 8] rows of [8, 8]; the four chips do the whole.
-  sharded = jax.shard_map(lambda x: x @ jnp.ones((8, 16)), mesh=_mesh(), in_specs=P("data"),
+  # shard_map: the body sees one device's [2, 8] rows of [8, 8]; the four devices do the whole.
+  mesh = jax.sharding.AbstractMesh((4, 1), ("data", "fsdp"))
+  sharded = jax.shard_map(lambda x: x @ jnp.ones((8, 16)), mesh=mesh, in_specs=P("data"),
                           out_specs=P("data"))
   assert aot.matmul_flops(jax.make_jaxpr(sharded)(jnp.ones((8, 8)))) == 2 * 8 * 16 * 8
 

@@ -148,7 +148,9 @@ def _backward_variants():
   def over_queries(residuals, dout_BTHK):  # dk and dv summed over the query chunks
     q, dout, delta, lse = prepared(residuals, dout_BTHK)
     k, v = (x.transpose(0, 2, 1, 3) for x in residuals[1:3])
-    chunk = lambda x: x.reshape(x.shape[:2] + (-1, 128) + x.shape[3:]).swapaxes(0, 2).swapaxes(1, 2)
+    # [B, H, T, ...] -> [T / 128, B, H, 128, ...]
+    chunk = lambda x: x.reshape(x.shape[:2] + (-1, 128) + x.shape[3:]).transpose(
+        (2, 0, 1) + tuple(range(3, x.ndim + 1)))
 
     def one(carry, xs):
       q_c, dout_c, lse_c, delta_c = xs
@@ -163,26 +165,19 @@ def _backward_variants():
     dq = dq.transpose(1, 2, 0, 3, 4).reshape(q.shape)
     return _grads(residuals, dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3))
 
-  def over_keys(dq_rows: bool):
-    def backward(residuals, dout_BTHK):
-      q, dout, delta, lse = prepared(residuals, dout_BTHK)
-      keys, values = (kernels._chunks(x, 128) for x in residuals[1:3])
+  def over_keys(residuals, dout_BTHK):  # the kernel's order, dq kept as [B, H, T, K]
+    q, dout, delta, lse = prepared(residuals, dout_BTHK)
+    keys, values = (kernels._chunks(x, 128) for x in residuals[1:3])
 
-      def one(dq, kv):
-        k_c, v_c = kv
-        p = jnp.exp2(jnp.einsum("bhsk,bhtk->bhst", k_c, q, **f32) - lse[:, :, None])
-        ds = p * (jnp.einsum("bhsk,bhtk->bhst", v_c, dout, **f32) - delta[:, :, None])
-        dq_c = (jnp.einsum("bhst,bhsk->bhtk", ds, k_c, **f32) if dq_rows
-                else jnp.einsum("bhsk,bhst->bhkt", k_c, ds, **f32))
-        return dq + dq_c, (jnp.einsum("bhst,bhtk->bhsk", ds, q, **f32),
-                           jnp.einsum("bhst,bhtk->bhsk", p, dout, **f32))
-      B, H, T, K = q.shape
-      dq, (dk, dv) = jax.lax.scan(one, jnp.zeros((B, H, T, K) if dq_rows else (B, H, K, T)),
-                                  (keys, values))
-      S = residuals[1].shape[1]
-      dk, dv = (kernels._unchunk(x, S) for x in (dk, dv))
-      return _grads(residuals, dq if dq_rows else dq.swapaxes(2, 3), dk, dv)
-    return backward
+    def one(dq, kv):
+      k_c, v_c = kv
+      p = jnp.exp2(jnp.einsum("bhsk,bhtk->bhst", k_c, q, **f32) - lse[:, :, None])
+      ds = p * (jnp.einsum("bhsk,bhtk->bhst", v_c, dout, **f32) - delta[:, :, None])
+      dk, dv = (jnp.einsum("bhst,bhtk->bhsk", x, y, **f32) for x, y in ((ds, q), (p, dout)))
+      return dq + jnp.einsum("bhst,bhsk->bhtk", ds, k_c, **f32), (dk, dv)
+    dq, (dk, dv) = jax.lax.scan(one, jnp.zeros(q.shape), (keys, values))
+    S = residuals[1].shape[1]
+    return _grads(residuals, dq, kernels._unchunk(dk, S), kernels._unchunk(dv, S))
 
   def _grads(residuals, dq_BHTK, dk_BSHK, dv_BSHK):
     K = residuals[0].shape[-1]
@@ -194,9 +189,8 @@ def _backward_variants():
               backward)
     return fn
   return {"over 128-query chunks, dk and dv summed": with_backward(over_queries),
-          "over 128-key chunks, dq as [B, H, T, K]": with_backward(over_keys(True)),
-          "over 128-key chunks, dq as [B, H, K, T]": with_backward(over_keys(False)),
-          "the kernel (attention_kernels.chunked_attention)": kernels.chunked_attention}
+          "over 128-key chunks, dq as [B, H, T, K]": with_backward(over_keys),
+          "the kernel (128-key chunks, dq as [B, H, K, T])": kernels.chunked_attention}
 
 
 def backward_variants(shape: tuple[int, int, int, int]):
@@ -205,7 +199,8 @@ def backward_variants(shape: tuple[int, int, int, int]):
   q, k, v, g = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(4))
   grads = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), (0, 1, 2)))
   variants = _backward_variants()
-  expected = grads(variants["the kernel (attention_kernels.chunked_attention)"])(q, k, v)
+  from ipadapter_jax.models.attention_kernels import chunked_attention
+  expected = grads(chunked_attention)(q, k, v)
   rows = []
   for name, fn in variants.items():
     f = grads(fn)

@@ -158,4 +158,4 @@ def test_matmul_flops_of_the_train_step_against_xla():
   xla = aot.report(step.lower(*args).compile())["flops"]
   print(f"train step: XLA {xla:.4g} FLOPs, products and convolutions {counted:.4g}: "
         f"ratio {xla / counted:.3f}")
-  assert counted <= xla <= 1.25 * counted
+  assert counted <= xla <= 1.15 * counted  # 1.064 measured

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+from http import HTTPStatus
 
 import numpy as np
 import pytest
@@ -285,9 +286,26 @@ def test_metrics_writer_on_a_local_workdir(tmp_path):
 # GCS client: both are pointed at one emulator on localhost.
 
 
+def _with_generation_headers(download):
+  """The emulator's media download, plus the generation headers Cloud Storage sends with every
+  download. tensorstore takes an object's generation from them; without them a read reports
+  generation 0, and the conditional write that follows (OCDBT updating its manifest after
+  re-reading it) fails with "Malformed StorageGeneration", now and then, when Orbax re-reads."""
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = obj["generation"]
+      response["x-goog-metageneration"] = obj["metageneration"]
+
+  return download_with_generation
+
+
 @pytest.fixture(scope="module")
 def gcs_emulator_url():
   """A Cloud Storage emulator on a free localhost port, with a bucket named `bucket`."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -301,6 +319,8 @@ def gcs_emulator_url():
     # gcsfs's default class asks a gRPC API the emulator lacks for each bucket's layout (slow,
     # and noisy); it is chosen when gcsfs is imported.
     env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # `?alt=media` reads, tensorstore's, go through `objects.get`, which looks `download` up here.
+    env.setattr(objects, "download", _with_generation_headers(objects.download))
     server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
     server.start()
     try:
@@ -331,6 +351,17 @@ def _tiny_state(step: int):
   from ipadapter_jax.train.step import TrainState  # pylint: disable=import-outside-toplevel
   params = {"unet": {"down.0.to_k_ip": {"kernel": jnp.full((2, 3), float(step))}}}
   return TrainState(jnp.asarray(step, jnp.int32), params, {"mu": jnp.arange(3.0) * step}, None)
+
+
+def test_emulator_reads_carry_the_generation_a_conditional_write_needs(gcs_emulator):
+  """OCDBT updates a manifest by reading it, then writing only if it is unchanged."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  kvstore = ts.KvStore.open({"driver": "gcs", "bucket": "bucket"}).result()
+  written = kvstore.write("run/manifest", b"1").result()
+  read = kvstore.read("run/manifest").result()
+  assert read.stamp.generation == written.generation
+  kvstore.write("run/manifest", b"2", if_equal=read.stamp.generation).result()
+  assert kvstore.read("run/manifest").result().value == b"2"
 
 
 def test_orbax_checkpoints_on_gcs(gcs_emulator):

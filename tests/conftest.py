@@ -7,8 +7,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-
 # The tests run on the CPU. libtpu (installed for tests/test_tpu_compile.py, which compiles for TPU
 # topologies without a TPU) is then not probed by every process the tests start.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compile-only: libtpu's lockfile guards real TPU chips, of which there are none here, and would
-# otherwise fail every topology query of a test worker while another worker holds it.
+# Compile-only: libtpu's lockfile guards real TPU chips, of which there are none here. The
+# tpu_compile xdist group keeps those tests in one worker; without the group (`--dist load`, say)
+# the lockfile would fail every topology query of a worker while another worker holds it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402

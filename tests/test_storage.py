@@ -288,9 +288,9 @@ def test_metrics_writer_on_a_local_workdir(tmp_path):
 
 def _with_generation_headers(download):
   """The emulator's media download, plus the generation headers Cloud Storage sends with every
-  download. tensorstore takes an object's generation from them; without them a read reports
-  generation 0, and the conditional write that follows (OCDBT updating its manifest after
-  re-reading it) fails with "Malformed StorageGeneration", now and then, when Orbax re-reads."""
+  download. tensorstore takes an object's generation from them: without them a read reports
+  generation 0, and a conditional write after it fails with "Malformed StorageGeneration" (OCDBT
+  updating a manifest it has re-read, which Orbax does at times, not at every save)."""
 
   def download_with_generation(request, response, storage, *args, **kwargs):
     download(request, response, storage, *args, **kwargs)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels
+from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, load_image
 from ipadapter_jax.tokenizer import tokenize
 
 CLIPSCORE_WEIGHT = 2.5
@@ -201,18 +201,12 @@ def load_annotated_images(annotations: str, limit: int | None = None,
                           data_root: str | None = None) -> tuple[list, list[dict]]:
   """(PIL images, records) of the first `limit` records of a COCO-style annotation file
   (`{image_file, text}` per record; paths relative to `data_root`, by default the file's
-  folder). A missing or unreadable image is a ValueError naming it."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  folder). Images are read as diffusers' load_image reads them; a missing, unreadable or
+  oversized one is a ValueError naming it."""
   from ipadapter_jax.data.image_text import read_annotations  # pylint: disable=import-outside-toplevel
   records = read_annotations(annotations)[:limit]
   root = data_root or os.path.dirname(os.path.abspath(annotations))
-  images = []
-  for record in records:
-    path = os.path.join(root, record["image_file"])
-    try:
-      images.append(Image.open(path).convert("RGB"))
-    except OSError as e:
-      raise ValueError(f"{path}: not a readable image ({e})") from None
+  images = [load_image(os.path.join(root, record["image_file"])) for record in records]
   return images, records
 
 

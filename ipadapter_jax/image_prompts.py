@@ -21,7 +21,7 @@ from flax import struct
 from PIL import Image
 
 from ipadapter_jax import adapter_scales, masks as mask_ops
-from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
+from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, load_image, to_pil
 from ipadapter_jax.storage import atomic_path
 
 EMBEDS_KEY = "ip_adapter_image_embeds.{}"
@@ -200,13 +200,9 @@ def load_image_embeds(path: str) -> list[np.ndarray]:
     raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
-def open_image(path: str, what: str) -> Image.Image:
-  """A PIL image from a file, or one line naming the file that is not one."""
+def open_image(path: str, what: str, mode: str | None = "RGB") -> Image.Image:
+  """An image file as diffusers' load_image reads it (EXIF orientation applied, then `mode`;
+  None keeps the file's), or one line naming the flag and the file that is not one."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path}: no such file")
-  try:
-    image = Image.open(path)
-    image.load()
-  except OSError as e:
-    raise ValueError(f"{what} {path}: not a readable image ({e})") from None
-  return image
+  return load_image(path, f"{what} {path}", mode=mode)

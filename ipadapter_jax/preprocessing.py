@@ -1,5 +1,9 @@
 """Images <-> pixel arrays: what the frozen encoders and the T2I-Adapter take, and the sampled
-images back as PIL images and grids.
+images back as PIL images and grids; image files read with one-line errors.
+
+Every image file is decoded by `decode_image_file`: one that is not an image, truncated, corrupt
+or a decompression bomb (over PIL's `Image.MAX_IMAGE_PIXELS`) is an `ImageFileError` naming it.
+`load_image` reads a file as diffusers' `load_image` does (EXIF orientation applied, then RGB).
 
 CLIP pixels come from transformers' CLIPImageProcessorPil (the PIL backend that
 CLIPImageProcessor uses without torchvision), built once per CLIPImageConfig, which holds a
@@ -13,13 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
+import re
+import struct
+import warnings
+import zlib
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -86,6 +95,83 @@ def _parse_size(value, key: str, source: str, shortest_edge_ok: bool = False):
       return (int(value["height"]), int(value["width"]))
   raise ValueError(f"{source}: '{key}'={value!r} is not supported "
                    "(an int, {'shortest_edge': n} or {'height': h, 'width': w})")
+
+
+# What PIL raises for files that are not images, or are truncated or corrupt.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                Image.DecompressionBombError)
+
+
+class ImageFileError(ValueError):
+  """An image file that is missing, not an image, truncated or corrupt, or a decompression bomb
+  (`kind`: "missing", "unreadable", "corrupt", "decompression bomb"; `detail`: why)."""
+
+  def __init__(self, name: str, kind: str, detail: str):
+    lead = {"corrupt": "truncated or corrupt: ", "decompression bomb": "a decompression bomb: "}
+    super().__init__(f"{name}: not a readable image ({lead.get(kind, '')}{detail})")
+    self.name, self.kind, self.detail = name, kind, detail
+
+  def __reduce__(self):  # crosses from grain's worker processes intact
+    return type(self), (self.name, self.kind, self.detail)
+
+
+def _bomb(name: str, pixels: str) -> ImageFileError:
+  return ImageFileError(name, "decompression bomb", f"{pixels} pixels, over PIL's "
+                        f"Image.MAX_IMAGE_PIXELS limit of {Image.MAX_IMAGE_PIXELS}")
+
+
+def _error_text(error: Exception) -> str:
+  """ "OSError: reason" on one line."""
+  return f"{type(error).__name__}: {' '.join(str(error).split())}".rstrip(": ")
+
+
+def decode_image_file(file, name: str) -> Image.Image:
+  """A path or encoded bytes -> the whole image decoded, or one ImageFileError line naming it.
+
+  Images over PIL's limit are refused before decoding (PIL itself only warns up to twice the
+  limit). The warnings filters are left alone, so this is safe in threads; PIL's warning for
+  such an image may then still be printed (`load_image` silences it).
+  """
+  if isinstance(file, (bytes, bytearray, memoryview, np.bytes_)):
+    data = bytes(file)
+  else:
+    try:
+      with open(file, "rb") as f:  # read whole: no file handle outlives a failed decode
+        data = f.read()
+    except FileNotFoundError:
+      raise ImageFileError(name, "missing", "no such file") from None
+    except OSError as e:
+      raise ImageFileError(name, "unreadable", str(e.strerror or e)) from None
+  try:
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+      raise _bomb(name, f"{width}x{height} = {width * height}")
+    image.load()
+  except ImageFileError:
+    raise
+  except Image.UnidentifiedImageError:
+    raise ImageFileError(name, "unreadable", "not an image format PIL knows") from None
+  except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit
+    pixels = re.search(r"\((\d+) pixels\)", str(e))
+    raise _bomb(name, pixels.group(1) if pixels else "too many") from None
+  except IMAGE_ERRORS as e:
+    raise ImageFileError(name, "corrupt", _error_text(e)) from None
+  return image
+
+
+def load_image(path: str, name: str | None = None, mode: str | None = "RGB") -> Image.Image:
+  """An image file as diffusers.utils.load_image reads it: EXIF orientation applied, then
+  converted to `mode` (None keeps the file's mode). `name` (default: the path) leads errors."""
+  name = path if name is None else name
+  with warnings.catch_warnings():  # refused in one line instead; not for threads (see above)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    image = decode_image_file(path, name)
+  try:
+    image = ImageOps.exif_transpose(image)
+  except IMAGE_ERRORS as e:
+    raise ImageFileError(name, "corrupt", f"EXIF data: {_error_text(e)}") from None
+  return image if mode is None else image.convert(mode)
 
 
 def to_pil(image) -> Image.Image:

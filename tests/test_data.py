@@ -1,12 +1,15 @@
 """Image-text datasets (TFDS ArrayRecord), the grain input pipeline and the embedding cache."""
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +19,8 @@ from PIL import Image
 
 from ipadapter_jax.data.cache import build_embedding_cache, load_empty_text
 from ipadapter_jax.data.image_text import build_image_text_dataset, read_annotations
-from ipadapter_jax.data.input_pipeline import (DataSpec, crop_pixels, decode_image, decode_text,
-                                               make_train_iterator, open_source)
+from ipadapter_jax.data.input_pipeline import (DataSpec, crop_offsets, crop_pixels, decode_image,
+                                               decode_text, make_train_iterator, open_source)
 from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
                                               to_rgb, vae_pixels)
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
@@ -453,3 +456,143 @@ def test_command_line_builds_and_inspects(folder, tmp_path, capsys):
   assert "split train: 18 examples" in printed and "[6] sub/07.png 46x38: ''" in printed
   with Image.open(tmp_path / "grid.png") as grid:
     assert grid.size == (3 * 160, 3 * (160 + 40))
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted input
+
+
+@pytest.mark.parametrize("image_file", ["../x.png", "/abs.png", "sub/../../x.png"])
+def test_paths_leaving_the_data_root_are_refused(tmp_path, capsys, image_file):
+  """Bug: a manifest entry naming an absolute path or one through '..' read a file outside the
+  dataset folder into the dataset."""
+  root = tmp_path / "root"
+  os.makedirs(root / "sub")
+  outside = tmp_path / "x.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "ok.png")
+  entry = str(outside) if image_file == "/abs.png" else image_file
+  (root / "data.json").write_text(json.dumps([{"image_file": "sub/../ok.png", "text": "a"},
+                                              {"image_file": entry, "text": "b"}]))
+  with pytest.raises(ValueError, match=rf"data.json: entry 1: 'image_file' '{entry}' leaves the "
+                                       "data root"):
+    build_image_text_dataset(str(root / "data.json"), str(root), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")  # refused before anything is written
+  from ipadapter_jax.data.__main__ import main  # pylint: disable=import-outside-toplevel
+  assert main(["build", "--annotations", str(root / "data.json"), "--data_root", str(root),
+               "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "entry 1" in err[0], err
+
+
+def test_build_skips_and_counts_bombs_and_truncated_images(tmp_path, monkeypatch, capsys):
+  """Bugs: an image over PIL's pixel limit (under twice it PIL only warns) built into the
+  dataset; a decompression bomb reported as a corrupt file; PIL's warnings printed."""
+  from ipadapter_jax.data.__main__ import main  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # small real images stand in for bombs
+  rng = np.random.default_rng(0)
+  noise = lambda side: Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+  names = {"good.png": 20, "cut.png": 30, "warns.png": 40, "refused.png": 50}  # 1000 < 40*40
+  for name, side in names.items():
+    noise(side).save(tmp_path / name)
+  data = (tmp_path / "cut.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+  (tmp_path / "data.json").write_text(json.dumps([{"image_file": n, "text": n} for n in names]))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", Image.DecompressionBombWarning)  # none may escape the build
+    assert main(["build", "--annotations", str(tmp_path / "data.json"), "--data_root",
+                 str(tmp_path), "--out", str(tmp_path / "ds")]) == 0
+  printed = capsys.readouterr().out
+  assert ("1 examples from 4 annotations, 3 skipped (1 corrupt, 2 decompression bomb)"
+          in printed), printed
+  report = json.loads((tmp_path / "ds" / "image_text" / "1.0.0" / "build_report.json").read_text())
+  reasons = {s["image_file"]: s["reason"] for s in report["skipped"]}
+  assert reasons["cut.png"].startswith("corrupt: OSError")
+  assert reasons["warns.png"].startswith("decompression bomb: 40x40 = 1600 pixels")
+  assert reasons["refused.png"].startswith("decompression bomb: 2500 pixels")
+
+
+def _with_bad_images(tiny_dataset, bad: dict[int, bytes]):
+  """The tiny dataset's records as a list, with the image bytes of some records replaced."""
+  source = open_source(tiny_dataset)
+  records = [dict(source[i]) for i in range(len(source))]
+  for index, data in bad.items():
+    records[index]["image"] = data
+  return records
+
+
+def test_undecodable_records_are_skipped_counted_and_resumed_exactly(tiny_dataset):
+  """Bugs: one undecodable image mid-training crashed the run (and every restart hit it again);
+  a skip that shortens a batch (processes disagree on shapes) or that shifts the records later
+  steps see; a skip count lost on resume."""
+  valid = open_source(tiny_dataset)[9]["image"]
+  bad = {5: b"\x89PNG garbage", 9: valid[:len(valid) // 2]}
+  records = _with_bad_images(tiny_dataset, bad)
+  spec = DataSpec(resolution=R, random_crop=True, clip=None, tokenizer=None)
+  make = lambda **kw: make_train_iterator(records, spec, global_batch_size=8, mesh=_mesh(),
+                                          seed=0, max_bad_records=4, **kw)
+  stream = grain.MapDataset.range(32).shuffle(seed=0).repeat(None)
+  order = [int(stream[p]) for p in range(64)]  # the source index at each stream position
+  positions = [p for p in range(48) if order[p] in bad]
+  assert any(p >= 32 for p in positions) and len({p // 8 for p in positions}) > 1
+  it = make()
+  batches, counts = [], []
+  for _ in range(6):  # into the second epoch: each bad record is skipped once per epoch
+    batches.append(it.next_local())
+    counts.append(it.skipped_records)
+  assert all(b["pixels"].shape == (8, R, R, 3) and set(b) == {"pixels", "time_ids"}
+             for b in batches)
+  assert counts == [sum(p < 8 * (k + 1) for p in positions) for k in range(6)]
+  for p in positions:  # the slot holds the next decodable record of the stream, with its crop
+    q = next(q for q in range(p + 1, 64) if order[q] not in bad)
+    image = Image.open(io.BytesIO(records[order[q]]["image"]))
+    top, left = crop_offsets(40, 40, R, np.random.default_rng([0, p]))
+    np.testing.assert_array_equal(batches[p // 8]["pixels"][p % 8],
+                                  crop_pixels(image, R, top, left))
+  good = make_train_iterator(open_source(tiny_dataset), spec, global_batch_size=8, mesh=_mesh(),
+                             seed=0)
+  for k in range(6):  # every other slot as without the bad records
+    want = good.next_local()["pixels"]
+    rows = [r for r in range(8) if 8 * k + r not in positions]
+    np.testing.assert_array_equal(batches[k]["pixels"][rows], want[rows])
+
+  first_bad_batch = positions[0] // 8
+  resumed = make()
+  for _ in range(first_bad_batch + 1):
+    next(resumed)
+  state = json.loads(json.dumps(resumed.get_state()))
+  restored = make()
+  restored.set_state(state)
+  assert restored.skipped_records == counts[first_bad_batch]
+  for k in range(first_bad_batch + 1, 6):
+    np.testing.assert_array_equal(restored.next_local()["pixels"], batches[k]["pixels"])
+    assert restored.skipped_records == counts[k]
+
+
+def test_too_many_undecodable_records_stop_with_one_line_naming_the_record(tiny_dataset):
+  """Bug: past the limit, the error as a traceback from PIL, naming no record."""
+  records = _with_bad_images(tiny_dataset, {5: b"garbage", 9: b"more garbage"})
+  spec = DataSpec(resolution=R, random_crop=False, clip=None, tokenizer=None)
+  order = [int(i) for i in grain.MapDataset.range(32).shuffle(seed=0)]
+  second = max(order.index(5), order.index(9))  # the skip past the limit
+  it = make_train_iterator(records, spec, global_batch_size=8, mesh=_mesh(), seed=0,
+                           max_bad_records=1)
+  with pytest.raises(ValueError) as error:
+    for _ in range(4):
+      it.next_local()
+  message = str(error.value)
+  assert "\n" not in message and "more than max_bad_records=1" in message, message
+  assert (f"stream position {second}, source record {order[second]}, "
+          f"id '{order[second]}.png': not a readable image" in message), message
+  assert order.index(9) + 1 == order.index(5)  # two in a row: no substitute within the limit
+  it = make_train_iterator(records, spec, global_batch_size=8, mesh=_mesh(), seed=0,
+                           max_bad_records=0)
+  with pytest.raises(ValueError) as error:  # raised in grain's threads: str() is the line shown
+    it.next_local()
+  assert str(error.value) == (
+      "stream position 7, source record 9, id '9.png': not a readable image (not an image format "
+      "PIL knows); neither does any of the 1 records after it in the stream, more than "
+      "max_bad_records=0")
+  with pytest.raises(ValueError, match="max_bad_records must be 0 or more"):
+    make_train_iterator(records, spec, global_batch_size=8, mesh=_mesh(), seed=0,
+                        max_bad_records=-1)

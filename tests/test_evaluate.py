@@ -1,5 +1,7 @@
 """CLIP-I / CLIP-T against transformers' CLIPModel, and the toy attribute scores."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,21 @@ def test_wilson_interval_matches_scipy(successes, n):
   assert r == {"rate": successes / n, "ci95": [lo, hi], "n": n}
   with pytest.raises(ValueError, match="at least one trial"):
     evaluate.wilson_interval(0, 0)
+
+
+def test_prompt_images_are_read_inside_the_data_root_only(tmp_path):
+  """Bug: an evaluation annotation file naming '../x.png' or an absolute path read a file from
+  outside its image folder."""
+  (tmp_path / "eval").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+  Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / "eval" / "in.png")
+  annotations = tmp_path / "eval" / "eval.json"
+  for outside in ("../x.png", str(tmp_path / "x.png")):
+    annotations.write_text(json.dumps([{"image_file": "in.png", "text": "a"},
+                                       {"image_file": outside, "text": "b"}]))
+    with pytest.raises(ValueError, match=r"eval.json: entry 1: 'image_file' .* leaves the data "
+                                         "root"):
+      evaluate.load_annotated_images(str(annotations))
+  annotations.write_text(json.dumps([{"image_file": "in.png", "text": "a"}]))
+  images, _ = evaluate.load_annotated_images(str(annotations))
+  assert np.asarray(images[0]).max() == 7

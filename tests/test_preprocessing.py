@@ -2,6 +2,9 @@
 itself) and CLIPTokenizer give, and to an independent computation of the pixels."""
 
 import json
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -9,8 +12,10 @@ from PIL import Image
 from transformers import CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ipadapter_jax.preprocessing import (CLIPImageConfig, _processor, clip_pixels,
-                                              vae_pixels)
+from ipadapter_jax import evaluate
+from ipadapter_jax.image_prompts import open_image
+from ipadapter_jax.preprocessing import (CLIPImageConfig, ImageFileError, _processor,
+                                         clip_pixels, load_image, vae_pixels)
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
 from tests import torch_reference as ref
 
@@ -118,3 +123,92 @@ def test_token_ids_equal_clip_tokenizer(tmp_path):
 def test_missing_tokenizer_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer files"):
     load_tokenizer(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+
+
+def _png_header(path, width: int, height: int):
+  """A PNG that declares width x height and holds no pixel data: PIL checks the size on open."""
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                    8, 2, 0, 0, 0))
+                   + chunk(b"IEND", b""))
+
+
+def _assert_one_line_naming(error, name: str, *parts: str):
+  message = str(error.value)
+  assert message.startswith(f"{name}: not a readable image (") and "\n" not in message, message
+  for part in parts:
+    assert part in message, message
+
+
+def _readers(path):
+  """Every way an image file is read for sampling and evaluation, with the name it must give."""
+  annotations = path.parent / "eval.json"
+  annotations.write_text(json.dumps([{"image_file": path.name, "text": ""}]))
+  return [(lambda: load_image(str(path)), str(path)),
+          (lambda: open_image(str(path), "--image"), f"--image {path}"),
+          (lambda: evaluate.load_annotated_images(str(annotations)), str(path))]
+
+
+def test_decompression_bombs_are_one_line_errors(tmp_path, monkeypatch):
+  """Bugs: PIL's DecompressionBombError as a traceback; an image over the limit but under twice
+  it (PIL only warns) read anyway, its warning printed."""
+  _png_header(tmp_path / "bomb.png", 30000, 30000)  # over twice PIL's limit: PIL raises
+  for read, name in _readers(tmp_path / "bomb.png"):
+    with pytest.raises(ImageFileError) as error:
+      read()
+    _assert_one_line_naming(error, name, "decompression bomb", "900000000 pixels")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a real image between 1x and 2x it
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+  for read, name in _readers(tmp_path / "big.png"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # PIL's warning must not be shown either
+      with pytest.raises(ImageFileError) as error:
+        read()
+    _assert_one_line_naming(error, name, "decompression bomb", "40x40 = 1600 pixels", "1000")
+
+
+def test_truncated_and_corrupt_images_are_one_line_errors(tmp_path):
+  """Bugs: a file opened lazily (as diffusers' load_image does), so that its truncation surfaces
+  later as a traceback; PIL's own message, which names a BytesIO object instead of the file."""
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "cut.png")
+  data = (tmp_path / "cut.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+  (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + rng.bytes(500))
+  for read, name in _readers(tmp_path / "cut.png"):
+    with pytest.raises(ImageFileError) as error:
+      read()
+    _assert_one_line_naming(error, name, "truncated or corrupt")
+  for read, name in _readers(tmp_path / "garbage.jpg"):
+    with pytest.raises(ImageFileError) as error:
+      read()
+    _assert_one_line_naming(error, name, "not an image format PIL knows")
+    assert "BytesIO" not in str(error.value)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_as_diffusers_load_image(tmp_path, orientation):
+  """Bug: the EXIF orientation tag ignored (a phone photo read sideways)."""
+  from diffusers.utils import load_image as diffusers_load_image
+  rng = np.random.default_rng(orientation)
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(path, exif=exif)
+  expected = np.asarray(diffusers_load_image(str(path)))
+  with Image.open(path) as raw:
+    assert not np.array_equal(np.asarray(raw.convert("RGB")), expected)  # the tag matters
+  for read, _ in _readers(path):
+    image = read()
+    image = image[0][0] if isinstance(image, tuple) else image
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), expected)
+  grey = tmp_path / "grey.png"  # mode=None keeps the file's mode (T2I-Adapter sketches)
+  Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8)).save(grey)
+  assert open_image(str(grey), "--adapter_image", mode=None).mode == "L"

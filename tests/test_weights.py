@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -233,3 +234,25 @@ def test_corrupt_bin_is_reported_in_one_line(tmp_path):
     read_weight_file(str(path))
   _assert_one_line(error, str(path))
   assert "weights_only" not in str(error.value)
+
+
+@pytest.mark.parametrize("version", ["2.9.1+cu121", "2.5.0"])
+def test_bin_is_refused_below_torch_2_10(tmp_path, monkeypatch, version):
+  """Bug: torch.load(weights_only=True) trusted on versions whose guard has published bypasses."""
+  marker = tmp_path / "marker"
+  path = tmp_path / "ip-adapter.bin"
+  torch.save({"image_proj": {"w": torch.ones(2)}, "ip_adapter": _WritesMarker(str(marker))}, path)
+  monkeypatch.setattr(torch, "__version__", version)
+  with pytest.raises(CheckpointError,
+                     match=rf"torch {re.escape(version)} .*\.safetensors") as error:
+    read_weight_file(str(path))
+  _assert_one_line(error, str(path))
+  assert not marker.exists()
+
+
+def test_bin_is_read_from_torch_2_10(tmp_path, monkeypatch):
+  """Bug: the version check refusing the first safe release (2.10 compared as a string)."""
+  path = tmp_path / "ip-adapter.bin"
+  torch.save({"image_proj": {"w": torch.ones(2)}}, path)
+  monkeypatch.setattr(torch, "__version__", "2.10.0")
+  np.testing.assert_array_equal(read_weight_file(str(path))["image_proj"]["w"], np.ones(2))

@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.resolution = 512
   c.data.random_crop = False
   c.data.worker_count = 0
+  c.data.max_bad_records = 100             # undecodable records skipped (each replaced by the
+                                           # next); one more stops the run, naming it
 
   c.batch_size = 64                        # global, over all processes and devices
   c.num_steps = 1_000_000

@@ -22,8 +22,9 @@ def _build(args) -> int:
   from ipadapter_jax.data.image_text import build_image_text_dataset
   report = build_image_text_dataset(args.annotations, args.data_root, args.out, name=args.name,
                                     version=args.version, num_threads=args.threads)
+  kinds = ", ".join(f"{count} {kind}" for kind, count in report.skipped_by_kind().items())
   print(f"{report.dataset_dir}: {report.num_examples} examples from {report.num_annotations} "
-        f"annotations, {report.num_skipped} skipped")
+        f"annotations, {report.num_skipped} skipped" + (f" ({kinds})" if kinds else ""))
   for entry in report.skipped[:20]:
     print(f"  skipped {entry['image_file']}: {entry['reason']}")
   if report.num_skipped > 20:
@@ -145,7 +146,11 @@ def main(argv=None) -> int:
   cache.set_defaults(run=_cache)
 
   args = parser.parse_args(argv)
-  return args.run(args)
+  try:
+    return args.run(args)
+  except (ValueError, OSError) as e:  # a bad annotation file, folder or image: one line
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

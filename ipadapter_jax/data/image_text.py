@@ -2,14 +2,17 @@
 
 The annotation file is the official training list, `[{"image_file": "rel/path.jpg", "text":
 "caption"}, ...]`, or JSON Lines with one such object per line; an optional "id" names an
-example (the image path otherwise). Images that are missing, unreadable or corrupt are skipped,
-counted and listed in `build_report.json` beside the dataset. Everything here runs without
-TensorFlow: images are checked and, where needed, re-encoded with PIL, and the ArrayRecord
-files are read back through `tfds.data_source` / `tfds.builder_from_directory`.
+example (the image path otherwise). An image path that leaves the data root (absolute, or through
+'..') stops the build before it starts. Images that are missing, unreadable, truncated or corrupt,
+or decompression bombs (over PIL's Image.MAX_IMAGE_PIXELS) are skipped, counted and listed in
+`build_report.json` beside the dataset. Everything here runs without TensorFlow: images are
+checked and, where needed, re-encoded with PIL, and the ArrayRecord files are read back through
+`tfds.data_source` / `tfds.builder_from_directory`.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import io
@@ -17,20 +20,17 @@ import json
 import os
 import tempfile
 import types
-import zlib
+import warnings
 from typing import Any, Iterator
 
 from PIL import Image
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from ipadapter_jax.preprocessing import to_rgb
+from ipadapter_jax.preprocessing import ImageFileError, decode_image_file, to_rgb
 
 DEFAULT_VERSION = "1.0.0"
 REPORT_FILE = "build_report.json"
-# What PIL raises for files that are not images, or are truncated or corrupt.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error,
-                Image.DecompressionBombError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,11 @@ class BuildReport:
   @property
   def num_skipped(self) -> int:
     return len(self.skipped)
+
+  def skipped_by_kind(self) -> dict[str, int]:
+    """{"corrupt": 2, "missing": 1, ...}: the skips counted by the reason's part before ':'."""
+    return dict(sorted(collections.Counter(s["reason"].split(":")[0]
+                                           for s in self.skipped).items()))
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-serialisable dict (what build_report.json holds)."""
@@ -87,19 +92,27 @@ def _check_entry(entry, location: str) -> None:
   for key in ("image_file", "text"):
     if not isinstance(entry.get(key), str):
       raise ValueError(f"{location}: '{key}' is missing or not a string")
+  if _leaves_root(entry["image_file"]):
+    raise ValueError(f"{location}: 'image_file' {entry['image_file']!r} leaves the data root "
+                     "(an absolute path or one through '..'); give a path inside it")
   if "id" in entry and not isinstance(entry["id"], (str, int)):
     raise ValueError(f"{location}: 'id' must be a string or an integer")
+
+
+def _leaves_root(image_file: str) -> bool:
+  """Whether a relative path names a file outside its folder: absolute, or up through '..'."""
+  normal = os.path.normpath(image_file)
+  return os.path.isabs(normal) or normal == os.pardir or normal.startswith(os.pardir + os.sep)
 
 
 def load_image_bytes(path: str) -> bytes:
   """The file's bytes when it is an RGB JPEG or PNG; otherwise the image re-encoded as RGB PNG.
 
-  Decodes the whole image, so truncated and corrupt files raise (one of IMAGE_ERRORS).
+  Decodes the whole image, so a file that is not a whole image raises an ImageFileError.
   """
   with open(path, "rb") as f:
     data = f.read()
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()
+  with decode_image_file(data, path) as image:
     if (image.format in ("JPEG", "PNG") and image.mode == "RGB"
         and "transparency" not in image.info):
       return data
@@ -115,14 +128,15 @@ def _read_one(data_root: str, entry: dict[str, Any]) -> tuple[bytes | None, str]
     return None, "missing"
   try:
     return load_image_bytes(path), ""
-  except Image.UnidentifiedImageError:
-    return None, "unreadable: not an image format PIL knows"
-  except IMAGE_ERRORS as e:
-    return None, f"corrupt: {type(e).__name__}: {e}"
+  except ImageFileError as e:
+    return None, f"{e.kind}: {e.detail}"
+  except OSError as e:  # reading the file
+    return None, f"unreadable: {e.strerror or e}"
 
 
 class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Images and captions listed by an annotation file, relative to a data root.
+  """Images and captions listed by an annotation file (or its entries, already read), relative
+  to a data root.
 
   Not registered by class name: `build_image_text_dataset` names each dataset, and reading back
   goes through the files (`tfds.data_source(name, data_dir=...)`), without this class.
@@ -131,8 +145,8 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(DEFAULT_VERSION)
   RELEASE_NOTES = {DEFAULT_VERSION: "Images (RGB JPEG or PNG), captions and ids."}
 
-  def __init__(self, *, annotations: str | None = None, data_root: str | None = None,
-               num_threads: int = 8, **kwargs):
+  def __init__(self, *, annotations: str | list[dict[str, Any]] | None = None,
+               data_root: str | None = None, num_threads: int = 8, **kwargs):
     self._annotations = annotations
     self._data_root = data_root
     self._num_threads = num_threads
@@ -159,7 +173,8 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-    entries = read_annotations(self._annotations)
+    entries = (read_annotations(self._annotations) if isinstance(self._annotations, str)
+               else self._annotations)
     self.num_annotations = len(entries)
     self.skipped = []
     chunk = 4 * self._num_threads
@@ -198,14 +213,18 @@ def build_image_text_dataset(annotations: str, data_root: str, out_dir: str, *,
     raise FileNotFoundError(f"{annotations}: no such annotation file")
   if not os.path.isdir(data_root):
     raise FileNotFoundError(f"{data_root}: no such data root folder")
+  entries = read_annotations(annotations)  # every entry checked before anything is written
   builder = _named_builder_class(name, version)(
-      annotations=annotations, data_root=data_root, num_threads=num_threads, data_dir=out_dir,
+      annotations=entries, data_root=data_root, num_threads=num_threads, data_dir=out_dir,
       file_format="array_record")
   if os.path.isdir(builder.data_dir):
     raise FileExistsError(f"{builder.data_dir}: already built; remove it or choose another "
                           "name/version")
-  with tempfile.TemporaryDirectory() as downloads:  # keep tfds' download folders out of out_dir
-    builder.download_and_prepare(download_dir=downloads)
+  with tempfile.TemporaryDirectory() as downloads, warnings.catch_warnings():
+    # Oversized images are skipped and reported; PIL's warning for each is noise. Set here, in
+    # the calling thread, for the reading threads too (the filters are process-wide).
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    builder.download_and_prepare(download_dir=downloads)  # downloads: out of out_dir
   report = BuildReport(name=name, version=version, dataset_dir=str(builder.data_dir),
                        num_annotations=builder.num_annotations,
                        num_examples=builder.info.splits["train"].num_examples,

@@ -6,15 +6,19 @@ random crop depends only on seed and position), dealt round-robin to the process
 Batch k of a process is a pure function of (seed, k), so the iterator state is the number of
 batches handed out and restoring it continues with exactly the next batch, with or without
 worker processes.
+
+A record whose image (or caption) does not decode is skipped: the example is made from the next
+record of the stream instead, so every batch stays whole (on every process) and is still a pure
+function of (seed, k). The iterator counts the skips (`skipped_records`, kept in its state) and
+stops the run, naming the record, once more than `max_bad_records` have been skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -23,14 +27,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ipadapter_jax.data.image_text import resolve_dataset_dir
-from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, shortest_side_size,
-                                              to_rgb, vae_pixels)
+from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, decode_image_file,
+                                         shortest_side_size, to_rgb, vae_pixels)
 from ipadapter_jax.tokenizer import tokenize
 
 # Keys of an embedding-cache record (see cache.py) that become batch arrays.
 CACHED_KEYS = ("latent_mean", "latent_logvar", "image_embeds", "image_hidden_states",
                "text_context", "text_pooled", "time_ids")
 STATE_FORMAT = "ipadapter_jax.TrainIterator/1"
+# Per-example entry of a raw batch that the iterator takes out: the example's stream position
+# when its own record did not decode (and the next one that did took its place), else -1.
+SKIPPED_KEY = "skipped_position"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +146,7 @@ def decode_image(value, where: str = "image") -> Image.Image:
   if isinstance(value, Image.Image):
     return value
   if isinstance(value, (bytes, np.bytes_)):
-    try:
-      image = Image.open(io.BytesIO(value))
-      image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-      raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
-    return image
+    return decode_image_file(value, where)  # an ImageFileError (a ValueError) when it fails
   array = np.asarray(value)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
@@ -187,14 +189,61 @@ def crop_pixels(image: Image.Image, resolution: int, top: int, left: int) -> np.
 
 @dataclasses.dataclass(frozen=True)
 class RawExample:
-  """(stream index, image-text record) -> the raw batch entries of one example."""
+  """(stream index, image-text record) -> the raw batch entries of one example.
+
+  Without `records`, a record that does not decode raises a ValueError naming it. With
+  `records` (the stream of records this transform is mapped over) and `indices` (their indices
+  in the source), it is replaced by the next record of the stream that decodes, looking at most
+  max_bad_records + 1 ahead, and the example's SKIPPED_KEY holds its position.
+  """
   spec: DataSpec
   seed: int
+  records: Any = None
+  indices: Any = None
+  max_bad_records: int = 0
+
+  def decode(self, position: int, record: dict[str, Any]) -> tuple[Image.Image, str]:
+    """(image, caption) of a record; ValueError naming it when either does not decode."""
+    where = f"example {position}"
+    image = decode_image(lookup(record, self.spec.image_key, position), where)
+    return image, decode_text(lookup(record, self.spec.caption_key, position), where)
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    if self.records is None:
+      return self._example(index, *self.decode(index, record))
+    try:
+      decoded, skipped = self.decode(index, record), -1
+    except ValueError:
+      skipped = index  # counted here only: a record passed over below counts at its own slot
+      for position in range(index + 1, index + 2 + self.max_bad_records):
+        try:  # grain's stream continues past the last epoch
+          decoded = self.decode(position, self.records[position])
+          break
+        except ValueError:
+          continue
+      else:
+        raise ValueError(f"{self.describe(index)}; neither does any of the "
+                         f"{self.max_bad_records + 1} records after it in the stream, more than "
+                         f"max_bad_records={self.max_bad_records}") from None
+    return dict(self._example(index, *decoded), **{SKIPPED_KEY: np.int64(skipped)})
+
+  def describe(self, position: int) -> str:
+    """Names the record at a stream position (source index, id) and why it does not decode."""
+    record = self.records[position]
+    names = [f"stream position {position}"]
+    if self.indices is not None:
+      names.append(f"source record {self.indices[position]}")
+    if isinstance(record, dict) and "id" in record:
+      names.append(f"id {decode_text(record['id'])!r}")
+    try:
+      self.decode(position, record)
+      problem = "decodes when read again"
+    except ValueError as e:
+      problem = str(e).removeprefix(f"example {position}: ")
+    return f"{', '.join(names)}: {problem}"
+
+  def _example(self, index: int, image: Image.Image, caption: str) -> dict[str, np.ndarray]:
     spec, R = self.spec, self.spec.resolution
-    image = decode_image(lookup(record, spec.image_key, index), f"example {index}")
-    caption = decode_text(lookup(record, spec.caption_key, index), f"example {index}")
     width, height = image.size
     # A generator per (seed, stream position): a restored iterator crops exactly the same.
     rng = np.random.default_rng([self.seed, index]) if spec.random_crop else None
@@ -221,8 +270,10 @@ class CachedExample:
     return {key: np.asarray(record[key], np.float32) for key in self.keys}
 
 
-def example_transform(source, spec: DataSpec, seed: int):
-  """The per-example transform for a source: RawExample, or CachedExample for a cache."""
+def example_transform(source, spec: DataSpec, seed: int, records=None, indices=None,
+                      max_bad_records: int = 0):
+  """The per-example transform for a source: RawExample (skipping undecodable records of
+  `records`, when given), or CachedExample for a cache."""
   features = source_features(source)
   if "latent_mean" in features:
     if spec.random_crop:
@@ -237,7 +288,7 @@ def example_transform(source, spec: DataSpec, seed: int):
     if features and key.split("/")[0] not in features:
       raise KeyError(f"the source has no feature '{key}' (it has {sorted(features)}); set "
                      "DataSpec.image_key / caption_key")
-  return RawExample(spec, seed)
+  return RawExample(spec, seed, records, indices, max_bad_records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +300,17 @@ class TrainIterator:
 
   When process_index/process_count are simulated (differ from JAX's), each array holds only
   this process's share of the global batch.
+
+  `skipped_records` counts the examples of this process's batches whose record did not decode,
+  and is part of the state; once it passes `max_bad_records`, the batch raises a ValueError
+  naming the record (`describe`). With several processes each counts (and limits) its own share,
+  without communication; a state saved by one process restores its count on all.
   """
 
   def __init__(self, batches: grain.MapDataset, *, sharding: NamedSharding,
                global_batch_size: int, worker_count: int, num_threads: int,
-               config: dict[str, Any], real_processes: bool):
+               config: dict[str, Any], real_processes: bool, max_bad_records: int = 0,
+               describe: Callable[[int], str] | None = None):
     self._batches = batches
     self._sharding = sharding
     self._global_batch_size = global_batch_size
@@ -261,6 +318,9 @@ class TrainIterator:
     self._num_threads = num_threads
     self._config = config
     self._real_processes = real_processes
+    self._max_bad_records = max_bad_records
+    self._describe = describe
+    self._skipped = 0
     self._step = 0
     self._iterator = None
 
@@ -282,6 +342,15 @@ class TrainIterator:
       self._iterator = self._open()
     batch = next(self._iterator)
     self._step += 1
+    positions = batch.pop(SKIPPED_KEY, None)
+    if positions is not None:
+      for position in np.asarray(positions)[np.asarray(positions) >= 0]:
+        self._skipped += 1
+        if self._skipped > self._max_bad_records:
+          named = (self._describe(int(position)) if self._describe
+                   else f"stream position {position}")
+          raise ValueError(f"{self._skipped} records skipped as undecodable, more than "
+                           f"max_bad_records={self._max_bad_records}; the last: {named}")
     return batch
 
   def next_local(self) -> dict[str, np.ndarray]:
@@ -304,9 +373,16 @@ class TrainIterator:
     """How many batches this iterator has handed out."""
     return self._step
 
+  @property
+  def skipped_records(self) -> int:
+    """Undecodable records passed over in this process's batches so far (restored with the
+    state)."""
+    return self._skipped
+
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable state; set_state(state) continues with exactly the next batch."""
-    return {"format": STATE_FORMAT, "step": self._step, "config": dict(self._config)}
+    return {"format": STATE_FORMAT, "step": self._step, "skipped_records": self._skipped,
+            "config": dict(self._config)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a get_state() of an iterator over the same data with the same settings."""
@@ -320,6 +396,8 @@ class TrainIterator:
       raise ValueError(f"iterator state does not fit this data pipeline ({detail})")
     self.close()
     self._step = int(state["step"])
+    # States saved before skips were counted hold none.
+    self._skipped = int(state.get("skipped_records", 0))
 
   def close(self) -> None:
     """Stops worker processes and prefetch threads (reopened on the next batch)."""
@@ -349,13 +427,14 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
                         batch_axes: Sequence[str] = ("data", "fsdp"),
                         num_epochs: int | None = None, worker_count: int = 0,
                         process_index: int | None = None, process_count: int | None = None,
-                        num_threads: int | None = None) -> TrainIterator:
+                        num_threads: int | None = None, max_bad_records: int = 0) -> TrainIterator:
   """Shuffled (seed), per-process sharded global batches of a source from `open_source`.
 
   Raw sources give pixels, time_ids, input_ids (and input_ids_2, clip_pixels); an embedding
   cache gives its stored arrays. `num_epochs=None` repeats forever; with a number, the stream
   ends after the last whole global batch. `worker_count` > 0 preprocesses in that many
-  processes (same batches).
+  processes (same batches). Up to `max_bad_records` undecodable records are skipped (replaced by
+  the next record of the stream); one more stops the iteration with a ValueError naming it.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -365,6 +444,8 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+  if max_bad_records < 0:
+    raise ValueError(f"max_bad_records must be 0 or more, got {max_bad_records}")
   axes = mesh_batch_axes(mesh, batch_axes)
   shards = math.prod(mesh.shape[a] for a in axes)
   if global_batch_size % process_count or global_batch_size % shards:
@@ -376,9 +457,11 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
     raise ValueError("the source has no examples")
   local_batch = global_batch_size // process_count
 
-  transform = example_transform(source, spec, seed)
-  stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
-  stream = stream.map_with_index(transform)  # index = position in the global stream
+  records = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+  # The same permutation of the source's indices: grain's shuffle depends on seed and length.
+  indices = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(num_epochs)
+  transform = example_transform(source, spec, seed, records, indices, max_bad_records)
+  stream = records.map_with_index(transform)  # index = position in the global stream
   if num_epochs is not None:  # every process gets the same number of whole batches
     stream = stream[:len(stream) // global_batch_size * global_batch_size]
   # Global batch b is chunks b*P .. b*P+P-1 of the stream cut into local-size chunks, and
@@ -391,4 +474,7 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
       batches, sharding=NamedSharding(mesh, PartitionSpec(axes)),
       global_batch_size=global_batch_size,
       worker_count=worker_count, num_threads=num_threads or min(8, os.cpu_count() or 1),
-      config=config, real_processes=process_count == jax.process_count())
+      config=config, real_processes=process_count == jax.process_count(),
+      max_bad_records=max_bad_records,
+      describe=transform.describe if isinstance(transform, RawExample) else None)
+

@@ -2,8 +2,9 @@
 
 safetensors files are read with the `safetensors` library, one tensor per lookup (numpy arrays,
 bfloat16 through ml_dtypes, no torch needed); its errors become one-line CheckpointErrors that
-name the file. `.bin` pickles are read with `torch.load(weights_only=True)`, only when torch is
-installed, and one that holds anything but tensors is refused.
+name the file. `.bin` pickles are read with `torch.load(weights_only=True)`, only when torch
+2.10 or newer is installed (older versions have published bypasses of weights_only), and one that
+holds anything but tensors is refused.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ def _pickle_problem(error: Exception) -> str:
   return f"cannot be read as a torch checkpoint (corrupt or not a torch file: {reason})"
 
 
+# weights_only can be bypassed to run code below 2.6 (CVE-2025-32434) and below 2.10
+# (CVE-2026-24747).
+SAFE_TORCH_LOAD = (2, 10)
+
+
+def _torch_release(version: str) -> tuple[int, int] | None:
+  """(major, minor) of a torch version string such as "2.9.1+cu121"; None when unparseable."""
+  match = re.match(r"(\d+)\.(\d+)", version)
+  return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def read_torch_pickle(path: str) -> dict:
   """A torch .bin checkpoint (nested dicts kept), loaded with weights_only=True."""
   try:
@@ -147,6 +159,12 @@ def read_torch_pickle(path: str) -> dict:
   except ImportError:
     raise CheckpointError(f"{path}: reading .bin files needs torch; install it or use a "
                           ".safetensors file") from None
+  release = _torch_release(str(torch.__version__))
+  if release is None or release < SAFE_TORCH_LOAD:
+    raise CheckpointError(
+        f"{path}: not read: torch {torch.__version__} cannot load .bin files safely (its "
+        "weights_only guard has published bypasses before 2.10); use the .safetensors version of "
+        "this checkpoint, or upgrade torch to 2.10 or newer")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:

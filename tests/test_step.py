@@ -61,25 +61,53 @@ def test_drop_masks_follow_one_draw_per_example():
   assert abs(np.mean(image & text) - 0.3) < 0.01
 
 
+def _out(loss=1.0, grad_norm=1.0, param_norm=1.0):
+  return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(grad_norm),
+          "param_norm": jnp.float32(param_norm)}
+
+
 def test_step_outputs_measure_the_real_interval(monkeypatch):
   clock = iter([100.0, 103.0, 104.0])
   monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
   outputs = loop.StepOutputs(batch_size=8, lr_schedule=lambda step: 0.5)
   for step, loss in ((6, 1.0), (7, 2.0), (8, 3.0)):  # a run resumed at step 5, logging at 8
-    outputs.add(step, {"loss": jnp.float32(loss), "grad_norm": jnp.float32(2 * loss)})
+    outputs.add(step, _out(loss, grad_norm=2 * loss))
   first = outputs.summary(last_checkpoint=5)
   assert first == {"loss": 2.0, "grad_norm": 4.0, "learning_rate": 0.5,
                    "examples_per_second": 3 * 8 / 3.0}
-  outputs.add(9, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})  # a short last one
+  outputs.add(9, _out(1.0))  # a short last one
   assert outputs.summary(last_checkpoint=8)["examples_per_second"] == 1 * 8 / 1.0
 
 
-def test_a_non_finite_loss_is_named_by_its_step():
+@pytest.mark.parametrize("name", ["loss", "grad_norm", "param_norm"])
+def test_a_non_finite_output_is_named_by_its_step(name):
+  """Gradients or parameters that overflow under a finite loss stop the run as a NaN loss does."""
   outputs = loop.StepOutputs(batch_size=8, lr_schedule=lambda step: 0.5)
-  outputs.add(11, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})
-  outputs.add(12, {"loss": jnp.float32(np.inf), "grad_norm": jnp.float32(1.0)})
-  with pytest.raises(TrainingError, match=r"non-finite loss \(inf\) at step 12.*step 10\) is "):
+  outputs.add(11, _out())
+  outputs.add(12, _out(**{name: np.inf}))
+  with pytest.raises(TrainingError, match=rf"non-finite {name} \(inf\) at step 12.*step 10\) is "):
     outputs.check(last_checkpoint=10)
+  outputs = loop.StepOutputs(batch_size=8, lr_schedule=lambda step: 0.5)
+  outputs.add(1, _out(**{name: np.nan}))
+  with pytest.raises(TrainingError, match=r"at step 1; .* no checkpoint was saved before it"):
+    outputs.check(last_checkpoint=None)
+
+
+def test_a_step_with_non_finite_gradients_keeps_its_state(monkeypatch):
+  """A finite loss whose gradient is NaN (sqrt at 0) neither moves the weights nor the step
+  counter, so that what the loop saves never holds a NaN."""
+  import optax
+  from ipadapter_jax.train import step as step_module
+  monkeypatch.setattr(step_module, "loss_fn",
+                      lambda params, *args: jnp.sum(jnp.sqrt(jnp.abs(params["w"]))))
+  params = {"w": jnp.array([0.0, 1.0])}
+  optimizer = optax.adam(0.1)
+  state = step_module.TrainState(jnp.int32(3), params, optimizer.init(params), None)
+  new, out = step_module.train_step(state, None, None, None, jax.random.key(0), graphdef=None,
+                                    spec=_spec(), optimizer=optimizer)
+  assert np.isfinite(out["loss"]) and not np.isfinite(out["grad_norm"])
+  assert int(new.step) == 3
+  np.testing.assert_array_equal(new.params["w"], params["w"])
 
 
 def test_ema_follows_diffusers_ema_model():

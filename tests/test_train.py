@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,12 +85,79 @@ def test_resume_after_sigkill_and_sigterm(tiny_world, tiny_dataset, tmp_path):
             and _metrics(run)[-1]["step"] >= 3, process)
   process.send_signal(signal.SIGTERM)
   out, _ = process.communicate(timeout=120)
+  assert process.returncode == 143  # 128 + SIGTERM: "preempted, run again", not "finished"
   summary = json.loads(out.decode().strip().splitlines()[-1])
   assert summary["stopped_by_signal"] and str(summary["step"]) in os.listdir(ckpt)
   train(config, run)  # the same command again finishes the run
   timing = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in rows]
   assert timing(_metrics(run)) == timing(expected)  # every step's loss, to the last digit
   assert os.path.exists(os.path.join(run, "ip_adapter.safetensors"))
+
+
+def test_a_signal_during_sampling_stops_at_the_next_step_with_a_checkpoint(
+    tiny_world, tiny_dataset, tmp_path, monkeypatch, capsys):
+  """SIGTERM while the step-3 sample grid is drawn: the run saves step 4 and stops there (it
+  used to leave at step 3 unsaved). Then a resume: a changed learning rate is refused with the
+  key, old and new; a corrupt latest checkpoint is refused naming the step before it, with the
+  run's files left as they were; a torn last metrics line is dropped with a warning; and with
+  the corrupt step moved aside the run resumes and extends to num_steps=8 (a key a resume may
+  change)."""
+  import shutil
+  from ipadapter_jax.train import loop
+  from ipadapter_jax.weights.files import CheckpointError
+
+  signals = [signal.SIGTERM]  # one, the first time step 3's grid is drawn
+
+  class SignalWhileSampling:
+    def __init__(self, *args):
+      pass
+
+    def __call__(self, step, weights):
+      if step == 3 and signals:
+        os.kill(os.getpid(), signals.pop())
+  monkeypatch.setattr(loop, "SampleGrids", SignalWhileSampling)
+  run = tmp_path / "run"
+  config = tiny_config(tiny_world, tiny_dataset, sample_every=3)
+  summary = train(config, str(run))
+  assert summary["stopped_by_signal"] and summary["signal"] == "SIGTERM"
+  assert summary["step"] == 4 and "exported" not in summary
+  assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+  assert "stopped by SIGTERM after step 4: checkpoint 4 is saved" in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back
+
+  with pytest.raises(TrainingError, match=r"another config \(optimizer.learning_rate: 0.001 -> "
+                                          r"0.002\); resume it with its own values"):
+    train(tiny_config(tiny_world, tiny_dataset, sample_every=3,
+                      **{"optimizer.learning_rate": 2e-3}), str(run))
+
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')  # the process died mid-line
+  for item in (run / "checkpoints" / "4" / "params").iterdir():
+    if item.is_dir():
+      shutil.rmtree(item)
+  config_before = (run / "config.json").read_text()
+  extended = tiny_config(tiny_world, tiny_dataset, sample_every=3, num_steps=8)
+  with pytest.raises(CheckpointError, match=r"cannot restore step 4 .*to resume from step 2 "
+                                            r"before it, move .*checkpoints/4 out of"):
+    train(extended, str(run))
+  assert (run / "config.json").read_text() == config_before
+
+  shutil.move(run / "checkpoints" / "4", tmp_path / "4.corrupt")
+  capsys.readouterr()
+  assert train(extended, str(run))["step"] == 8
+  assert f"warning: {run / 'metrics.jsonl'}: dropped its last line" in capsys.readouterr().err
+  assert [m["step"] for m in _metrics(run)] == list(range(1, 9))
+  assert json.loads((run / "config.json").read_text())["num_steps"] == 8
+
+
+def test_loop_settings_are_refused_before_anything_loads(tmp_path):
+  """keep_last=0 would let Orbax delete every checkpoint, log_every=0 / checkpoint_every=0
+  divide by zero after the models compile, num_steps=0 exported an untrained adapter."""
+  for key in ("keep_last", "log_every", "checkpoint_every", "num_steps"):
+    config = tiny_config(tmp_path / "no-world", "no-data", **{key: 0})
+    with pytest.raises(TrainingError, match=rf"^{key} must be >= 1, got 0$"):
+      train(config, str(tmp_path / key))
+    assert not (tmp_path / key).exists()
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tiny_dataset, tmp_path,
@@ -226,29 +294,70 @@ def test_sharded_step_equals_single_device(tiny_world, tmp_path):
   assert param_err <= 1e-5 * config.optimizer.learning_rate * scale + 1e-7
 
 
-def test_two_processes_train_like_one(tiny_world, tiny_dataset, tmp_path):
-  """jax.distributed over localhost: 2 processes x 2 CPU devices == 1 process x 4 devices."""
+def _start_processes(config_path, workdir, count, devices, **env):
+  """`count` processes of tests/scripts/multiprocess_train.py over one localhost coordinator."""
   import socket
-  config = tiny_config(tiny_world, tiny_dataset, num_steps=3, checkpoint_every=100)
-  (tmp_path / "config.json").write_text(config.to_json())
-  script = os.path.join(ROOT, "tests", "scripts", "multiprocess_train.py")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  shared = str(tmp_path / "two")
-  workers = [subprocess.Popen([sys.executable, script, str(tmp_path / "config.json"), shared,
-                               "2", str(i), str(port), "2"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for i in range(2)]
+  script = os.path.join(ROOT, "tests", "scripts", "multiprocess_train.py")
+  return [subprocess.Popen([sys.executable, script, str(config_path), str(workdir), str(count),
+                            str(i), str(port), str(devices)], cwd=ROOT, env={**os.environ, **env},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+          for i in range(count)]
+
+
+def _finish(workers, timeout=300):
+  """(exit code, stderr) of each process."""
+  results = []
   for worker in workers:
-    _, err = worker.communicate(timeout=300)
-    assert worker.returncode == 0, err.decode()[-2000:]
-  subprocess.run([sys.executable, script, str(tmp_path / "config.json"), str(tmp_path / "one"),
-                  "1", "0", "0", "4"], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    _, err = worker.communicate(timeout=timeout)
+    results.append((worker.returncode, err.decode()))
+  return results
+
+
+def test_two_processes_train_like_one_and_stop_together(tiny_world, tiny_dataset, tmp_path):
+  """jax.distributed over localhost: 2 processes x 2 CPU devices == 1 process x 4 devices. Then
+  SIGTERM to ONE of the two processes mid-run (a preemption notice reaches one host of a slice):
+  both stop after the same step within a bounded time, both have saved that step, both exit with
+  143, and running the same command again logs every step's loss as the uninterrupted run did."""
+  steps = 12
+  config = tiny_config(tiny_world, tiny_dataset, num_steps=steps, checkpoint_every=100)
+  config_path = tmp_path / "config.json"
+  config_path.write_text(config.to_json())
+  shared = tmp_path / "two"
+  for code, err in _finish(_start_processes(config_path, shared, 2, 2)):
+    assert code == 0, err[-2000:]
+  for code, err in _finish(_start_processes(config_path, tmp_path / "one", 1, 4)):
+    assert code == 0, err[-2000:]
   two, one = _metrics(shared), _metrics(str(tmp_path / "one"))
   print("losses, 2 processes:", [m["loss"] for m in two], "1 process:", [m["loss"] for m in one])
-  assert [m["step"] for m in two] == [1, 2, 3]
+  assert [m["step"] for m in two] == list(range(1, steps + 1))
   np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
+
+  run = tmp_path / "preempted"
+  workers = _start_processes(config_path, run, 2, 2, STEP_DELAY="0.3")
+  logged = run / "metrics.jsonl"
+  _wait_for(lambda: logged.exists() and logged.read_text().count("\n") >= 3, workers[0],
+            timeout=300)
+  workers[1].send_signal(signal.SIGTERM)
+  signalled = time.time()
+  results = _finish(workers, timeout=120)
+  elapsed = time.time() - signalled
+  stopped = [re.search(r"stopped by SIGTERM after step (\d+)", err) for _, err in results]
+  assert all(stopped), [err[-2000:] for _, err in results]
+  at = {int(m.group(1)) for m in stopped}
+  print(f"both processes stopped after step {at} and exited {[c for c, _ in results]} "
+        f"{elapsed:.1f} s after the signal")
+  assert [code for code, _ in results] == [143, 143]
+  assert len(at) == 1 and (stop := at.pop()) < steps
+  assert elapsed < 60
+  assert os.listdir(run / "checkpoints") == [str(stop)]
+  assert _metrics(run)[-1]["step"] == stop
+  for code, err in _finish(_start_processes(config_path, run, 2, 2)):
+    assert code == 0, err[-2000:]
+  timing = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in rows]
+  assert timing(_metrics(run)) == timing(two)  # every step's loss, to the last digit
 
 
 def test_training_on_an_embedding_cache(tiny_world, tiny_dataset, tmp_path):

@@ -78,8 +78,12 @@ class Checkpoints:
           data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types; a failed restore must never pass silently
       reason = " ".join(str(e).split())[:500]
+      earlier = [s for s in self.manager.all_steps() if s < step]
+      hint = (f"; to resume from step {max(earlier)} before it, move "
+              f"{storage.join(self.directory, str(step))} out of {self.directory} and run again"
+              if earlier else "")
       raise CheckpointError(f"{self.directory}: cannot restore step {step} onto this run "
-                            f"({type(e).__name__}: {reason})") from None
+                            f"({type(e).__name__}: {reason}){hint}") from None
     state = from_flat(restored.state, abstract_state._replace(params=None))
     return state._replace(params=from_flat(restored.params, abstract_state.params,
                                            drop_prefix=1)), restored.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from ipadapter_jax import storage
@@ -9,6 +10,13 @@ from ipadapter_jax.models.attention_kernels import IMPLEMENTATIONS
 from ipadapter_jax.train.step import TRAINABLE
 
 DTYPES = ("float32", "bfloat16")
+# Keys a resumed run may change: how long it runs, how this host joins the run, and what it
+# logs, keeps, samples and validates. Every other key changes what is trained.
+RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_last", "keep_every",
+                  "sample_every", "sample_prompts", "sample_images", "sample_steps",
+                  "eval_every", "eval_annotations", "eval_clip", "eval_judge", "eval_limit",
+                  "eval_steps", "eval_guidance_scale", "eval_batch_size", "export_adapter",
+                  "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id")
 
 
 class TrainingError(RuntimeError):
@@ -24,6 +32,17 @@ def _local_inputs(cfg):
   yield "model.init_adapter", cfg.model.init_adapter
   yield from ((f"sample_images[{i}]", p) for i, p in enumerate(cfg.sample_images))
   yield "eval_annotations", cfg.eval_annotations
+
+
+def validate_loop(cfg):
+  """Raises TrainingError (one line) for loop settings that cannot run: checked before anything
+  is loaded, so that a typo costs no model load or compile."""
+  for key in ("num_steps", "log_every", "checkpoint_every", "keep_last"):
+    if cfg[key] < 1:
+      raise TrainingError(f"{key} must be >= 1, got {cfg[key]}")
+  for key in ("keep_every", "sample_every", "eval_every"):
+    if cfg[key] < 0:
+      raise TrainingError(f"{key} must be >= 0 (0 = off), got {cfg[key]}")
 
 
 def validate(cfg, mesh):
@@ -76,3 +95,34 @@ def validate(cfg, mesh):
   probabilities = (cfg.dropout.image, cfg.dropout.text, cfg.dropout.both)
   if min(probabilities) < 0 or sum(probabilities) > 1:
     raise TrainingError(f"dropout probabilities {probabilities} must be >= 0 and sum to <= 1")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_resume(cfg, workdir: str) -> None:
+  """Raises TrainingError (one line) when the run in `workdir` was trained with a config that
+  differs from `cfg` in a key outside RESUMABLE_KEYS, naming every such key, old and new."""
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
+    return
+  try:
+    old = _flat(json.loads(storage.read_text(path)))
+  except json.JSONDecodeError as e:
+    raise TrainingError(f"{path}: not a readable run config ({e})") from None
+  new = _flat(json.loads(cfg.to_json_best_effort()))  # both sides through JSON: tuples as lists
+  shown = lambda flat, k: repr(flat[k]) if k in flat else "(absent)"
+  changed = [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
+             if shown(old, k) != shown(new, k) and k not in RESUMABLE_KEYS]
+  if changed:
+    raise TrainingError(f"{workdir} holds a run trained with another config ({'; '.join(changed)})"
+                        "; resume it with its own values or start a new run in another --workdir "
+                        "(a resume may change num_steps and the logging, checkpoint, sample and "
+                        "eval settings)")

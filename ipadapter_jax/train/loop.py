@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -17,11 +16,12 @@ from ipadapter_jax import storage
 from ipadapter_jax.data import input_pipeline
 from ipadapter_jax.pipeline import IPAdapterPipeline
 from ipadapter_jax.train import sharding
-from ipadapter_jax.train.checks import TrainingError, validate
+from ipadapter_jax.train.checks import TrainingError, check_resume, validate, validate_loop
 from ipadapter_jax.train.checkpoint import Checkpoints
 from ipadapter_jax.train.metrics import MetricsWriter
 from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.outputs import SampleGrids, export, write_run_files
+from ipadapter_jax.train.preemption import StopSignal, exit_code
 from ipadapter_jax.train.validation import Validation
 from ipadapter_jax.train.program import program_from_config
 from ipadapter_jax.train.step import make_schedule
@@ -29,12 +29,22 @@ from ipadapter_jax.weights.files import CheckpointError
 
 
 def initialize_distributed(mesh_cfg):
-  """Joins a multi-process run: explicit coordinator (GPU clusters) or Cloud TPU auto-detection."""
+  """Joins a multi-process run: an explicit coordinator (GPU clusters), else JAX's own cluster
+  detection (Cloud TPU VMs and GKE, SLURM, Open MPI); where it finds none, one process."""
+  if jax.distributed.is_initialized():  # the caller joined already
+    return
   if mesh_cfg.coordinator_address:
     jax.distributed.initialize(mesh_cfg.coordinator_address, mesh_cfg.num_processes,
                                mesh_cfg.process_id)
-  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return
+  try:
     jax.distributed.initialize()
+  except ValueError as e:  # JAX's word for "no cluster here": nothing named a coordinator
+    if "coordinator_address" not in str(e):
+      raise
+  except RuntimeError as e:  # JAX already runs in this process (a notebook, a test): one process
+    if "must be called before" not in str(e):
+      raise
 
 
 class StepOutputs:
@@ -51,14 +61,18 @@ class StepOutputs:
     self.pending.append((step, out))
 
   def check(self, last_checkpoint: int | None):
-    """Reads the pending outputs back (one transfer) and stops the run at a non-finite loss."""
+    """Reads the pending outputs back (one transfer) and stops the run at a non-finite loss,
+    gradient or parameter (the step kept the state it was given)."""
     if not self.pending:
       return
     host = jax.device_get([out for _, out in self.pending])
     for (step, _), out in zip(self.pending, host):
-      if not np.isfinite(out["loss"]):
-        raise TrainingError(f"non-finite loss ({out['loss']}) at step {step}; the run stops here "
-                            f"and the last checkpoint (step {last_checkpoint}) is intact")
+      for name in ("loss", "grad_norm", "param_norm"):
+        if not np.isfinite(out[name]):
+          kept = (f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint
+                  else "no checkpoint was saved before it")
+          raise TrainingError(f"non-finite {name} ({out[name]}) at step {step}; the run stops "
+                              f"here and {kept}")
       self.values.append((step, out))
       self.last_loss = float(out["loss"])
     self.pending = []
@@ -80,9 +94,9 @@ class StepOutputs:
 
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) as `cfg` says; returns a summary of the run."""
+  validate_loop(cfg)
   workdir = storage.resolve(workdir)
   storage.check_reachable(workdir)
-  storage.makedirs(workdir)
 
   # ----- Mesh ------------------------------------------------------------------------------
   initialize_distributed(cfg.mesh)
@@ -92,6 +106,14 @@ def train(cfg, workdir: str) -> dict:
     raise TrainingError(str(e)) from None
   validate(cfg, mesh)
 
+  # ----- Resume point: a run resumes only with the config it was trained with ----------------
+  storage.makedirs(workdir)
+  checkpoints = Checkpoints(storage.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
+                            keep_every=cfg.keep_every)
+  start = checkpoints.latest_step() or 0
+  if start:
+    check_resume(cfg, workdir)
+
   # ----- Data ------------------------------------------------------------------------------
   source = input_pipeline.open_source(cfg.data.source, split=cfg.data.split,
                                       data_dir=cfg.data.data_dir or None)
@@ -100,7 +122,6 @@ def train(cfg, workdir: str) -> dict:
   # ----- Models ----------------------------------------------------------------------------
   sd = load_models(cfg)
   spec = step_spec(cfg, sd, cached=cached)
-  write_run_files(cfg, sd, workdir)
   networks = sd.networks()
   program, params, frozen = program_from_config(cfg, networks, spec, mesh)
   data_spec = input_pipeline.DataSpec(
@@ -109,7 +130,7 @@ def train(cfg, workdir: str) -> dict:
       caption_key=cfg.data.caption_key)
   batches = input_pipeline.make_train_iterator(
       source, data_spec, global_batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
-      worker_count=cfg.data.worker_count)
+      worker_count=cfg.data.worker_count, max_bad_records=cfg.data.max_bad_records)
 
   # ----- Train state and frozen weights: placed in their shards on the devices ---------------
   replicated = program.replicated
@@ -118,14 +139,12 @@ def train(cfg, workdir: str) -> dict:
   empty = jax.device_put(empty_conditions(cfg, sd, spec), replicated)
 
   # ----- Restore ---------------------------------------------------------------------------
-  checkpoints = Checkpoints(storage.join(workdir, "checkpoints"), keep_last=cfg.keep_last,
-                            keep_every=cfg.keep_every)
-  start = checkpoints.latest_step() or 0
   if start:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, program.state_shardings)
     state, data_state = checkpoints.restore(start, abstract)
     batches.set_state(data_state)
+  write_run_files(cfg, sd, workdir)  # only now: a failed restore leaves the run's files as they were
   metrics = MetricsWriter(workdir, resume_step=start)
   # Sample grids and validation share one pipeline, made on process 0 only.
   reporting = sd.unet is not None and (cfg.sample_every or cfg.eval_every)
@@ -139,8 +158,9 @@ def train(cfg, workdir: str) -> dict:
   compiled = program.step(first).lower(state, frozen, first, empty, key).compile()
 
   # ----- Loop ------------------------------------------------------------------------------
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+  # A signal stops the run at a step boundary, with a checkpoint of that step: one that arrives
+  # while a checkpoint, sample grid or validation runs is honoured after the next step.
+  stop = StopSignal()
   progress = tqdm(total=cfg.num_steps, initial=start, desc="training", unit="step",
                   disable=jax.process_index() != 0)
   outputs = StepOutputs(cfg.batch_size, make_schedule(cfg.optimizer, cfg.num_steps))
@@ -155,14 +175,18 @@ def train(cfg, workdir: str) -> dict:
         outputs.add(step, out)
         progress.update(1)
         last = step == cfg.num_steps
-        if step % cfg.log_every == 0 or last:
+        stopping = stop.reached(step)  # on every host, at every step
+        if step % cfg.log_every == 0 or last or stopping:
           values = outputs.summary(checkpoints.latest_step())
+          values["skipped_records"] = batches.skipped_records  # undecodable, so far (this host)
           metrics.write(step, values)
           progress.set_postfix(loss=f"{values['loss']:.4f}")
-        if step % cfg.checkpoint_every == 0 or last or stop["signal"]:
+        if step % cfg.checkpoint_every == 0 or last or stopping:
           outputs.check(checkpoints.latest_step())  # a non-finite state is never saved
           with jax.transfer_guard("allow"):
             checkpoints.save(step, state, batches.get_state(), force=True)
+        if stopping and not last:
+          break
         sample_now = reporting and _due(step, cfg.sample_every, last)
         eval_now = reporting and _due(step, cfg.eval_every, last)
         if sample_now or eval_now:
@@ -173,22 +197,24 @@ def train(cfg, workdir: str) -> dict:
               samples(step, weights)
             if validation is not None and eval_now:
               metrics.write(step, validation(weights))
-        if stop["signal"]:
-          break
         if not last:
           batch = next(batches)
     outputs.check(checkpoints.latest_step())
   finally:
+    stop.close()
     checkpoints.wait()
     checkpoints.close()
     metrics.close()
     progress.close()
-    signal.signal(signal.SIGTERM, previous)
 
   # ----- Export ----------------------------------------------------------------------------
   summary = {"step": step, "loss": outputs.last_loss,
-             "stopped_by_signal": stop["signal"] is not None}
-  if step >= cfg.num_steps:
+             "stopped_by_signal": step < cfg.num_steps and stop.signum is not None}
+  if summary["stopped_by_signal"]:
+    summary["signal"] = stop.name
+    print(f"stopped by {stop.name} after step {step}: checkpoint {step} is saved; run the same "
+          "command again to resume", file=sys.stderr, flush=True)
+  else:
     nnx.update(networks, _gather(_exported(state)))
     if jax.process_index() == 0:
       summary["exported"] = export(cfg, sd, workdir)
@@ -223,4 +249,6 @@ def train_command(cfg, workdir: str) -> int:
     return 1
   if jax.process_index() == 0:
     print(json.dumps(summary))
+  if summary["stopped_by_signal"]:
+    return exit_code(getattr(signal, summary["signal"]))
   return 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
 import jax
 
 from ipadapter_jax import storage
+from ipadapter_jax.train.checks import TrainingError
 
 # A remote event file is uploaded whole after every write: past this size the writer starts a
 # new one, so that finished files are not sent again.
@@ -44,11 +46,27 @@ class MetricsWriter:
     return SummaryWriter(self._local_tb_dir, filename_suffix=f".{uuid.uuid4().hex[:8]}", **kwargs)
 
   def _truncate_after(self, step: int):
-    """Drops lines logged after the restored checkpoint: those steps run again."""
+    """Drops lines logged after the restored checkpoint: those steps run again. A last line cut
+    short (the process died mid-write) is dropped with a warning; any other unreadable line is
+    an error, since this writer did not write it."""
     if not storage.exists(self.path):
       return
     lines = storage.read_text(self.path).splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        if number < len(lines):
+          raise TrainingError(f"{self.path}: line {number} is not a metrics record; move the "
+                              "file aside to resume") from None
+        print(f"warning: {self.path}: dropped its last line, cut short ({line.strip()[:60]!r})",
+              file=sys.stderr)
+        continue
+      if record["step"] <= step:
+        kept.append(line)
     if kept != lines:
       storage.write_text(self.path, "".join(kept))
 

@@ -240,9 +240,10 @@ def ema_decay_at(step, decay: float):
 
 def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: StepSpec,
                optimizer: optax.GradientTransformation):
-  """One optimizer step; returns the new state and {loss, grad_norm}.
+  """One optimizer step; returns the new state and {loss, grad_norm, param_norm}.
 
-  A non-finite loss leaves the state unchanged (the loop then stops the run).
+  A non-finite loss, gradient or updated parameter leaves the state unchanged (the loop then
+  stops the run), so that no checkpoint can hold one.
   """
   key = jax.random.fold_in(key, state.step)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, graphdef, batch, empty, key, spec)
@@ -252,7 +253,8 @@ def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: 
   if spec.ema_decay > 0:
     decay = ema_decay_at(state.step, spec.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-  finite = jnp.isfinite(loss)
+  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
   new = TrainState(state.step + 1, params, opt_state, ema)
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return new, {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm}

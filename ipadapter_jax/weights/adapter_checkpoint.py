@@ -3,7 +3,8 @@
 A folder with `adapter_config.json` (the adapter's shape and the UNet config it belongs to) and
 an Orbax item `adapter`: a flat {"module.path.kernel": array} dict of every AdapterParam.
 A training work directory has the same config file and stores the trainable weights the same
-way (`checkpoints/STEP/params`), so `load_adapter_checkpoint` opens both (the latest step).
+way (`checkpoints/STEP/params`), so `load_adapter_checkpoint` opens both (the latest finalized
+step).
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def _weights_item(directory: str) -> str:
   if storage.isdir(storage.join(directory, ITEM)):
     return storage.join(directory, ITEM)
   steps = storage.join(directory, "checkpoints")
-  numbered = []
-  if storage.isdir(steps):
-    numbered = sorted(int(d) for d in storage.listdir(steps) if d.isdigit())
-  if numbered:
-    return storage.join(steps, str(numbered[-1]), "params")
+  # Orbax's own test of a finished save: a step folder still being written (on an object store
+  # it has its final name from the start) is not one.
+  finalized = ocp.path.step.checkpoint_steps(steps) if storage.isdir(steps) else []
+  if finalized:
+    return storage.join(steps, str(max(finalized)), "params")
   raise CheckpointError(f"{directory}: neither an adapter checkpoint ('{ITEM}/') nor a training "
                         "run with checkpoints")
 

@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
 from ipadapter_jax.diffusion.samplers import Sampler, Tables, default_sampler, make_sampler
 from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt
-from ipadapter_jax.models.attention_kernels import on_mesh
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
 from ipadapter_jax.request import (INPAINT, TEXT2IMG, Inputs, Plan, Request, default_size,
                                    image_prompt_inputs, plan_generation, vae_scale_factor)
@@ -290,8 +289,7 @@ class IPAdapterPipeline:
     self.mesh = jax.make_mesh((len(devices),), ("data",),
                               axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
-    self._generate = jax.jit(on_mesh(generate, self.mesh),
-                             static_argnames=("graphdef", "plan", "on_step"))
+    self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
     self._encode_embeds = jax.jit(encode_embeds, static_argnames=("graphdef", "plans"))
     self._on_step = on_step
 

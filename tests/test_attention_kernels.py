@@ -72,25 +72,37 @@ def test_splash_attention_equals_xla_in_interpret_mode():
 
 
 def test_the_choice_per_platform_and_the_refusals():
+  """Unsharded arrays name no devices: long self-attention gets one kernel per platform, for
+  lowering to pick; everything else is the same everywhere."""
   long_q, long_k, _, _ = _qkv(1024, 1024)
   short_q, short_k, _, _ = _qkv(1024, 81)
-  assert jax.default_backend() == "cpu"
-  assert kernels.choose(None, long_q, long_k, has_bias=False) == "chunked"
-  assert kernels.choose(None, short_q, short_k, has_bias=False) == "xla"  # cross-attention
-  assert kernels.choose(None, long_q, long_k, has_bias=True) == "xla"
-  assert kernels.choose("splash", short_q, short_k, has_bias=False) == "xla"
-  assert kernels.choose("splash", long_q, long_k, has_bias=False) == "splash"
-  with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+  assert kernels.known_platform(long_q) is None
+  assert kernels.choose(None, long_q, long_k, has_bias=False) == {
+      "cpu": "chunked", "tpu": "splash", "default": "xla"}
+  assert kernels.choose(None, short_q, short_k, has_bias=False) == {"default": "xla"}  # cross
+  assert kernels.choose(None, long_q, long_k, has_bias=True) == {"default": "xla"}
+  assert kernels.choose("splash", short_q, short_k, has_bias=False) == {"default": "xla"}
+  assert kernels.choose("splash", long_q, long_k, has_bias=False) == {"default": "splash"}
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU; this process has no CUDA"):
     kernels.choose("cudnn", long_q, long_k, has_bias=False)
   with pytest.raises(ValueError, match="is not one of"):
     kernels.choose("flash", long_q, long_k, has_bias=False)
 
 
-def test_dot_product_attention_takes_the_chosen_kernel():
-  q, k, v, _ = _qkv(1024, 1024, H=1)
-  auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v)).lower(q, k, v).as_text()
-  xla = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, "xla")).lower(q, k, v).as_text()
-  assert "while" in auto and "while" not in xla  # the chunk loop
+def test_a_plain_jit_on_this_cpu_stages_the_choice_and_runs_the_chunked_kernel():
+  """No mesh names the devices: the kernels are staged per platform and lowering for this CPU
+  keeps the chunked one (its loop; XLA's einsums have none), outputs and gradients XLA's."""
+  q, k, v, g = _qkv(1024, 1024, H=1)
+  auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v))
+  xla = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, "xla"))
+  assert "platform_index" in str(auto.trace(q, k, v).jaxpr)
+  auto_text, xla_text = (f.lower(q, k, v).compile().as_text() for f in (auto, xla))
+  assert "while" in auto_text and "while" not in xla_text  # the chunk loop
+  assert "conditional" not in auto_text  # one platform's kernel, not a switch
+  np.testing.assert_allclose(auto(q, k, v), kernels.xla_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * g), argnums=(0, 1, 2)))
+  for a, b in zip(loss(dot_product_attention)(q, k, v), loss(kernels.xla_attention)(q, k, v)):
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -132,25 +144,40 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ipadapter_jax.models import attention_kernels as kernels
 mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 rng = np.random.default_rng(0)
-q, k, v, g = (jnp.asarray(rng.standard_normal((shape, 200, 2, 64)), jnp.float32)
-              for shape in (4, 4, 4, 4))
+q, k, v, g = (jnp.asarray(rng.standard_normal((4, 200, 2, 64)), jnp.float32) for _ in range(4))
 split = NamedSharding(mesh, P(("data", "fsdp")))
-q, k, v, g = (jax.device_put(x, split) for x in (q, k, v, g))
-loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * g))
-splash = kernels.on_mesh(lambda q, k, v: kernels.splash_attention(q, k, v, interpret=True), mesh)
+sharded = [jax.device_put(x, split) for x in (q, k, v, g)]
+loss = lambda f, g: (lambda q, k, v: jnp.sum(f(q, k, v) * g))
+splash = lambda q, k, v: kernels.splash_attention(q, k, v, interpret=True)
+manual = lambda text: "shard_map" in text or "sdy.manual_computation" in text
 out = {}
-for name, f in (("splash", splash), ("xla", kernels.xla_attention)):
-  out[name] = jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
-text = jax.jit(splash).lower(q, k, v).as_text()
-err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out["splash"]),
-                                                      jax.tree.leaves(out["xla"])))
-print(json.dumps({"err": err, "shard_map": "shard_map" in text or "sdy.manual_computation" in text}))
+# The mesh from the arguments' shardings alone, then from jax.set_mesh with unsharded ones.
+for name, f, (q_, k_, v_, g_) in (("shardings", splash, sharded),
+                                  ("xla", kernels.xla_attention, sharded)):
+  out[name] = jax.jit(jax.value_and_grad(loss(f, g_), argnums=(0, 1, 2)))(q_, k_, v_)
+text = {"shardings": jax.jit(splash).lower(*sharded[:3]).as_text(),
+        "none": jax.jit(splash).lower(q, k, v).as_text()}
+with jax.set_mesh(mesh):
+  # Made inside the program, these arrays carry no mesh: only the context names it.
+  inside = jax.jit(lambda s: splash(*(jnp.broadcast_to(s, (4, 200, 2, 64)) for _ in range(3))))
+  text["set_mesh"] = inside.lower(jnp.float32(1)).as_text()
+  out["set_mesh"] = jax.jit(jax.value_and_grad(loss(splash, g), argnums=(0, 1, 2)))(q, k, v)
+  # Long self-attention where the mesh names the platform: chosen when traced, nothing staged.
+  long = jnp.zeros((4, 1024, 2, 8))
+  staged = "platform_index" in str(jax.make_jaxpr(
+      lambda q: kernels.attention(q, q, q))(long))
+errs = {name: max(float(jnp.abs(a - b).max()) for a, b in
+                  zip(jax.tree.leaves(out[name]), jax.tree.leaves(out["xla"])))
+        for name in ("shardings", "set_mesh")}
+print(json.dumps({"errs": errs, "manual": {name: manual(t) for name, t in text.items()},
+                  "staged": staged}))
 """
 
 
 def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
   """Over a mesh of several devices splash runs in shard_map over the batch axes (a Pallas kernel
-  cannot be partitioned by XLA), and its outputs and gradients equal XLA's attention."""
+  cannot be partitioned by XLA), whether the mesh comes from the arguments' shardings or from
+  `jax.set_mesh`, and its outputs and gradients equal XLA's attention."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, cwd=ROOT,
@@ -158,19 +185,35 @@ def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   print(out)
-  assert out["shard_map"]
-  assert out["err"] <= 1e-4  # the gradients sum 4 x 200 x 128 products: float32 rounding
+  assert out["manual"] == {"shardings": True, "set_mesh": True, "none": False}
+  assert not out["staged"]
+  for err in out["errs"].values():
+    assert err <= 1e-4  # the gradients sum 4 x 200 x 128 products: float32 rounding
+
+
+def _gpu_mesh():
+  """An abstract mesh of NVIDIA GPUs, as a GPU program's arguments or `jax.set_mesh` name it."""
+  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                    platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=gpu)
 
 
 def test_the_choice_follows_the_compile_target_not_the_host(monkeypatch):
-  """A program compiled for GPU devices takes cuDNN for bf16 (and XLA for float32) even when
-  this host is a CPU; one compiled for the host keeps the CPU's kernels."""
+  """A program whose mesh is of GPUs takes cuDNN for bf16 (and XLA for float32) even when this
+  host is a CPU; with CUDA in the process and no mesh, cuDNN is staged for CUDA alone."""
   q16, k16 = (jnp.zeros((2, 1024, 2, 64), jnp.bfloat16) for _ in range(2))
   q32, k32 = (jnp.zeros((2, 1024, 2, 64), jnp.float32) for _ in range(2))
-  assert kernels.choose(None, q16, k16, has_bias=False) == "chunked"
-  monkeypatch.setattr(kernels, "target", lambda: kernels.Target("gpu"))
-  assert kernels.choose(None, q16, k16, has_bias=False) == "cudnn"
-  assert kernels.choose(None, q32, k32, has_bias=False) == "xla"
-  assert kernels.choose("cudnn", q16, k16, has_bias=False) == "cudnn"  # no refusal on a GPU
-  with pytest.raises(ValueError, match="needs bfloat16"):
-    kernels.choose("cudnn", q32, k32, has_bias=False)
+  assert "cuda" not in kernels.choose(None, q16, k16, has_bias=False)  # no CUDA here
+  monkeypatch.setattr(kernels, "_has_cuda", lambda: True)
+  assert kernels.choose(None, q16, k16, has_bias=False) == {
+      "cpu": "chunked", "tpu": "splash", "cuda": "cudnn", "default": "xla"}
+  assert kernels.choose(None, q32, k32, has_bias=False) == {
+      "cpu": "chunked", "tpu": "splash", "default": "xla"}
+  with jax.sharding.use_abstract_mesh(_gpu_mesh()):
+    assert kernels.known_platform(q16) == "cuda"
+    assert kernels.choose(None, q16, k16, has_bias=False) == {"default": "cudnn"}
+    assert kernels.choose(None, q32, k32, has_bias=False) == {"default": "xla"}
+    assert kernels.choose("cudnn", q16, k16, has_bias=False) == {"default": "cudnn"}
+    with pytest.raises(ValueError, match="needs bfloat16"):
+      kernels.choose("cudnn", q32, k32, has_bias=False)

@@ -1,7 +1,7 @@
 """The adapter train step and the sampling program compiled for a TPU topology (v5e:2x2, four
 chips) on this CPU-only host by libtpu's compiler: the attention kernel follows the target (the
-Pallas splash kernel, partitioned by hand), the collectives are the mesh's, and the compiler's
-per-chip memory figures read back and add up."""
+Pallas splash kernel, partitioned by hand), also in a plain `jax.jit` of the UNet, the
+collectives are the mesh's, and the compiler's per-chip memory figures read back and add up."""
 
 import functools
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.configs import sd15_ip_adapter
 from ipadapter_jax.models import attention_kernels as kernels
@@ -55,12 +55,63 @@ def _bytes(tree) -> int:
 
 def test_the_kernel_follows_the_mesh_not_the_host():
   q = k = jnp.zeros((8, 1024, 2, 16), jnp.bfloat16)
-  assert kernels.choose(None, q, k, has_bias=False) == "chunked"  # this host: a CPU
-  mesh = _mesh()
-  with kernels.compiling_for(mesh):
-    assert kernels.target().platform == "tpu" and kernels.target().batch_shards == 4
-    assert kernels.choose(None, q, k, has_bias=False) == "splash"
-  assert kernels.choose(None, q, k, has_bias=False) == "chunked"  # the context is left
+  # This host is a CPU, but no mesh names the devices: the choice is left to lowering.
+  assert kernels.choose(None, q, k, has_bias=False) == {"cpu": "chunked", "tpu": "splash",
+                                                        "default": "xla"}
+  with jax.set_mesh(_mesh()):
+    assert kernels.known_platform(q) == "tpu"
+    assert kernels.choose(None, q, k, has_bias=False) == {"default": "splash"}
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU; this program is compiled for tpu"):
+      kernels.choose("cudnn", q, k, has_bias=False)
+  assert kernels.known_platform(q) is None  # the mesh is left
+
+
+# Each of the UNet's five 1,024-token self-attention layers (two down, three up) is one call.
+FORWARD_MOSAIC_CALLS = 5
+
+
+def _unet_forward(devices, sharded: bool):
+  """A plain `jax.jit` of the UNet's forward (no project code around it) and its abstract
+  arguments: replicated weights and a batch split over `devices`, the arguments carrying
+  these shardings when `sharded`, else given them by `in_shardings` only."""
+  unet = aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), None)
+  graphdef, state = nnx.split(unet)
+  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  shapes = (state, jax.ShapeDtypeStruct((8, LATENT, LATENT, 4), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, 77, ref.SD15_LIKE["cross_attention_dim"]), jnp.bfloat16))
+  shardings = (jax.tree.map(lambda _: replicated, state), split, split)
+  place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if sharded else None)
+  args = jax.tree.map(place, shapes, shardings)
+  forward = jax.jit(lambda state, x, context: nnx.merge(graphdef, state)(x, 500, context),
+                    in_shardings=shardings)
+  return mesh, forward, args
+
+
+def test_a_plain_jit_over_sharded_arguments_compiles_splash_in_shard_map():
+  """No mesh in context: the arguments' shardings name the TPU mesh, which picks splash and
+  splits it over the batch (XLA refuses to partition a Mosaic kernel)."""
+  _, forward, args = _unet_forward(list(_mesh().devices.flat), sharded=True)
+  text = forward.lower(*args).compile().as_text()
+  assert text.count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
+
+
+def test_a_plain_jit_under_set_mesh_compiles_splash_in_shard_map():
+  """Arguments without shardings (in_shardings only): the mesh set by `jax.set_mesh` does it."""
+  mesh, forward, args = _unet_forward(list(_mesh().devices.flat), sharded=False)
+  with jax.set_mesh(mesh):
+    text = forward.lower(*args).compile().as_text()
+  assert text.count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
+
+
+def test_a_plain_jit_for_one_tpu_chip_stages_the_choice_and_lowering_keeps_splash():
+  """Nothing names the platform when traced (one chip, no mesh on the arguments or in
+  context): every platform's kernel is staged and lowering for the TPU keeps splash."""
+  _, forward, args = _unet_forward(list(_mesh().devices.flat)[:1], sharded=False)
+  traced = forward.trace(*args)
+  assert "platform_index" in str(traced.jaxpr)
+  assert traced.lower().compile().as_text().count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
 
 
 def test_train_step_compiles_for_tpu_with_splash_and_data_parallel_collectives(unet):

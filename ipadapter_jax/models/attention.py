@@ -36,26 +36,15 @@ def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = N
   """softmax(q k^T / sqrt(K) + bias) v; logits and softmax are float32 whatever the input dtype.
 
   Every attention of the project goes through here. `implementation` None picks the kernel per
-  platform and shape (`attention_kernels.choose`: chunked on CPUs and splash on TPUs for long
-  self-attention, cuDNN for bf16/fp16 on NVIDIA GPUs, XLA otherwise); "xla", "chunked", "cudnn"
-  or "splash" force one. `bias` broadcasts against the [B, H, T, S] logits (a [S] vector biases
-  each key). Causal attention (CLIP's text tower, 77 tokens) always takes XLA's path.
+  shape and the platform the program is lowered for (`attention_kernels.choose`: chunked on
+  CPUs and splash on TPUs for long self-attention, cuDNN for bf16/fp16 on NVIDIA GPUs, XLA
+  otherwise); "xla", "chunked", "cudnn" or "splash" force one. `bias` broadcasts against the
+  [B, H, T, S] logits (a [S] vector biases each key). Causal attention (CLIP's text tower, 77
+  tokens) always takes XLA's path.
   """
   if is_causal:
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, is_causal=True)
-  kind = kernels.choose(implementation, q_BTHK, k_BSHK, has_bias=bias is not None)
-  if kind == "chunked":
-    return kernels.chunked_attention(q_BTHK, k_BSHK, v_BSHK)
-  if kind == "splash":
-    return kernels.splash_attention(q_BTHK, k_BSHK, v_BSHK)
-  if kind == "cudnn":
-    if bias is not None:  # cuDNN takes the bias in the inputs' dtype, the query axis spelled out
-      bias = jnp.asarray(bias, q_BTHK.dtype)
-      bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_BTHK.shape[1], k_BSHK.shape[1]))
-    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias,
-                                        implementation="cudnn")
-  return kernels.xla_attention(q_BTHK, k_BSHK, v_BSHK, bias)
+  return kernels.attention(q_BTHK, k_BSHK, v_BSHK, implementation, bias)
 
 
 # log(scale) for scale <= 0: a finite stand-in for log(0) = -inf. The image keys' weights still

@@ -10,22 +10,24 @@
 - "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16).
 - "splash": JAX's Pallas splash attention kernel (TPUs; `interpret=True` runs it anywhere).
 
-`choose` picks one when none is asked for: cuDNN for bf16/fp16 on NVIDIA GPUs, splash on TPUs
-and chunked on CPUs for self-attention of at least `LONG` tokens, XLA otherwise (cross-attention
-over 77 + N tokens is small: a plain einsum). docs/performance.md has the measurements.
+`choose` picks one when none is asked for: splash on TPUs and chunked on CPUs for
+self-attention of at least `LONG` tokens, cuDNN for bf16/fp16 on NVIDIA GPUs, XLA otherwise
+(cross-attention over 77 + N tokens is small: a plain einsum). docs/performance.md has the
+measurements.
 
-The platform is that of the devices a program is compiled for, not the host's: a program
-traced under `compiling_for(mesh)` (`on_mesh` wraps a function so) takes the kernels of the
-mesh's platform, so a TPU program compiled on a CPU host (benchmarks/tpu_compile.py) holds the
-splash kernel. A Pallas kernel cannot be partitioned by XLA, so over a mesh of several devices
-splash runs inside `shard_map` over the batch axes, each device on its own examples.
+The platform is that of the devices the program is compiled for, not the host's. Where tracing
+knows them, from the mesh set by `jax.set_mesh` or the one the inputs are sharded over (their
+type carries it, also in a plain `jax.jit`), the kernel is chosen then; otherwise `attention`
+stages each platform's kernel with `jax.lax.platform_dependent` and lowering keeps the target's.
+Either way a TPU program compiled on a CPU host (benchmarks/tpu_compile.py) holds the splash
+kernel. Staging is the fallback only: differentiated, a staged choice carries every kernel's
+residuals, which over a TPU mesh with remat="dots" took a quarter more temporary memory
+(docs/performance.md). A Pallas kernel cannot be partitioned by XLA, so over several devices
+splash runs inside `shard_map` over the batch (`_batch_axes`), each device on its own examples.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import math
 
@@ -45,78 +47,101 @@ TRAINING_CHUNK = 128
 _LOG2E = math.log2(math.e)
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """What a program is compiled for: its devices' platform and, when sharded, the mesh and the
-  mesh axes its batch is split over."""
-  platform: str
-  mesh: jax.sharding.Mesh | None = None
-  batch_axes: tuple[str, ...] = ()
-
-  @property
-  def batch_shards(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.batch_axes) if self.mesh else 1
-
-
-_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("target", default=None)
-
-
-def target() -> Target:
-  """The target of the program being traced: set by `compiling_for`, else the host's backend."""
-  return _TARGET.get() or Target(jax.default_backend())
-
-
-@contextlib.contextmanager
-def compiling_for(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...] | None = None):
-  """Traces within take the kernels of `mesh`'s platform, split over `batch_axes` (default:
-  every axis of the mesh, as the train step and the sampling program split their batch)."""
-  axes = tuple(mesh.axis_names) if batch_axes is None else tuple(batch_axes)
-  token = _TARGET.set(Target(mesh.devices.flat[0].platform, mesh, axes))
+@functools.cache
+def _has_cuda() -> bool:
+  """Whether this process can trace cuDNN attention: jax.nn's needs a loaded CUDA backend."""
   try:
-    yield
-  finally:
-    _TARGET.reset(token)
+    return bool(jax.devices("cuda"))
+  except RuntimeError:  # "Unknown backend cuda"
+    return False
 
 
-def on_mesh(fn, mesh: jax.sharding.Mesh):
-  """`fn` traced under `compiling_for(mesh)`, for `jax.jit`."""
-  @functools.wraps(fn)
-  def traced_for_mesh(*args, **kwargs):
-    with compiling_for(mesh):
-      return fn(*args, **kwargs)
-  return traced_for_mesh
+def _mesh(x) -> jax.sharding.AbstractMesh:
+  """The mesh set by `jax.set_mesh`, else the one `x` is sharded over (empty if neither)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.typeof(x).sharding.mesh if mesh.empty else mesh
 
 
-def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> str:
-  """The kernel for one attention call; refuses an impossible explicit choice in one line.
+def known_platform(x) -> str | None:
+  """The platform ("cpu", "tpu", "cuda", "rocm") of the devices `x`'s program is compiled for,
+  where its mesh names them; None where only lowering will tell."""
+  device = _mesh(x).abstract_device
+  if device is None:
+    return None
+  if device.platform == "gpu":  # NVIDIA's and AMD's alike
+    return "cuda" if _has_cuda() else "rocm"
+  return device.platform
+
+
+def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> dict[str, str]:
+  """The kernel of one attention call per platform ("default": any other), one kernel under
+  "default" alone where the platform is known when traced (`known_platform`); refuses an
+  impossible explicit choice in one line.
 
   The blocked kernels ("chunked", "splash") only ever take long self-attention, asked for or
   not: everything shorter (cross-attention over 77 + N tokens, low-resolution levels) is a
   plain XLA einsum.
   """
-  platform = target().platform
+  platform = known_platform(q_BTHK)
   half = q_BTHK.dtype in (jnp.bfloat16, jnp.float16)
   head_dim = q_BTHK.shape[-1]
   blocked = (q_BTHK.shape[1] == k_BSHK.shape[1] >= LONG) and not has_bias
   if implementation is None:
-    if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
-      return "cudnn"
-    if blocked:
-      return {"cpu": "chunked", "tpu": "splash"}.get(platform, "xla")
-    return "xla"
+    per_platform = {"cpu": "chunked" if blocked else "xla", "tpu": "splash" if blocked else "xla"}
+    # Without a CUDA backend no program of this process is compiled for CUDA (and jax.nn
+    # could not trace cuDNN's attention).
+    if _has_cuda() and half and head_dim % 8 == 0 and head_dim <= 128:
+      per_platform["cuda"] = "cudnn"
+    if platform is not None:
+      return {"default": per_platform.get(platform, "xla")}
+    return {p: k for p, k in per_platform.items() if k != "xla"} | {"default": "xla"}
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
                      f"{', '.join(IMPLEMENTATIONS)} (or None: chosen per platform)")
   if implementation == "cudnn":
-    if platform != "gpu":
-      raise ValueError(f"cuDNN attention needs an NVIDIA GPU; this runs on {platform} "
-                       "(leave attention_implementation unset to choose per platform)")
+    # Where neither the mesh nor this process rules it out, lowering for another platform
+    # fails in cuDNN's own lowering.
+    if platform not in (None, "cuda") or not _has_cuda():
+      where = (f"this program is compiled for {platform}" if platform
+               else "this process has no CUDA backend")
+      raise ValueError(f"cuDNN attention needs an NVIDIA GPU; {where} (leave "
+                       "attention_implementation unset to choose per platform)")
     if not half:
       raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {q_BTHK.dtype} "
                        "(run the model with dtype=jnp.bfloat16, or use 'xla')")
   if implementation in ("chunked", "splash") and not blocked:
-    return "xla"
-  return implementation
+    return {"default": "xla"}
+  return {"default": implementation}
+
+
+def attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, bias=None):
+  """softmax(q k^T / sqrt(K) + bias) v by the kernel `choose` gives the program's platform."""
+  choice = choose(implementation, q_BTHK, k_BSHK, has_bias=bias is not None)
+  branches = {platform: _kernel(name, platform, bias) for platform, name in choice.items()}
+  default = branches.pop("default")
+  if not branches:
+    return default(q_BTHK, k_BSHK, v_BSHK)
+  return jax.lax.platform_dependent(q_BTHK, k_BSHK, v_BSHK, default=default, **branches)
+
+
+def _kernel(name: str, platform: str, bias):
+  """The kernel `name` as a function of (q, k, v)."""
+  if name == "chunked":
+    return lambda q, k, v: chunked_attention(q, k, v)
+  if name == "splash":  # the TPU branch is only lowered for TPUs: no interpreter to stage
+    return functools.partial(splash_attention, interpret=False if platform == "tpu" else None)
+  if name == "cudnn":
+    return functools.partial(cudnn_attention, bias=bias)
+  return functools.partial(xla_attention, bias=bias)
+
+
+def cudnn_attention(q_BTHK, k_BSHK, v_BSHK, bias=None):
+  """`jax.nn.dot_product_attention` by cuDNN (NVIDIA GPUs, bfloat16/float16)."""
+  if bias is not None:  # cuDNN takes the bias in the inputs' dtype, the query axis spelled out
+    bias = jnp.asarray(bias, q_BTHK.dtype)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_BTHK.shape[1], k_BSHK.shape[1]))
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias=bias, implementation="cudnn")
 
 
 def xla_attention(q_BTHK, k_BSHK, v_BSHK, bias=None):
@@ -227,19 +252,35 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
 
   The kernel takes one sequence and [H, T, K]; it is vmapped over the batch. Its block sizes
   must divide T, so T is padded to a multiple of 128 with keys masked out by a segment id.
-  Over a mesh of several devices it runs in `shard_map`, split over the target's batch axes
-  (replicated where the batch does not divide).
+  `interpret` None: compiled for TPUs, Pallas' interpreter elsewhere (slow, for tests). Over
+  several devices it runs in `shard_map` (`_batch_axes`).
   """
-  t = target()
-  if interpret is None:  # Pallas' interpreter off TPUs: slow, for tests
-    interpret = t.platform != "tpu"
-  attend = functools.partial(_splash_local, interpret=interpret)
-  if t.batch_shards == 1:
+  if interpret is None and (platform := known_platform(q_BTHK)) is not None:
+    interpret = platform != "tpu"
+  if interpret is None:
+    attend = lambda q, k, v: jax.lax.platform_dependent(
+        q, k, v, tpu=functools.partial(_splash_local, interpret=False),
+        default=functools.partial(_splash_local, interpret=True))
+  else:
+    attend = functools.partial(_splash_local, interpret=interpret)
+  mesh, axes = _batch_axes(q_BTHK)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if shards == 1:
     return attend(q_BTHK, k_BSHK, v_BSHK)
-  spec = P(t.batch_axes) if q_BTHK.shape[0] % t.batch_shards == 0 else P()
+  spec = P(axes) if q_BTHK.shape[0] % shards == 0 else P()
   # check_vma=False: the kernel's outputs carry no varying-axes annotation for shard_map to check
-  return jax.shard_map(attend, mesh=t.mesh, in_specs=spec, out_specs=spec,
+  return jax.shard_map(attend, mesh=mesh, in_specs=spec, out_specs=spec,
                        check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
+
+
+def _batch_axes(x_BTHK) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
+  """The mesh (`_mesh`) and the axes splash splits the batch over: all not already manual."""
+  # shard_map, not custom_partitioning: that has no autodiff rule, so it would need splash's
+  # forward and backward apart, which only the kernel's private functions give; the mesh in
+  # the inputs' type already serves a plain jit over sharded arguments. Every axis: the
+  # package's meshes split the batch over all of theirs.
+  mesh = _mesh(x_BTHK)
+  return mesh, tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
 
 
 def _splash_local(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool):

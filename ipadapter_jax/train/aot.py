@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ipadapter_jax.diffusion.samplers import DDIM
 from ipadapter_jax.diffusion.schedule import NoiseSchedule
 from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan
-from ipadapter_jax.models.attention_kernels import LONG, on_mesh
+from ipadapter_jax.models.attention_kernels import LONG
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
 from ipadapter_jax.models.image_proj import AdapterConfig
@@ -124,7 +124,19 @@ def train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
   state = jax.eval_shape(program.init_state, params)
   batch, empty = cached_batch(unet, batch_size, latent_size)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return program.step(batch), (state, frozen, batch, empty, key)
+  args = (_placed(state, program.state_shardings), _placed(frozen, program.frozen_shardings),
+          _placed(batch, sharding.batch_sharding(mesh)), _placed(empty, program.replicated),
+          _placed(key, program.replicated))
+  return program.step(batch), args
+
+
+def _placed(tree, shardings):
+  """`tree`'s abstract arrays carrying `shardings` (a tree, or one for all), as a run's arrays
+  do: the splash kernel reads the mesh to split the batch over from its inputs' type."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
 
 def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
@@ -243,9 +255,10 @@ def sampling_program(networks: Networks, mesh, plan: Plan, inputs: Inputs):
   replicated = NamedSharding(mesh, P())
   input_shardings = jax.tree.map(lambda _: replicated, inputs).replace(
       latents=latents_sharding(mesh, inputs.latents.shape[0]))
-  program = on_mesh(lambda state, inputs: generate(graphdef, state, inputs, plan=plan), mesh)
-  return jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
-                                        input_shardings)), (state, inputs)
+  program = lambda state, inputs: generate(graphdef, state, inputs, plan=plan)
+  return (jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
+                                         input_shardings)),
+          (_placed(state, replicated), _placed(inputs, input_shardings)))
 
 
 def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):

@@ -15,7 +15,6 @@ import jax
 import optax
 from flax import nnx
 
-from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.step import (StepSpec, TrainState, init_state, make_optimizer,
                                       train_step, trainable_filter)
@@ -55,7 +54,7 @@ class TrainProgram:
     step = functools.partial(train_step, graphdef=self.graphdef, spec=self.spec,
                              optimizer=self.optimizer)
     return jax.jit(
-        kernels.on_mesh(step, self.mesh),  # the attention kernels of the mesh's platform
+        step,
         in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings,
                       self.replicated, self.replicated),
         out_shardings=(self.state_shardings, self.replicated),

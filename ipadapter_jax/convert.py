@@ -4,25 +4,34 @@
   python -m ipadapter_jax.convert to-jax ip-adapter_sd15.bin --unet SD_FOLDER --out adapter_ckpt
   python -m ipadapter_jax.convert to-official adapter_ckpt --out my-adapter.safetensors --bin
   python -m ipadapter_jax.convert to-diffusers SD_FOLDER --out exported_sd --dtype float16
+
+An --out folder must be new, empty, or the same command's earlier output (its .ipadapter_jax
+marker lists what it wrote); an existing --out file is replaced only with --overwrite. Outputs
+may be gs:// or s3:// URIs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax import storage
+
 DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
+# What each writer's marker names: only the same command replaces an output folder.
+TO_JAX = "python -m ipadapter_jax.convert to-jax"
+TO_OFFICIAL = "python -m ipadapter_jax.convert to-official"
+TO_DIFFUSERS = "python -m ipadapter_jax.convert to-diffusers"
+
+
 def _size(path: str) -> str:
-  total = (os.path.getsize(path) if os.path.isfile(path) else
-           sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs))
-  return f"{total / 1e6:.1f} MB"
+  return f"{storage.size(path) / 1e6:.1f} MB"
 
 
 def _abstract_unet(unet_path: str, adapter):
@@ -45,44 +54,52 @@ def cmd_inspect(args) -> str:
 def cmd_to_jax(args) -> str:
   from ipadapter_jax.weights.adapter_checkpoint import save_adapter_checkpoint
   from ipadapter_jax.weights.ip_adapter import describe, load_ip_adapter, read_ip_adapter
+  out = storage.check_output(args.out, TO_JAX)  # before anything is read
   state = read_ip_adapter(args.file)
   info = describe(state, args.file)
   model = _abstract_unet(args.unet, info.adapter)
   load_ip_adapter(model, state, source=args.file)
-  save_adapter_checkpoint(model, args.out)
-  return f"wrote {args.out}: {info.summary()}, {_size(args.out)}"
+  with storage.staged(out, TO_JAX) as local:  # remote: uploaded whole, once written here
+    save_adapter_checkpoint(model, local)
+  return f"wrote {out}: {info.summary()}, {_size(out)}"
 
 
 def cmd_to_official(args) -> str:
   from ipadapter_jax.weights.adapter_checkpoint import abstract_unet_for, load_adapter_checkpoint
   from ipadapter_jax.weights.ip_adapter import describe, ip_adapter_state_dict, save_ip_adapter
   if not args.out.endswith(".safetensors"):
-    raise SystemExit(f"--out must end with .safetensors (got {args.out}); --bin adds the .bin")
+    raise ValueError(f"--out must end with .safetensors (got {args.out}); --bin adds the .bin")
+  checks = dict(folder=False, overwrite=args.overwrite)
+  outputs = [storage.check_output(p, TO_OFFICIAL, **checks) for p in
+             ([args.out[:-len(".safetensors")] + ".bin"] if args.bin else []) + [args.out]]
+  storage.check_path(args.checkpoint, "checkpoint")
   model = abstract_unet_for(args.checkpoint)
   load_adapter_checkpoint(model, args.checkpoint)
   dtype = DTYPES[args.dtype]
   info = describe(ip_adapter_state_dict(model, dtype))
   # The .bin (which needs torch) first; each file appears only when complete, and a failure
   # of the second removes the first, so a run leaves both files or neither.
-  outputs = ([args.out[:-len(".safetensors")] + ".bin"] if args.bin else []) + [args.out]
   written = []
   try:
     for path in outputs:
-      save_ip_adapter(model, path, dtype=dtype)
+      with storage.staged(path, TO_OFFICIAL, **checks) as local:
+        save_ip_adapter(model, local, dtype=dtype)
       written.append(path)
   except BaseException:
     for path in written:
-      os.remove(path)
+      storage.remove(path)
     raise
   return "\n".join(f"wrote {p}: {info.summary()}, {_size(p)}" for p in outputs)
 
 
 def cmd_to_diffusers(args) -> str:
   from ipadapter_jax.weights.stable_diffusion import load_stable_diffusion, save_stable_diffusion
+  out = storage.check_output(args.out, TO_DIFFUSERS)  # before the model is loaded
   sd = load_stable_diffusion(args.pretrained, variant=args.variant)
-  save_stable_diffusion(sd, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
+  with storage.staged(out, TO_DIFFUSERS) as local:
+    save_stable_diffusion(sd, local, dtype=DTYPES[args.dtype] if args.dtype else None)
   kind = "SDXL" if sd.is_sdxl else "Stable Diffusion"
-  return f"wrote {args.out}: {kind} pipeline (unet, vae, text encoders, tokenizers), {_size(args.out)}"
+  return f"wrote {out}: {kind} pipeline (unet, vae, text encoders, tokenizers), {_size(out)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("file", help="ip-adapter*.bin or .safetensors")
   p.add_argument("--unet", required=True, help="the Stable Diffusion model it belongs to "
                                               "(pipeline or unet/ folder; only config.json is read)")
-  p.add_argument("--out", required=True, help="output folder (written only on success)")
+  p.add_argument("--out", required=True,
+                 help="output folder: new, empty or an earlier to-jax output (written only on "
+                      "success)")
   p.set_defaults(run=cmd_to_jax)
 
   p = sub.add_parser("to-official", help="JAX adapter checkpoint -> official file(s)",
@@ -121,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("checkpoint", help="an adapter checkpoint folder (from to-jax or training)")
   p.add_argument("--out", required=True, help="output .safetensors path")
   p.add_argument("--bin", action="store_true", help="also write the .bin (torch pickle) beside it")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file (and .bin); without it they are refused")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                  help="weight dtype of the file (default float16, as released files are)")
   p.set_defaults(run=cmd_to_official)
@@ -130,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "and write its UNet, VAE, text encoders, tokenizers and "
                                  "scheduler config back as a diffusers folder.")
   p.add_argument("pretrained", help="diffusers pipeline folder or hub id")
-  p.add_argument("--out", required=True, help="output folder (written only on success)")
+  p.add_argument("--out", required=True,
+                 help="output folder: new, empty or an earlier to-diffusers output (written only "
+                      "on success)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                  help="cast the weights (default: keep float32)")
   p.add_argument("--variant", default=None, help="read weights of this variant (e.g. fp16)")
@@ -143,7 +166,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     print(args.run(args))
-  except (CheckpointError, ValueError, FileNotFoundError) as e:
+  except (CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

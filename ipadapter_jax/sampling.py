@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
 
 import numpy as np
+
+from ipadapter_jax import storage
 
 
 SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm", "unipc")  # = diffusion.SAMPLERS
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(replaces the seed's noise; with --init_image the noise added to its "
                       "latents, with --mask_image diffusers' latents= argument)")
   p.add_argument("--out", default="grid.png", help="image grid to write (and a .json beside it)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace existing output files (without it they are refused before "
+                      "anything is loaded)")
   p.add_argument("--save_array", default=None,
                  help="also write the images as float32 [num_samples, H, W, 3] in [0, 1] (.npy)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -187,10 +193,39 @@ def structure_control(args) -> dict:
   if (args.t2i_adapter is None) != (args.adapter_image is None):
     raise ValueError("--t2i_adapter and --adapter_image go together")
   if args.t2i_adapter is not None:
-    out.update(adapter_image=open_image(args.adapter_image, "--adapter_image"),
+    out.update(adapter_image=open_image(args.adapter_image, "--adapter_image", mode=None),
                adapter_conditioning_scale=args.adapter_conditioning_scale,
                adapter_conditioning_factor=args.adapter_conditioning_factor)
   return out
+
+
+def _settings_path(out: str) -> str:
+  return os.path.splitext(out)[0] + ".json"
+
+
+def _array_path(path: str) -> str:
+  """Where np.save puts `path`: .npy is added when missing."""
+  return path if path.endswith(".npy") else path + ".npy"
+
+
+def check_outputs(args) -> None:
+  """Refuses, in one line, an output that could not be written or would replace a file without
+  --overwrite: before anything is loaded, not after the sampling."""
+  from PIL import Image
+  if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+    raise ValueError(f"--out {args.out}: not an image file name (.png, .jpg, ...)")
+  if args.save_image_embeds and not args.save_image_embeds.endswith(".safetensors"):
+    raise ValueError(f"--save_image_embeds {args.save_image_embeds}: image embeddings are "
+                     "written as .safetensors")
+  outputs = [("--out", args.out, None),
+             ("--out", _settings_path(args.out), f"{_settings_path(args.out)} (the settings "
+                                                  f"written beside --out {args.out})"),
+             ("--save_array", args.save_array and _array_path(args.save_array), None),
+             ("--save_image_embeds", args.save_image_embeds, None)]
+  for flag, path, name in outputs:
+    if path:
+      storage.check_output(path, "sample.py", folder=False, flag=flag,
+                           overwrite=args.overwrite, name=name)
 
 
 def sample_from_flags(args) -> dict:
@@ -204,6 +239,7 @@ def sample_from_flags(args) -> dict:
   from ipadapter_jax.weights import load_stable_diffusion
   from ipadapter_jax.preprocessing import image_grid
 
+  check_outputs(args)
   if args.latents is not None and not os.path.isfile(args.latents):
     raise FileNotFoundError(f"--latents {args.latents}: no such file")
   adapters = adapter_prompts(args)
@@ -239,8 +275,9 @@ def sample_from_flags(args) -> dict:
   if args.save_image_embeds:
     if adapters is None:
       raise ValueError("--save_image_embeds needs --ip_adapter and --image")
-    save_image_embeds(args.save_image_embeds, pipe.image_embeds(adapters),
-                      [m.adapter_config.image_features for m in models.adapters()])
+    with storage.staged(args.save_image_embeds) as local:
+      save_image_embeds(local, pipe.image_embeds(adapters),
+                        [m.adapter_config.image_features for m in models.adapters()])
   pipe.compile(prompt=args.prompt, **request)
   compiled = time.perf_counter()
   with tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr) as bar:
@@ -248,9 +285,15 @@ def sample_from_flags(args) -> dict:
     images = pipe(args.prompt, **request)
   done = time.perf_counter()
 
-  image_grid(images).save(args.out)
+  from PIL import Image
+  grid = io.BytesIO()
+  image_grid(images).save(grid, format=Image.registered_extensions()[
+      os.path.splitext(args.out)[1].lower()])
+  storage.write_bytes(args.out, grid.getvalue())
   if args.save_array:
-    np.save(args.save_array, images.astype(np.float32))
+    array = io.BytesIO()
+    np.save(array, images.astype(np.float32))
+    storage.write_bytes(_array_path(args.save_array), array.getvalue())
   settings = dict(vars(args))
   settings.update(height=int(images.shape[1]), width=int(images.shape[2]),
                   scale=[p.scale for p in adapters or ()],
@@ -258,8 +301,9 @@ def sample_from_flags(args) -> dict:
                   seconds_loading=round(loaded - start, 3),
                   seconds_compiling=round(compiled - loaded, 3),
                   seconds_per_image=round((done - compiled) / args.num_samples, 3))
-  with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-    json.dump(settings, f, indent=2)
+  storage.write_text(_settings_path(args.out), json.dumps(settings, indent=2))
+  if not storage.exists(args.out):
+    raise OSError(f"--out {args.out}: not found after writing it")
   print(f"wrote {args.out} ({args.num_samples} images {images.shape[1]}x{images.shape[2]}, "
         f"{settings['seconds_per_image']} s per image after {settings['seconds_compiling']} s "
         "of compilation)")

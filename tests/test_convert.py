@@ -2,6 +2,7 @@
 model export, and the conversion CLI."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -239,3 +240,133 @@ def test_base_model_export_round_trip(tmp_path):
                                   again.text_encoder(ids).last_hidden_state.numpy())
   assert again.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
   assert type(again.scheduler).__name__ == "DDIMScheduler"
+
+
+# ----- outputs never replace what they did not write -----------------------------------------
+
+
+def _users_folder(root):
+  """A folder as a user keeps it: notes.txt and data/."""
+  os.makedirs(root / "data", exist_ok=True)
+  (root / "notes.txt").write_text("my notes")
+  (root / "data" / "x.csv").write_text("1,2")
+  return {"notes.txt": "my notes", "data/x.csv": "1,2"}
+
+
+def _contents(root):
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f)).read()
+          for d, _, names in os.walk(root) for f in names}
+
+
+def _refused(capsys, argv, *words):
+  """Runs the CLI, which must fail with one line naming `words`, and print no 'wrote'."""
+  capsys.readouterr()
+  assert convert.main(argv) == 1
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:"), err
+  for word in words:
+    assert word in err[0], err
+  assert "wrote" not in captured.out
+  return err[0]
+
+
+def test_to_jax_out_dot_in_a_users_folder_is_refused(unet_folders, tmp_path, capsys, monkeypatch):
+  """The reported fault: `to-jax ... --out .` printed 'wrote .' and deleted notes.txt and data/."""
+  torch_unet, folder = unet_folders["sd15"]
+  source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "basic")))
+  here = tmp_path / "here"
+  files = _users_folder(here)
+  monkeypatch.chdir(here)
+  _refused(capsys, ["to-jax", source, "--unet", folder, "--out", "."], "--out", str(here),
+           "notes.txt")
+  assert _contents(here) == files
+
+
+@pytest.mark.parametrize("command", ["to-jax", "to-diffusers"])
+def test_an_existing_folder_is_refused_and_kept(unet_folders, tiny_world, tmp_path, capsys,
+                                                command):
+  torch_unet, folder = unet_folders["sd15"]
+  out = tmp_path / "out"
+  files = _users_folder(out)
+  if command == "to-jax":
+    source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "basic")))
+    argv = ["to-jax", source, "--unet", folder, "--out", str(out)]
+  else:
+    argv = ["to-diffusers", str(tiny_world / "sd"), "--out", str(out)]
+  _refused(capsys, argv, f"--out {out}", "choose another --out")
+  assert _contents(out) == files
+
+
+def test_to_official_refuses_an_existing_file_unless_overwrite(unet_folders, tmp_path, capsys):
+  torch_unet, folder = unet_folders["sd15"]
+  source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "basic")))
+  assert convert.main(["to-jax", source, "--unet", folder, "--out", str(tmp_path / "ckpt")]) == 0
+  out = tmp_path / "mine.safetensors"
+  out.write_bytes(b"my file")
+  argv = ["to-official", str(tmp_path / "ckpt"), "--out", str(out)]
+  _refused(capsys, argv, f"--out {out}", "--overwrite")
+  assert out.read_bytes() == b"my file"
+  (tmp_path / "other.bin").write_bytes(b"my other file")  # the .bin beside counts too
+  _refused(capsys, ["to-official", str(tmp_path / "ckpt"), "--bin",
+                    "--out", str(tmp_path / "other.safetensors")], "other.bin")
+  assert (tmp_path / "other.bin").read_bytes() == b"my other file"
+  assert convert.main(argv + ["--overwrite"]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  assert set(read_ip_adapter(str(out))) == set(read_ip_adapter(source))
+
+
+def test_a_rerun_replaces_its_own_output_and_only_that(unet_folders, tmp_path, capsys):
+  """Catches a rerun refused on its own output, one command replacing another's output, and
+  an output folder without the marker that lists what it wrote."""
+  torch_unet, folder = unet_folders["sd15"]
+  out = str(tmp_path / "ckpt")
+  for kind in ("basic", "plus"):
+    source = _write(tmp_path, f"{kind}.safetensors", _flat(_official(torch_unet, kind)))
+    assert convert.main(["to-jax", source, "--unet", folder, "--out", out]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with open(os.path.join(out, "adapter_config.json")) as f:
+      assert json.load(f)["adapter"]["kind"] == kind  # replaced by the second run
+  with open(os.path.join(out, ".ipadapter_jax")) as f:
+    marker = json.load(f)
+  assert marker["command"] == convert.TO_JAX and "adapter_config.json" in marker["files"]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".partial")]
+  _refused(capsys, ["to-diffusers", str(tmp_path), "--out", out], "output of another command")
+  with open(os.path.join(out, "notes.txt"), "w") as f:
+    f.write("added by the user")
+  _refused(capsys, ["to-jax", source, "--unet", folder, "--out", out], "notes.txt")
+  assert open(os.path.join(out, "notes.txt")).read() == "added by the user"
+
+
+def test_to_diffusers_rerun_replaces_its_own_output(tiny_world, tmp_path, capsys):
+  """Catches a to-diffusers rerun refused on (or not replacing) its own earlier output."""
+  out = tmp_path / "exported"
+  for dtype in ("float32", "float16"):
+    assert convert.main(["to-diffusers", str(tiny_world / "sd"), "--out", str(out),
+                         "--dtype", dtype]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  with open(out / "unet" / "config.json") as f:
+    assert json.load(f)  # a diffusers folder, written whole
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+  assert {v.dtype for v in weights.values()} == {np.dtype(np.float16)}  # the second run's
+
+
+@pytest.mark.parametrize("url", ["gs:/bucket/x", "gs:bucket/x", "foo://x"])
+@pytest.mark.parametrize("command", ["to-jax", "to-official", "to-diffusers"])
+def test_malformed_out_urls_are_refused_before_anything_is_written(unet_folders, tmp_path,
+                                                                   capsys, monkeypatch, command,
+                                                                   url):
+  """Catches `gs:/bucket` (one slash) and unknown schemes written to a local `gs:` or `foo:`
+  folder (and reported as written), or failing late with a traceback."""
+  torch_unet, folder = unet_folders["sd15"]
+  source = _write(tmp_path, "in.safetensors", _flat(_official(torch_unet, "basic")))
+  here = tmp_path / "here"
+  here.mkdir()
+  monkeypatch.chdir(here)
+  out = url + (".safetensors" if command == "to-official" else "")
+  argv = {"to-jax": ["to-jax", source, "--unet", folder, "--out", out],
+          "to-official": ["to-official", str(tmp_path), "--out", out],
+          "to-diffusers": ["to-diffusers", str(tmp_path), "--out", out]}[command]
+  _refused(capsys, argv, f"--out {out}", "URL")
+  assert os.listdir(here) == [] and not [n for n in os.listdir(tmp_path) if ":" in n]

@@ -202,6 +202,187 @@ def test_staged_without_a_result_is_an_error(fake_gcs):
   assert fake_gcs.files() == {}
 
 
+# ----- outputs never replace what they did not write ---------------------------------------
+
+MALFORMED = ["gs:/bucket/x", "gs:bucket/x", "foo://x", "gcs://bucket/x", "GS://bucket/x",
+             "gs://", "gs:///x", "gs://Bucket/x", "gs://bucket//x", "runs:x"]
+
+
+@pytest.mark.parametrize("path", MALFORMED)
+def test_malformed_urls_are_refused_in_one_line_and_create_nothing(fake_gcs, path):
+  """Catches `gs:/bucket` (one slash), `gs:x`, unknown schemes and the like becoming a local
+  folder named `gs:` (or `foo:`) instead of an error."""
+  for call in (storage.resolve, lambda p: storage.check_output(p, "cmd"),
+               lambda p: storage.staged(p, "cmd").__enter__(), storage.write_bytes):
+    args = (path,) if call is not storage.write_bytes else (path, b"x")
+    with pytest.raises(ValueError) as error:
+      call(*args)
+    message = str(error.value)
+    assert "\n" not in message and path in message, message
+  assert os.listdir(".") == [] and fake_gcs.files() == {}
+
+
+def test_well_formed_paths_pass_and_colon_names_are_local_with_dot_slash(tmp_path):
+  assert storage.resolve("gs://bucket/x") == "gs://bucket/x"
+  assert storage.resolve("s3://my-bucket.1/a/b/") == "s3://my-bucket.1/a/b/"
+  assert storage.resolve("./gs:/x") == os.path.abspath("gs:/x")
+  assert storage.resolve(str(tmp_path / "a:b")) == str(tmp_path / "a:b")
+  with pytest.raises(ValueError, match=r"write \./runs:x"):
+    storage.resolve("runs:x")
+
+
+def _folder(root, files: dict) -> str:
+  for name, text in files.items():
+    os.makedirs(os.path.dirname(os.path.join(root, name)) or ".", exist_ok=True)
+    with open(os.path.join(root, name), "w") as f:
+      f.write(text)
+  return root
+
+
+def _write_folder(target, files: dict, command="cmd", **kwargs):
+  with storage.staged(target, command, **kwargs) as local:
+    os.makedirs(local)
+    _folder(local, files)
+
+
+def _tree(root) -> dict:
+  """{relative path: text} of every file below `root` (local or remote)."""
+  files = storage._files(root)  # pylint: disable=protected-access
+  return {f: storage.read_text(storage.join(root, f)) for f in files}
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_an_output_folder_replaces_only_its_own_earlier_output(fake_gcs, tmp_path, where):
+  """Catches an output replacing a user's folder, another command's output, or its own output
+  once a user has added a file to it; and a rerun that cannot replace its own output."""
+  root = RUN if where == "remote" else str(tmp_path)
+  out = storage.join(root, "out")
+  _write_folder(out, {"a.bin": "1", "sub/b.json": "2"})
+  marker = json.loads(storage.read_text(storage.join(out, storage.MARKER)))
+  assert marker["command"] == "cmd" and marker["files"] == ["a.bin", "sub/b.json"]
+  _write_folder(out, {"c.bin": "3"})  # a rerun replaces its own output
+  assert _tree(out) == {".ipadapter_jax": storage.read_text(storage.join(out, storage.MARKER)),
+                        "c.bin": "3"}
+  mine = storage.join(root, "mine")
+  for name, text in {"notes.txt": "mine", "data/x.csv": "1,2"}.items():
+    storage.write_text(storage.join(mine, name), text)
+  storage.write_text(storage.join(out, "notes.txt"), "added by the user")
+  for target, command, problem in [(mine, "cmd", "'data', 'notes.txt', which cmd did not write"),
+                                   (out, "cmd", "'notes.txt', which cmd did not write there"),
+                                   (out, "other", "output of another command (cmd)")]:
+    before = _tree(target)
+    ran = []
+    with pytest.raises(ValueError) as error:
+      with storage.staged(target, command) as local:
+        ran.append(local)
+    message = str(error.value)
+    assert problem in message and "--out" in message and target in message, message
+    assert "\n" not in message and not ran and _tree(target) == before
+  assert _nothing_local()
+
+
+def test_an_empty_folder_is_written_in_place_even_as_the_working_folder(tmp_path, monkeypatch):
+  """Catches `--out .` in an empty folder swapping the working folder for another one (the
+  shell is left in a deleted folder), and a link to a folder being replaced by a folder."""
+  here = tmp_path / "here"
+  here.mkdir()
+  monkeypatch.chdir(here)
+  _write_folder(".", {"a.bin": "1"})
+  assert sorted(os.listdir(".")) == [".ipadapter_jax", "a.bin"]  # the same folder, written
+  _write_folder(".", {"b.bin": "2"})
+  assert sorted(os.listdir(".")) == [".ipadapter_jax", "b.bin"]
+  os.symlink(here, tmp_path / "link")
+  _write_folder(str(tmp_path / "link"), {"c.bin": "3"})
+  assert os.path.islink(tmp_path / "link") and sorted(os.listdir(here)) == [".ipadapter_jax",
+                                                                             "c.bin"]
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_an_existing_file_is_replaced_only_with_overwrite(fake_gcs, tmp_path, where):
+  root = RUN if where == "remote" else str(tmp_path)
+  path = storage.join(root, "y.safetensors")
+  storage.write_text(path, "mine")
+  with pytest.raises(ValueError, match=r"exists: pass --overwrite to replace it"):
+    with storage.staged(path, "cmd", folder=False) as local:
+      pytest.fail(f"the writer ran: {local}")
+  assert storage.read_text(path) == "mine"
+  with storage.staged(path, "cmd", folder=False, overwrite=True) as local:
+    with open(local, "w") as f:
+      f.write("new")
+  assert storage.read_text(path) == "new"
+  with pytest.raises(ValueError, match="is a folder"):
+    storage.check_output(root, "cmd", folder=False, overwrite=True)
+
+
+def _failing_open_on(name, seen, final, error=OSError):
+  """FakeGCS._open failing when `name` is uploaded, recording the objects under `final` then."""
+  write = FakeGCS._open
+
+  def failing(self, path, mode="rb", **kwargs):
+    if "w" in mode:
+      seen.append(sorted(k for k in FakeGCS().files() if k.startswith(final)))
+      if path.endswith(name):
+        raise error("connection reset")
+    return write(self, path, mode, **kwargs)
+  return failing
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_remote_uploads_go_under_a_temporary_name_first(fake_gcs, monkeypatch, error):
+  """Catches an upload written straight to its final name: an interruption part way leaves
+  objects there that pass for a result, or destroys the earlier output before the new one
+  is complete."""
+  out = storage.join(RUN, "pipeline")
+  _write_folder(out, {"1.bin": "old"})
+  earlier = _tree(out)
+  seen = []
+  monkeypatch.setattr(FakeGCS, "_open",
+                      _failing_open_on("2.bin", seen, "bucket/run/pipeline/", error))
+  with pytest.raises(error, match="connection reset"):
+    _write_folder(out, {"1.bin": "new", "2.bin": "new"})
+  assert seen and all(s == sorted(f"bucket/run/pipeline/{f}" for f in earlier) for s in seen)
+  assert _tree(out) == earlier  # the earlier output is untouched
+  assert sorted(fake_gcs.files()) == [f"bucket/run/pipeline/{f}" for f in sorted(earlier)]
+
+
+def test_remote_commit_failing_part_way_leaves_nothing_under_the_final_name(fake_gcs,
+                                                                             monkeypatch):
+  copy, copied = FakeGCS.cp_file, []
+
+  def failing(self, path1, path2, **kwargs):
+    if copied:
+      raise OSError("connection reset")
+    copied.append(path2)
+    return copy(self, path1, path2, **kwargs)
+  monkeypatch.setattr(FakeGCS, "cp_file", failing)
+  with pytest.raises(OSError, match="connection reset"):
+    _write_folder(storage.join(RUN, "pipeline"), {"1.bin": "1", "2.bin": "2"})
+  assert copied and fake_gcs.files() == {}
+
+
+def test_run_export_refuses_a_folder_the_run_did_not_write(tmp_path, monkeypatch):
+  """Catches the end-of-run export replacing a user's `vae/` (or `pipeline/`) in the work
+  directory; the run's own earlier export is replaced."""
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.train import outputs  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(outputs, "save_vae",
+                      lambda vae, local: _folder(local, {"config.json": vae}))
+  cfg, sd = SimpleNamespace(), SimpleNamespace(unet=None, vae="trained")
+  workdir = str(tmp_path / "run")
+  _folder(os.path.join(workdir, "vae"), {"notes.txt": "mine"})
+  with pytest.raises(ValueError, match=r"--workdir .*vae: this folder holds 'notes.txt'"):
+    outputs.check_export(cfg, sd, workdir)
+  with pytest.raises(ValueError, match="notes.txt"):
+    outputs.export(cfg, sd, workdir)
+  assert os.listdir(os.path.join(workdir, "vae")) == ["notes.txt"]
+  os.remove(os.path.join(workdir, "vae", "notes.txt"))
+  assert outputs.export(cfg, sd, workdir) == [os.path.join(workdir, "vae")]
+  sd.vae = "trained again"
+  outputs.check_export(cfg, sd, workdir)
+  outputs.export(cfg, sd, workdir)  # a resumed run replaces its own export
+  assert storage.read_text(os.path.join(workdir, "vae", "config.json")) == "trained again"
+
+
 # ----- MetricsWriter -----------------------------------------------------------------------
 
 
@@ -407,3 +588,58 @@ def test_training_run_writes_every_output_through_storage(gcs_emulator, tiny_wor
   assert {"data", "params", "state"} <= set(storage.listdir(storage.join(RUN, "checkpoints", "2")))
   assert gcs_emulator.exists("bucket/run/checkpoints/2/params/manifest.ocdbt")
   assert _nothing_local()
+
+
+def test_convert_reads_only_finalized_checkpoints(gcs_emulator, tiny_world, tiny_dataset):
+  """On Cloud Storage a step folder has its final name while Orbax writes it, and counts only
+  once `commit_success.txt` is in it: resume and `convert` must skip a newer step without one
+  (a save cut short), where taking the newest numbered folder would read a half-written one."""
+  from ipadapter_jax.train.checkpoint import Checkpoints  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.train.loop import train  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights import adapter_checkpoint  # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+  train(tiny_config(tiny_world, tiny_dataset, num_steps=2, checkpoint_every=2), RUN)
+  gcs_emulator.copy("bucket/run/checkpoints/2", "bucket/run/checkpoints/3", recursive=True)
+  gcs_emulator.rm("bucket/run/checkpoints/3/commit_success.txt")
+  gcs_emulator.invalidate_cache()
+  assert gcs_emulator.exists("bucket/run/checkpoints/3/params/manifest.ocdbt")
+  assert adapter_checkpoint._weights_item(RUN) == storage.join(RUN, "checkpoints", "2", "params")
+  checkpoints = Checkpoints(storage.join(RUN, "checkpoints"), keep_last=3)
+  assert checkpoints.latest_step() == 2
+  checkpoints.close()
+
+
+def test_convert_writes_to_gcs_under_its_final_name_only_once_complete(gcs_emulator, tiny_world,
+                                                                       capsys):
+  """Catches `to-official --out gs://...` written to a local `gs:` folder while reporting the
+  URI as written, temporary objects left in the bucket, and a remote output folder replacing
+  a user's objects."""
+  from ipadapter_jax import convert  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.weights import read_ip_adapter  # pylint: disable=import-outside-toplevel
+  source = str(tiny_world / "adapter" / "ip-adapter.safetensors")
+  to_jax = ["to-jax", source, "--unet", str(tiny_world / "sd"), "--out", "gs://bucket/ckpt"]
+  assert convert.main(to_jax) == 0
+  assert convert.main(to_jax) == 0  # its own earlier output: replaced
+  to_official = ["to-official", "gs://bucket/ckpt", "--out", "gs://bucket/y.safetensors"]
+  assert convert.main(to_official) == 0
+  out = capsys.readouterr().out
+  assert "wrote gs://bucket/ckpt" in out and "wrote gs://bucket/y.safetensors" in out
+  assert sorted(gcs_emulator.ls("bucket", refresh=True)) == ["bucket/ckpt", "bucket/y.safetensors"]
+  assert gcs_emulator.exists("bucket/ckpt/.ipadapter_jax")
+  with open("y.safetensors", "wb") as f:  # read back here, then removed
+    f.write(gcs_emulator.cat("bucket/y.safetensors"))
+  back, original = read_ip_adapter("y.safetensors"), read_ip_adapter(source)
+  os.remove("y.safetensors")
+  assert set(back) == set(original)
+  for key, value in original.items():
+    np.testing.assert_allclose(back[key], value, rtol=1e-3, atol=1e-6, err_msg=key)
+  assert os.listdir(".") == []  # nothing written locally
+
+  gcs_emulator.pipe("bucket/mine/notes.txt", b"mine")
+  assert convert.main([*to_jax[:-1], "gs://bucket/mine"]) == 1
+  # (the emulator's thread may print a client's closed connection here too)
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert len(err) == 1 and "notes.txt" in err[0] and "gs://bucket/mine" in err[0], err
+  assert gcs_emulator.find("bucket/mine", refresh=True) == ["bucket/mine/notes.txt"]
+  assert convert.main(to_official) == 1
+  assert "--overwrite" in capsys.readouterr().err

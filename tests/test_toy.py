@@ -463,3 +463,32 @@ def test_structure_judges_on_hand_made_images():
   assert scores["repainted half: prompt image's colour"]["rate"] == pytest.approx(2 / 3)
   assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate(
       [True, True])
+
+
+def test_pretrain_replaces_only_its_own_weights_folder(tmp_path, capsys, monkeypatch):
+  """Catches `toy pretrain --out DIR` deleting a folder it did not write (after minutes of
+  training), and a rerun refused on its own output (the shipped weights, its default --out)."""
+  from ipadapter_jax.toy import command, stages  # pylint: disable=import-outside-toplevel
+  trained = tmp_path / "trained"
+  for name in stages.PRETRAINED:  # stands in for the folders pretraining writes
+    (trained / name).mkdir(parents=True)
+    (trained / name / "config.json").write_text(name)
+  monkeypatch.setattr(command, "pretrain",
+                      lambda workdir, sizes: {n: str(trained / n) for n in stages.PRETRAINED})
+  monkeypatch.setattr(stages, "stage_record", lambda workdir, name: {})
+  argv = ["pretrain", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "weights")]
+  for _ in range(2):  # the second run replaces the first's folder
+    assert command.main(argv) == 0
+    assert sorted(toy.shipped_weights(str(tmp_path / "weights"))) == sorted(stages.PRETRAINED)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".partial") or n.endswith(".tmp")]
+  (tmp_path / "weights" / "notes.txt").write_text("mine")
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("mine")
+  monkeypatch.setattr(command, "pretrain", lambda *a: pytest.fail("trained before checking --out"))
+  for out in (tmp_path / "weights", mine):
+    capsys.readouterr()
+    assert command.main([*argv[:-1], str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}" in err[0] and "notes.txt" in err[0], err
+    assert (out / "notes.txt").read_text() == "mine"

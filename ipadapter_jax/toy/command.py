@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from ipadapter_jax import storage
 from ipadapter_jax.toy import composition as toy_composition, structure as toy_structure
 from ipadapter_jax.toy.configs import (adapter as toy_adapter, finetune as toy_finetune,
                                        world as toy_world)
@@ -18,6 +19,10 @@ from ipadapter_jax.toy.stages import (MANIFEST, QUICK, SHIPPED, Sizes, log, pret
                                       pretrained_weights, ship, train_stage)
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.weights.files import CheckpointError
+
+# The weights' MANIFEST.json names this command and lists every file: it marks the folder as
+# pretrain's own output, which a re-run may replace (the shipped weights, the default --out).
+PRETRAIN = "python -m ipadapter_jax.toy pretrain"
 
 # ----- The command -------------------------------------------------------------------------------
 
@@ -56,7 +61,9 @@ def main(argv=None) -> int:
                  help="run: the toy world from the shipped weights (default); pretrain: "
                       "rebuild those weights from nothing")
   p.add_argument("--workdir", default=None, help="default: runs/toy (runs/toy_pretrain)")
-  p.add_argument("--out", default=SHIPPED, help="pretrain: where the weights are written")
+  p.add_argument("--out", default=SHIPPED,
+                 help="pretrain: where the weights are written: a new or empty folder, or an "
+                      "earlier pretrain output (default: the shipped weights)")
   p.add_argument("--from_scratch", action="store_true",
                  help="run: pretrain in the work directory instead of using the shipped weights")
   p.add_argument("--sampling_steps", type=int, default=None,
@@ -65,15 +72,16 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     if args.command == "pretrain":
+      out = storage.check_output(args.out, PRETRAIN, marker=MANIFEST)  # before any training
       workdir = args.workdir or "runs/toy_pretrain"
       sizes = QUICK if args.quick else Sizes()
       folders = pretrain(workdir, sizes)
-      ship(workdir, folders, args.out,
-           command="python -m ipadapter_jax.toy pretrain" + (" --quick" if args.quick else ""))
-      print(f"wrote {args.out} ({MANIFEST}: how it was made and every file's sha256)")
+      with storage.staged(out, PRETRAIN, marker=MANIFEST) as local:
+        ship(workdir, folders, local, command=PRETRAIN + (" --quick" if args.quick else ""))
+      print(f"wrote {out} ({MANIFEST}: how it was made and every file's sha256)")
     else:
       run_world(args.workdir or toy_world.WORKDIR, args.quick, args.from_scratch, args.sampling_steps)
-  except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
+  except (TrainingError, CheckpointError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -20,7 +20,7 @@ from ipadapter_jax.train.checks import TrainingError, check_resume, validate, va
 from ipadapter_jax.train.checkpoint import Checkpoints
 from ipadapter_jax.train.metrics import MetricsWriter
 from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
-from ipadapter_jax.train.outputs import SampleGrids, export, write_run_files
+from ipadapter_jax.train.outputs import SampleGrids, check_export, export, write_run_files
 from ipadapter_jax.train.preemption import StopSignal, exit_code
 from ipadapter_jax.train.validation import Validation
 from ipadapter_jax.train.program import program_from_config
@@ -95,7 +95,7 @@ class StepOutputs:
 def train(cfg, workdir: str) -> dict:
   """Trains (or resumes) as `cfg` says; returns a summary of the run."""
   validate_loop(cfg)
-  workdir = storage.resolve(workdir)
+  workdir = storage.resolve(workdir, "--workdir")
   storage.check_reachable(workdir)
 
   # ----- Mesh ------------------------------------------------------------------------------
@@ -121,6 +121,7 @@ def train(cfg, workdir: str) -> dict:
 
   # ----- Models ----------------------------------------------------------------------------
   sd = load_models(cfg)
+  check_export(cfg, sd, workdir)  # a folder the export would refuse, found before training
   spec = step_spec(cfg, sd, cached=cached)
   networks = sd.networks()
   program, params, frozen = program_from_config(cfg, networks, spec, mesh)

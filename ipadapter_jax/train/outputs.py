@@ -9,11 +9,10 @@ import io
 import json
 
 import numpy as np
-from PIL import Image
 
 from ipadapter_jax import storage
 from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.preprocessing import image_grid
+from ipadapter_jax.preprocessing import image_grid, load_image
 from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
                                    save_stable_diffusion)
 from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, adapter_metadata
@@ -28,32 +27,47 @@ def write_run_files(cfg, sd: StableDiffusion, workdir: str):
                        json.dumps(adapter_metadata(sd.unet), indent=2))
 
 
+# What the run's export folders' markers name: a run replaces only an earlier export of a run.
+EXPORTED_BY = "train.py (end-of-run export)"
+
+
+def _exports(cfg, sd: StableDiffusion, workdir: str) -> list:
+  """[(path, is a folder, writer of a local path)] for what `export` writes."""
+  if sd.unet is None and sd.vae is not None:  # the VAE stage
+    return [(storage.join(workdir, "vae"), True, lambda local: save_vae(sd.vae, local))]
+  if sd.unet is None:  # the contrastive stage
+    logit_scale = float(np.log(1.0 / cfg.contrastive_temperature))
+    return [(storage.join(workdir, "clip"), True, lambda local: save_clip_model(
+        sd.text_encoder, sd.image_encoder, local, tokenizer=sd.tokenizer,
+        processor=sd.image_processor, logit_scale=logit_scale))]
+  exports = []
+  if sd.unet.adapter_config is not None and cfg.export_adapter:
+    exports.append((storage.join(workdir, "ip_adapter.safetensors"), False,
+                    lambda local: save_ip_adapter(sd.unet, local, dtype=np.float32)))
+  if cfg.model.trainable in ("unet", "all"):
+    exports.append((storage.join(workdir, "pipeline"), True,
+                    lambda local: save_stable_diffusion(sd, local)))
+  return exports
+
+
+def check_export(cfg, sd: StableDiffusion, workdir: str) -> None:
+  """Raises ValueError (one line) when an export would replace a folder the run did not write:
+  called before training, so that a run does not end on it. The adapter file is the run's own
+  in its work directory, and replaced."""
+  for path, folder, _ in _exports(cfg, sd, workdir):
+    storage.check_output(path, EXPORTED_BY, folder=folder, flag="--workdir", overwrite=True)
+
+
 def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
   """The trained weights in PyTorch-world formats: the official adapter and/or a diffusers folder
   (or a transformers CLIPModel folder for the contrastive stage, an AutoencoderKL folder for
-  the VAE's). `sd` holds the final weights."""
+  the VAE's). `sd` holds the final weights. Each appears whole, and only in place of nothing,
+  of an empty folder or of an earlier export (`check_export`)."""
   written = []
-  if sd.unet is None and sd.vae is not None:  # the VAE stage
-    path = storage.join(workdir, "vae")
-    with storage.staged(path) as local:
-      save_vae(sd.vae, local)
-    return [path]
-  if sd.unet is None:  # the contrastive stage
-    path = storage.join(workdir, "clip")
-    with storage.staged(path) as local:
-      save_clip_model(sd.text_encoder, sd.image_encoder, local, tokenizer=sd.tokenizer,
-                      processor=sd.image_processor,
-                      logit_scale=float(np.log(1.0 / cfg.contrastive_temperature)))
-    return [path]
-  if sd.unet.adapter_config is not None and cfg.export_adapter:
-    path = storage.join(workdir, "ip_adapter.safetensors")
-    with storage.staged(path) as local:
-      save_ip_adapter(sd.unet, local, dtype=np.float32)
-    written.append(path)
-  if cfg.model.trainable in ("unet", "all"):
-    path = storage.join(workdir, "pipeline")
-    with storage.staged(path) as local:
-      save_stable_diffusion(sd, local)
+  for path, folder, write in _exports(cfg, sd, workdir):
+    with storage.staged(path, EXPORTED_BY, folder=folder, flag="--workdir",
+                        overwrite=True) as local:
+      write(local)
     written.append(path)
   return written
 
@@ -64,7 +78,7 @@ class SampleGrids:
 
   def __init__(self, cfg, pipe: IPAdapterPipeline, workdir: str, metrics):
     self.pipe = pipe
-    self.images = ([Image.open(p) for p in cfg.sample_images]
+    self.images = ([load_image(p, f"sample_images: {p}") for p in cfg.sample_images]
                    if pipe.models.unet.image_proj is not None else [])
     self.prompts = list(cfg.sample_prompts)
     self.request = dict(num_inference_steps=cfg.sample_steps, seed=cfg.seed,

@@ -276,7 +276,8 @@ def test_sample_py_composes_as_the_python_api(world, ours, tmp_path):
       AdapterPrompt([imgs[1]], scale=0.6, window=(0.3, 1.0), negative_image=imgs[3])])
   ref.assert_close(np.load(tmp_path / "out.npy"), expected)
   # The saved embeddings, without an image encoder, give the same images.
-  assert sample_main(_argv(world, tmp_path, "--image_embeds", str(embeds), *common)) == 0
+  assert sample_main(_argv(world, tmp_path, "--image_embeds", str(embeds), *common,
+                           "--overwrite")) == 0
   ref.assert_close(np.load(tmp_path / "out.npy"), expected)
 
 

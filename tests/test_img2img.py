@@ -214,11 +214,11 @@ def test_sample_py_img2img_and_inpainting_are_the_python_api(world, tmp_path):
           "--image", str(tiny / "prompt.png"), "--scale", "0.6", "--init_image",
           str(tmp_path / "init.png")]
   _, run = _ours(world, init_image=Image.open(tmp_path / "init.png"), seed=3)
-  for extra, kw in ((["--strength", "0.6"], dict(strength=0.6)),
+  for case, (extra, kw) in enumerate(((["--strength", "0.6"], dict(strength=0.6)),
                     (["--mask_image", str(tmp_path / "mask.png"), "--height", str(H), "--width",
                       str(W)], dict(mask_image=Image.open(tmp_path / "mask.png"), height=H,
-                                    width=W))):
-    out = tmp_path / "grid.png"
+                                    width=W)))):
+    out = tmp_path / f"grid{case}.png"
     assert sample_main(base + extra + ["--out", str(out), "--save_array",
                                        str(out.with_suffix(".npy"))]) == 0
     np.testing.assert_array_equal(np.load(out.with_suffix(".npy")), run(**kw))

@@ -150,6 +150,34 @@ def test_a_signal_during_sampling_stops_at_the_next_step_with_a_checkpoint(
   assert json.loads((run / "config.json").read_text())["num_steps"] == 8
 
 
+def test_runs_join_through_jax_cluster_detection(monkeypatch):
+  """With no coordinator configured the run asks JAX's own detection (initialize() with no
+  arguments: Cloud TPU metadata, GKE, SLURM, Open MPI); it used to join only where
+  TPU_WORKER_HOSTNAMES held a comma. No cluster found: one process; any other failure raises."""
+  from ipadapter_jax.train import loop
+  calls, answer = [], []
+
+  def initialize(*args):
+    calls.append(args)
+    if answer:
+      raise answer[0]
+  monkeypatch.setattr(loop.jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(loop.jax.distributed, "initialize", initialize)
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+  mesh = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+  loop.initialize_distributed(mesh)
+  assert calls == [()]
+  answer.append(ValueError("coordinator_address should be defined."))  # JAX: no cluster here
+  loop.initialize_distributed(mesh)
+  answer[0] = ValueError("the slice's metadata is unreadable")
+  with pytest.raises(ValueError, match="metadata"):
+    loop.initialize_distributed(mesh)
+  calls.clear(), answer.clear()
+  loop.initialize_distributed(ml_collections.ConfigDict(
+      dict(coordinator_address="host:1234", num_processes=2, process_id=1)))
+  assert calls == [("host:1234", 2, 1)]
+
+
 def test_loop_settings_are_refused_before_anything_loads(tmp_path):
   """keep_last=0 would let Orbax delete every checkpoint, log_every=0 / checkpoint_every=0
   divide by zero after the models compile, num_steps=0 exported an untrained adapter."""

@@ -10,13 +10,16 @@ from ipadapter_jax.models.attention_kernels import IMPLEMENTATIONS
 from ipadapter_jax.train.step import TRAINABLE
 
 DTYPES = ("float32", "bfloat16")
-# Keys a resumed run may change: how long it runs, how this host joins the run, and what it
-# logs, keeps, samples and validates. Every other key changes what is trained.
+# Keys a resumed run may change: how long it runs, what it logs, keeps, samples, validates and
+# exports, and how it is laid out (the mesh, the input workers: checkpoints restore onto any
+# mesh and the batches do not depend on the workers). Every other key changes what is trained.
 RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_last", "keep_every",
                   "sample_every", "sample_prompts", "sample_images", "sample_steps",
                   "eval_every", "eval_annotations", "eval_clip", "eval_judge", "eval_limit",
                   "eval_steps", "eval_guidance_scale", "eval_batch_size", "export_adapter",
-                  "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id")
+                  "data.worker_count", "data.max_bad_records", "mesh.data", "mesh.fsdp",
+                  "mesh.shard_frozen", "mesh.shard_trainable", "mesh.coordinator_address",
+                  "mesh.num_processes", "mesh.process_id")
 
 
 class TrainingError(RuntimeError):
@@ -124,5 +127,5 @@ def check_resume(cfg, workdir: str) -> None:
   if changed:
     raise TrainingError(f"{workdir} holds a run trained with another config ({'; '.join(changed)})"
                         "; resume it with its own values or start a new run in another --workdir "
-                        "(a resume may change num_steps and the logging, checkpoint, sample and "
-                        "eval settings)")
+                        "(a resume may change num_steps, the logging, checkpoint, sample and eval "
+                        "settings, and the mesh)")

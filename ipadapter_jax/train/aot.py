@@ -124,19 +124,11 @@ def train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
   state = jax.eval_shape(program.init_state, params)
   batch, empty = cached_batch(unet, batch_size, latent_size)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  args = (_placed(state, program.state_shardings), _placed(frozen, program.frozen_shardings),
-          _placed(batch, sharding.batch_sharding(mesh)), _placed(empty, program.replicated),
-          _placed(key, program.replicated))
+  placed = [(state, program.state_shardings), (frozen, program.frozen_shardings),
+            (batch, sharding.batch_sharding(mesh)), (empty, program.replicated),
+            (key, program.replicated)]
+  args = tuple(sharding.abstract(tree, shardings) for tree, shardings in placed)
   return program.step(batch), args
-
-
-def _placed(tree, shardings):
-  """`tree`'s abstract arrays carrying `shardings` (a tree, or one for all), as a run's arrays
-  do: the splash kernel reads the mesh to split the batch over from its inputs' type."""
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
 
 
 def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
@@ -258,7 +250,7 @@ def sampling_program(networks: Networks, mesh, plan: Plan, inputs: Inputs):
   program = lambda state, inputs: generate(graphdef, state, inputs, plan=plan)
   return (jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
                                          input_shardings)),
-          (_placed(state, replicated), _placed(inputs, input_shardings)))
+          (sharding.abstract(state, replicated), sharding.abstract(inputs, input_shardings)))
 
 
 def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):

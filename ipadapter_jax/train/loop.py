@@ -121,7 +121,8 @@ def train(cfg, workdir: str) -> dict:
 
   # ----- Models ----------------------------------------------------------------------------
   sd = load_models(cfg)
-  check_export(cfg, sd, workdir)  # a folder the export would refuse, found before training
+  if jax.process_index() == 0:  # where the export is written
+    check_export(cfg, sd, workdir)  # a folder the export would refuse, found before training
   spec = step_spec(cfg, sd, cached=cached)
   networks = sd.networks()
   program, params, frozen = program_from_config(cfg, networks, spec, mesh)
@@ -141,8 +142,7 @@ def train(cfg, workdir: str) -> dict:
 
   # ----- Restore ---------------------------------------------------------------------------
   if start:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, program.state_shardings)
+    abstract = sharding.abstract(state, program.state_shardings)
     state, data_state = checkpoints.restore(start, abstract)
     batches.set_state(data_state)
   write_run_files(cfg, sd, workdir)  # only now: a failed restore leaves the run's files as they were

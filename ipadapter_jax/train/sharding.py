@@ -51,3 +51,13 @@ def weight_sharding(mesh, shape, shard: bool) -> NamedSharding:
 def tree_shardings(mesh, tree, shard: bool):
   """The sharding of every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
   return jax.tree.map(lambda x: weight_sharding(mesh, x.shape, shard), tree)
+
+
+def abstract(tree, shardings):
+  """`tree`'s arrays as ShapeDtypeStructs carrying `shardings` (a tree like it, or one for all),
+  as placed arrays do: a restore target, or the arguments of a compile-only program (the
+  attention kernels read the mesh from their inputs' type)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)

@@ -7,7 +7,7 @@ r"""Sample images with text + image prompts. `python sample.py --help` lists the
 
 import sys
 
-from ipadapter_jax.sampling import main
+from ipadapter_jax.cli.sample import main
 
 if __name__ == "__main__":
   sys.exit(main())

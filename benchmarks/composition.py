@@ -26,8 +26,8 @@ COUNTS = (1, 2, 4)
 
 def jax_seconds(bench, paths: dict, count: int, repeats: int) -> float:
   from PIL import Image
-  from ipadapter_jax.image_prompts import AdapterPrompt
-  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.generation.image_prompts import AdapterPrompt
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.weights import load_stable_diffusion
   pipe = IPAdapterPipeline(load_stable_diffusion(
       paths["sd"], image_encoder=paths["image_encoder"], ip_adapter=[paths["adapter"]] * count))

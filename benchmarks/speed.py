@@ -146,7 +146,7 @@ def jax_measurements(bench: Bench, paths: dict, args) -> dict:
   from flax import nnx
   from PIL import Image
   from ipadapter_jax.models.layers import AdapterParam
-  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.diffusion.schedule import NoiseSchedule
   from ipadapter_jax.models.networks import Networks
   from ipadapter_jax.models.vae import VAEConfig
@@ -354,7 +354,7 @@ def torch_measurements(bench: Bench, paths: dict, args, compiled: bool) -> dict:
 def first_image(paths: dict, bench: Bench) -> float:
   """In this fresh process: load, compile and sample one image; seconds since the start."""
   from PIL import Image
-  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.weights import load_stable_diffusion
   pipe = IPAdapterPipeline(load_stable_diffusion(paths["sd"], image_encoder=paths["image_encoder"],
                                                  ip_adapter=paths["adapter"]))

@@ -14,8 +14,8 @@ optimizer, dropout and noise settings) and the (data, fsdp) mesh and shardings i
 `--fit` compiles a second batch size and extrapolates the memory line to the largest per-chip
 batch that fits the chip's HBM. The roofline time is max(FLOPs / peak, bytes / bandwidth) per
 chip, with the FLOPs of the Mosaic attention kernels (which XLA does not count) added from
-`aot.blocked_attention_flops`. Against it, the products and convolutions of the same program
-traced with XLA's attention (`aot.matmul_flops`): the arithmetic as written, without the
+`compile_only.blocked_attention_flops`. Against it, the products and convolutions of the same program
+traced with XLA's attention (`compile_only.matmul_flops`): the arithmetic as written, without the
 compiler's cost model."""
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ def measure(args) -> dict:
   import jax
   import numpy as np
   from ipadapter_jax.models.image_proj import AdapterConfig
-  from ipadapter_jax.train import aot
+  from ipadapter_jax.train import compile_only
 
   spec = models(args.model)
   topology, per_host = TOPOLOGIES[args.topology]
-  mesh = aot.tpu_mesh(topology, args.fsdp, per_host)
+  mesh = compile_only.tpu_mesh(topology, args.fsdp, per_host)
   chips = mesh.size
   peak, hbm, bandwidth = CHIPS[topology.split(":")[0]]
   latent = spec["size"] // 8
@@ -72,23 +72,23 @@ def measure(args) -> dict:
   cfg.mesh.shard_frozen = cfg.mesh.shard_trainable = args.fsdp > 1
   adapter = AdapterConfig(num_tokens=4, embed_dim=spec["embed"])
   # The compiled UNet's attention follows the target; the counted one uses XLA's einsums.
-  unets = {counted: aot.abstract_unet(spec["unet"], adapter, remat=args.remat,
+  unets = {counted: compile_only.abstract_unet(spec["unet"], adapter, remat=args.remat,
                                       attention_implementation="xla" if counted else None)
            for counted in (False, True)}
 
   def program(batch: int, counted: bool = False):
     """(jitted program, abstract arguments) at `batch` per chip. `counted`: to be traced for
-    `aot.matmul_flops`, with XLA's attention in the UNet and the sampling program on this
+    `compile_only.matmul_flops`, with XLA's attention in the UNet and the sampling program on this
     host's CPU, where the VAE's attention is not a Mosaic call either."""
     unet = unets[counted]
     if args.program == "train":
-      return aot.train_step(unet, mesh, cfg, batch_size=batch * chips, latent_size=latent)
-    networks = aot.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
+      return compile_only.train_step(unet, mesh, cfg, batch_size=batch * chips, latent_size=latent)
+    networks = compile_only.abstract_networks(unet, spec["vae"], spec["text"], spec["vision"],
                                      spec.get("text_2"))
-    plan, inputs = aot.sampling_request(networks, num_samples=batch * chips, size=spec["size"],
+    plan, inputs = compile_only.sampling_request(networks, num_samples=batch * chips, size=spec["size"],
                                         steps=args.steps)
     devices = jax.devices("cpu")[:1] if counted else mesh.devices.flat
-    return aot.sampling_program(networks, aot.data_mesh(devices), plan, inputs)
+    return compile_only.sampling_program(networks, compile_only.data_mesh(devices), plan, inputs)
 
   def compiled_for(batch: int):
     start = time.perf_counter()
@@ -98,8 +98,8 @@ def measure(args) -> dict:
   compiled, seconds = compiled_for(args.batch)
   # The arithmetic as written, with no Mosaic call to hide FLOPs.
   jitted, arguments = program(args.batch, counted=True)
-  traced = aot.matmul_flops(jax.make_jaxpr(jitted)(*arguments)) / chips
-  r = aot.report(compiled)
+  traced = compile_only.matmul_flops(jax.make_jaxpr(jitted)(*arguments)) / chips
+  r = compile_only.report(compiled)
   row = {"model": args.model, "program": args.program, "topology": args.topology,
          "chips": chips, "hosts": len({d.process_index for d in mesh.devices.flat}),
          "mesh": dict(mesh.shape), "batch_per_chip": args.batch, "remat": args.remat,
@@ -108,7 +108,7 @@ def measure(args) -> dict:
          "fits": r["memory"]["total"] <= hbm, "xla_flops": r["flops"], "matmul_flops": traced,
          "bytes_accessed": r["bytes_accessed"], "collectives": r["collectives"],
          "mosaic_kernels": r["mosaic_kernels"]}
-  attention = aot.blocked_attention_flops(unets[False], latent, args.batch)
+  attention = compile_only.blocked_attention_flops(unets[False], latent, args.batch)
   if args.program == "train":
     row["attention_flops"] = 3 * attention
     flops = r["flops"] + row["attention_flops"]
@@ -119,7 +119,7 @@ def measure(args) -> dict:
     row["attention_flops_per_step"] = 2 * attention
   if args.fit:
     second, _ = compiled_for(2 * args.batch)
-    total = [r["memory"]["total"], aot.report(second)["memory"]["total"]]
+    total = [r["memory"]["total"], compile_only.report(second)["memory"]["total"]]
     per_example = (total[1] - total[0]) / args.batch
     fixed = total[0] - per_example * args.batch
     row["memory_per_example_gib"] = per_example / GIB

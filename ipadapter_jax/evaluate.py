@@ -212,7 +212,7 @@ def load_annotated_images(annotations: str, limit: int | None = None,
 
 def evaluate_from_flags(args) -> dict:
   """Evaluates as `args` say; returns (and writes) the scores and settings."""
-  from ipadapter_jax.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
   images, records = load_annotated_images(args.annotations, args.limit, args.data_root)
   captions = [record["text"] for record in records]

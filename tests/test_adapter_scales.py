@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales_for_one_adapter
 
-from ipadapter_jax.adapter_scales import expand_scale, parse_scale, preset
+from ipadapter_jax.generation.adapter_scales import expand_scale, parse_scale, preset
 
 # The attentions of an SD1.5-shaped UNet in checkpoint order (down, up, mid): two per down block
 # with attentions, three per up block.

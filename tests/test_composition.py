@@ -10,9 +10,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
-from ipadapter_jax import adapter_scales
-from ipadapter_jax.image_prompts import AdapterPrompt, load_image_embeds, save_image_embeds
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation import adapter_scales
+from ipadapter_jax.generation.image_prompts import AdapterPrompt, load_image_embeds, save_image_embeds
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
 from tests import torch_reference as ref
 
@@ -258,7 +258,7 @@ def _argv(world, tmp_path, *extra):
 
 
 def test_sample_py_composes_as_the_python_api(world, ours, tmp_path):
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   f = _files(world, tmp_path)
   imgs, masks = world["images"], world["masks"]
   out = tmp_path / "grid.png"
@@ -292,7 +292,7 @@ def test_sample_py_composes_as_the_python_api(world, ours, tmp_path):
     (["--scale", "stlye", "--scale", "1"], "not a number, a preset"),
 ])
 def test_sample_py_refuses_bad_composition_in_one_line(world, tmp_path, capsys, extra, message):
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   f = _files(world, tmp_path)
   out = tmp_path / "grid.png"
   argv = _argv(world, tmp_path, "--image_encoder", world["encoder"], "--image", f["image0"],
@@ -388,7 +388,7 @@ def _dot_count(jaxpr) -> int:
 
 def _loop_and_total_dots(pipe, **request):
   import jax
-  from ipadapter_jax.pipeline import generate
+  from ipadapter_jax.generation.pipeline import generate
   plan, inputs = pipe.prepare(PROMPT, num_inference_steps=STEPS, height=H, width=W, **request)
   closed = jax.make_jaxpr(lambda state, inputs: generate(pipe._graphdef, state, inputs,
                                                          plan=plan))(pipe._state, inputs)

@@ -1,4 +1,4 @@
-"""ipadapter_jax.conditioning against diffusers' own `encode_prompt` / `encode_image`.
+"""ipadapter_jax.generation.conditioning against diffusers' own `encode_prompt` / `encode_image`.
 
 The diffusers pipelines are built without UNet or VAE around tiny random CLIP towers; the JAX
 towers load the same weights from disk, so any difference is the conditioning rule itself.
@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
-from ipadapter_jax import conditioning
-from ipadapter_jax.conditioning import (HIDDEN_STATES, IMAGE_EMBEDS, encode_image,
+from ipadapter_jax.generation import conditioning
+from ipadapter_jax.generation.conditioning import (HIDDEN_STATES, IMAGE_EMBEDS, encode_image,
                                         encode_image_or_null, encode_text, null_image_features)
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.weights import load_clip_text, load_clip_vision

@@ -9,8 +9,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
 
-from ipadapter_jax.structure import inpaint_mask, nearest_downsample, vae_image
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.structure import inpaint_mask, nearest_downsample, vae_image
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
 from tests import torch_reference as ref
 
@@ -203,7 +203,7 @@ def test_bad_init_requests_end_with_one_line(world):
 
 
 def test_sample_py_img2img_and_inpainting_are_the_python_api(world, tmp_path):
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   _init_image().save(tmp_path / "init.png")
   _mask().save(tmp_path / "mask.png")
   tiny = world[0]

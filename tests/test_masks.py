@@ -7,7 +7,7 @@ import pytest
 from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
-from ipadapter_jax import masks as mask_ops
+from ipadapter_jax.generation import masks as mask_ops
 
 
 @pytest.mark.parametrize("height,width,queries", [(64, 64, 64), (64, 64, 16), (48, 64, 12),

@@ -10,8 +10,8 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ipadapter_jax.tokenizer import write_word_tokenizer
-from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.sampling import main as sample_main
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
+from ipadapter_jax.cli.sample import main as sample_main
 from ipadapter_jax.weights import load_stable_diffusion
 from tests import torch_reference as ref
 

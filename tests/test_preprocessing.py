@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.image_prompts import open_image
+from ipadapter_jax.generation.image_prompts import open_image
 from ipadapter_jax.preprocessing import (CLIPImageConfig, ImageFileError, _processor,
                                          clip_pixels, load_image, vae_pixels)
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer

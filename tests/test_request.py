@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ipadapter_jax.diffusion.samplers import make_sampler
-from ipadapter_jax.request import Inputs, Plan, Request, plan_generation
+from ipadapter_jax.generation.request import Inputs, Plan, Request, plan_generation
 from ipadapter_jax.tokenizer import tokenize
 from ipadapter_jax.weights import load_stable_diffusion
 

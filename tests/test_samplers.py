@@ -158,7 +158,7 @@ def test_sampling_with_an_image_prompt_matches_diffusers(tiny_world, tmp_path, n
   """The whole pipeline (CFG, adapter, VAE) with each sampler, through sample.py's --scheduler."""
   from diffusers import StableDiffusionPipeline
   from PIL import Image
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   cls, extra = PIPELINE_SAMPLERS[name]
   pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "sd")
   pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
@@ -186,7 +186,7 @@ def test_sampling_with_an_image_prompt_matches_diffusers(tiny_world, tmp_path, n
 
 def test_the_folder_config_names_the_default_sampler():
   from ipadapter_jax.diffusion.samplers import SAMPLERS, default_sampler
-  from ipadapter_jax.sampling import SAMPLER_NAMES
+  from ipadapter_jax.cli.sample import SAMPLER_NAMES
   assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
   assert default_sampler({"_class_name": "EulerDiscreteScheduler"}) == "euler"
   assert default_sampler({"_class_name": "DPMSolverMultistepScheduler",
@@ -202,7 +202,7 @@ def test_ancestral_sampling_with_the_same_noise_matches_diffusers(tiny_world, na
   """Ancestral samplers with an image prompt, given the noise diffusers' steps draw."""
   from diffusers import StableDiffusionPipeline
   from PIL import Image
-  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.weights import load_stable_diffusion
   pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "sd")
   pipe.scheduler = cls.from_config(pipe.scheduler.config)

@@ -6,7 +6,7 @@ import os
 import pytest
 from PIL import Image
 
-from ipadapter_jax.sampling import build_parser, main as sample_main
+from ipadapter_jax.cli.sample import build_parser, main as sample_main
 
 
 def test_negative_prompt_defaults_to_none_as_in_diffusers():

@@ -1,4 +1,4 @@
-"""The host-side helpers of ipadapter_jax.structure against diffusers' pipelines and processors
+"""The host-side helpers of ipadapter_jax.generation.structure against diffusers' pipelines and processors
 (img2img / inpainting / ControlNet preparation) and PyTorch's nearest interpolation."""
 
 import inspect
@@ -12,7 +12,7 @@ from diffusers import (StableDiffusionControlNetPipeline, StableDiffusionImg2Img
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from ipadapter_jax.structure import (check_aspect, control_image, default_strength, finite,
+from ipadapter_jax.generation.structure import (check_aspect, control_image, default_strength, finite,
                                      guidance_window, image_size, inpaint_mask,
                                      nearest_downsample, vae_image)
 

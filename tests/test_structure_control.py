@@ -8,7 +8,7 @@ from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline,
                        StableDiffusionXLAdapterPipeline, T2IAdapter, UNet2DConditionModel)
 from PIL import Image
 
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import CheckpointError, load_stable_diffusion
 from tests import torch_reference as ref
 
@@ -154,7 +154,7 @@ def test_sdxl_t2i_adapter_with_an_image_prompt_matches_diffusers(sdxl):
 
 
 def test_sample_py_runs_two_controlnets_as_diffusers(sd15, tmp_path):
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   world, folders = sd15
   paths = []
   for seed in (0, 1):
@@ -182,7 +182,7 @@ def test_sample_py_runs_two_controlnets_as_diffusers(sd15, tmp_path):
     (["--guess_mode"], "--guess_mode needs --controlnet"),
     (["--adapter_image", "a.png"], "--t2i_adapter and --adapter_image go together")])
 def test_sample_py_refuses_bad_structure_flags_in_one_line(sd15, tmp_path, capsys, extra, message):
-  from ipadapter_jax.sampling import main as sample_main
+  from ipadapter_jax.cli.sample import main as sample_main
   world, _ = sd15
   out = tmp_path / "g.png"
   assert sample_main(["--pretrained", str(world / "sd"), "--out", str(out), *extra]) == 2

@@ -17,7 +17,7 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 from ipadapter_jax import convert, evaluate, toy
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.configs import world as toy_world
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
 from ipadapter_jax.weights.files import CheckpointError
 from tests import torch_reference as ref
@@ -323,7 +323,7 @@ def test_composition_rows_score_what_the_pipeline_draws(world):
   """eval.json's composition rates are the half-colour judgements of the images the adapter
   draws for those pairs, masks and seeds (re-sampled here), and the judge reads halves."""
   from ipadapter_jax.toy import composition as toy_composition
-  from ipadapter_jax.image_prompts import AdapterPrompt
+  from ipadapter_jax.generation.image_prompts import AdapterPrompt
   workdir, result = world
   rates = result["composition"]
   assert set(rates) == {"two images, left/right masks", "two images, no masks"}

@@ -16,7 +16,7 @@ from ipadapter_jax.configs import sd15_ip_adapter
 from ipadapter_jax.models import attention_kernels as kernels
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
-from ipadapter_jax.train import aot
+from ipadapter_jax.train import compile_only
 from tests import torch_reference as ref
 
 TOPOLOGY = "v5e:2x2"
@@ -31,14 +31,14 @@ pytestmark = pytest.mark.xdist_group("tpu_compile")
 @functools.cache  # one topology query to libtpu per mesh
 def _mesh(fsdp: int = 1):
   try:
-    return aot.tpu_mesh(TOPOLOGY, fsdp)
+    return compile_only.tpu_mesh(TOPOLOGY, fsdp)
   except RuntimeError as e:  # libtpu missing: a failure that says so, never a skip
     pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def unet():
-  return aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), ADAPTER)
+  return compile_only.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), ADAPTER)
 
 
 def _config(fsdp: int = 1):
@@ -74,7 +74,7 @@ def _unet_forward(devices, sharded: bool):
   """A plain `jax.jit` of the UNet's forward (no project code around it) and its abstract
   arguments: replicated weights and a batch split over `devices`, the arguments carrying
   these shardings when `sharded`, else given them by `in_shardings` only."""
-  unet = aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), None)
+  unet = compile_only.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), None)
   graphdef, state = nnx.split(unet)
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
@@ -94,7 +94,7 @@ def test_a_plain_jit_over_sharded_arguments_compiles_splash_in_shard_map():
   splits it over the batch (XLA refuses to partition a Mosaic kernel)."""
   _, forward, args = _unet_forward(list(_mesh().devices.flat), sharded=True)
   text = forward.lower(*args).compile().as_text()
-  assert text.count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
+  assert text.count(compile_only.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
 
 
 def test_a_plain_jit_under_set_mesh_compiles_splash_in_shard_map():
@@ -102,7 +102,7 @@ def test_a_plain_jit_under_set_mesh_compiles_splash_in_shard_map():
   mesh, forward, args = _unet_forward(list(_mesh().devices.flat), sharded=False)
   with jax.set_mesh(mesh):
     text = forward.lower(*args).compile().as_text()
-  assert text.count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
+  assert text.count(compile_only.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
 
 
 def test_a_plain_jit_for_one_tpu_chip_stages_the_choice_and_lowering_keeps_splash():
@@ -111,24 +111,24 @@ def test_a_plain_jit_for_one_tpu_chip_stages_the_choice_and_lowering_keeps_splas
   _, forward, args = _unet_forward(list(_mesh().devices.flat)[:1], sharded=False)
   traced = forward.trace(*args)
   assert "platform_index" in str(traced.jaxpr)
-  assert traced.lower().compile().as_text().count(aot.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
+  assert traced.lower().compile().as_text().count(compile_only.MOSAIC_CALL) == FORWARD_MOSAIC_CALLS
 
 
 def test_train_step_compiles_for_tpu_with_splash_and_data_parallel_collectives(unet):
   mesh = _mesh()
-  compiled = aot.compile_train_step(unet, mesh, _config(), batch_size=8, latent_size=LATENT)
-  r = aot.report(compiled)
+  compiled = compile_only.compile_train_step(unet, mesh, _config(), batch_size=8, latent_size=LATENT)
+  r = compile_only.report(compiled)
   print(r)
   assert r["mosaic_kernels"] >= 1  # the splash kernel, inside shard_map
   # Data parallel, weights replicated: nothing is gathered; the adapter's gradient is
   # all-reduced, every parameter once, with the loss (a few scalars at most).
   assert "all-gather" not in r["collectives"] and "reduce-scatter" not in r["collectives"]
-  parameters, adapter_bytes = aot.adapter_size(unet)
+  parameters, adapter_bytes = compile_only.adapter_size(unet)
   assert parameters <= r["collectives"]["all-reduce"]["elements"] <= parameters + 8
   # Per chip the arguments are the whole replicated state (frozen bf16 UNet, the float32
   # adapter with Adam's two moments), the step and the key, plus a quarter of the batch.
   frozen = _bytes(nnx.state(unet, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
-  batch, empty = aot.cached_batch(unet, 8, LATENT)
+  batch, empty = compile_only.cached_batch(unet, 8, LATENT)
   expected = frozen + 3 * adapter_bytes + _bytes(batch) // 4 + _bytes(empty)
   # TPU layouts pad arrays to (8, 128) tiles: this tiny model's 32-wide weights take up to 4x.
   assert expected <= r["memory"]["argument"] <= 4 * expected, (r["memory"], expected)
@@ -138,20 +138,20 @@ def test_train_step_compiles_for_tpu_with_splash_and_data_parallel_collectives(u
 
 
 def test_fsdp_gathers_the_frozen_weights_it_shards(unet):
-  compiled = aot.compile_train_step(unet, _mesh(fsdp=2), _config(fsdp=2), batch_size=8,
+  compiled = compile_only.compile_train_step(unet, _mesh(fsdp=2), _config(fsdp=2), batch_size=8,
                                     latent_size=LATENT)
-  r = aot.report(compiled)
+  r = compile_only.report(compiled)
   assert r["mosaic_kernels"] >= 1
   assert r["collectives"]["all-gather"]["count"] >= 1
 
 
 def test_sampling_program_compiles_for_tpu_with_splash():
-  networks = aot.abstract_networks(
-      aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), ADAPTER),
+  networks = compile_only.abstract_networks(
+      compile_only.abstract_unet(dict(ref.SD15_LIKE, sample_size=LATENT), ADAPTER),
       dict(ref.VAE_LIKE), dict(ref.TEXT_LIKE), dict(ref.VISION_LIKE))
-  plan, inputs = aot.sampling_request(networks, num_samples=4, size=2 * LATENT, steps=3)
-  compiled = aot.compile_sampling(networks, aot.data_mesh(_mesh().devices.flat), plan, inputs)
-  r = aot.report(compiled)
+  plan, inputs = compile_only.sampling_request(networks, num_samples=4, size=2 * LATENT, steps=3)
+  compiled = compile_only.compile_sampling(networks, compile_only.data_mesh(_mesh().devices.flat), plan, inputs)
+  r = compile_only.report(compiled)
   print(r)
   assert r["mosaic_kernels"] >= 1
   # The weights are replicated: every chip holds all of them.
@@ -163,13 +163,13 @@ def test_blocked_attention_flops_count_the_long_self_attention_layers():
   4,096 tokens (320 channels) and 5 at 1,024 (640); SDXL at 128x128 has 10 at 4,096 (640) and
   60 at 1,024 (1,280: 2 x 10 down, 3 x 10 up, 10 in the mid block)."""
   from ipadapter_jax.models.released import SD15_UNET, SDXL_UNET
-  sd15 = aot.abstract_unet(SD15_UNET, None)
-  assert aot.blocked_attention_flops(sd15, 64, 2) == 2 * 4 * (5 * 4096 ** 2 * 320
+  sd15 = compile_only.abstract_unet(SD15_UNET, None)
+  assert compile_only.blocked_attention_flops(sd15, 64, 2) == 2 * 4 * (5 * 4096 ** 2 * 320
                                                               + 5 * 1024 ** 2 * 640)
-  sdxl = aot.abstract_unet(SDXL_UNET, None)
-  assert aot.blocked_attention_flops(sdxl, 128, 1) == 4 * (10 * 4096 ** 2 * 640
+  sdxl = compile_only.abstract_unet(SDXL_UNET, None)
+  assert compile_only.blocked_attention_flops(sdxl, 128, 1) == 4 * (10 * 4096 ** 2 * 640
                                                            + 60 * 1024 ** 2 * 1280)
-  assert aot.blocked_attention_flops(sd15, 16, 1) == 0  # 256 tokens at most: XLA's einsums
+  assert compile_only.blocked_attention_flops(sd15, 16, 1) == 0  # 256 tokens at most: XLA's einsums
 
 
 def test_matmul_flops_counts_products_convolutions_and_loops():
@@ -187,13 +187,13 @@ def test_matmul_flops_counts_products_convolutions_and_loops():
     return y, strided, depthwise, batched
 
   jaxpr = jax.make_jaxpr(program)(jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((2, 10, 10, 3)))
-  assert aot.matmul_flops(jaxpr) == (2 * 64 * 8 + 2 * 250 * 27 + 2 * 600 * 9 + 3 * 2 * 64 * 16
+  assert compile_only.matmul_flops(jaxpr) == (2 * 64 * 8 + 2 * 250 * 27 + 2 * 600 * 9 + 3 * 2 * 64 * 16
                                      + 2 * 140 * 6)
   # shard_map: the body sees one device's [2, 8] rows of [8, 8]; the four devices do the whole.
   mesh = jax.sharding.AbstractMesh((4, 1), ("data", "fsdp"))
   sharded = jax.shard_map(lambda x: x @ jnp.ones((8, 16)), mesh=mesh, in_specs=P("data"),
                           out_specs=P("data"))
-  assert aot.matmul_flops(jax.make_jaxpr(sharded)(jnp.ones((8, 8)))) == 2 * 8 * 16 * 8
+  assert compile_only.matmul_flops(jax.make_jaxpr(sharded)(jnp.ones((8, 8)))) == 2 * 8 * 16 * 8
 
 
 def test_matmul_flops_of_the_train_step_against_xla():
@@ -201,12 +201,12 @@ def test_matmul_flops_of_the_train_step_against_xla():
   the products and convolutions counted from the traced program plus the elementwise work
   (norms, activations, softmax, AdamW), a few percent here."""
   from ipadapter_jax.train import sharding
-  unet = aot.abstract_unet(dict(ref.SD15_LIKE, sample_size=16), ADAPTER,
+  unet = compile_only.abstract_unet(dict(ref.SD15_LIKE, sample_size=16), ADAPTER,
                            attention_implementation="xla")
   mesh = sharding.make_mesh(-1, 1, devices=jax.devices("cpu")[:1])
-  step, args = aot.train_step(unet, mesh, _config(), batch_size=2, latent_size=16)
-  counted = aot.matmul_flops(jax.make_jaxpr(step)(*args))
-  xla = aot.report(step.lower(*args).compile())["flops"]
+  step, args = compile_only.train_step(unet, mesh, _config(), batch_size=2, latent_size=16)
+  counted = compile_only.matmul_flops(jax.make_jaxpr(step)(*args))
+  xla = compile_only.report(step.lower(*args).compile())["flops"]
   print(f"train step: XLA {xla:.4g} FLOPs, products and convolutions {counted:.4g}: "
         f"ratio {xla / counted:.3f}")
   assert counted <= xla <= 1.15 * counted  # 1.064 measured

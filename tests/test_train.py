@@ -220,7 +220,7 @@ def test_checkpoint_holds_only_trainable_state(tiny_world, tiny_dataset, tmp_pat
   import orbax.checkpoint as ocp
   from flax import nnx
   from ipadapter_jax.models import AdapterParam
-  from ipadapter_jax.train.models import load_models
+  from ipadapter_jax.train.loading import load_models
   config = tiny_config(tiny_world, tiny_dataset, num_steps=2, sample_every=2,
                        sample_images=(str(tiny_world / "prompt.png"),), sample_steps=2)
   workdir = str(tmp_path / "run")
@@ -394,7 +394,7 @@ def test_two_processes_train_like_one_and_stop_together(tiny_world, tiny_dataset
 def test_training_on_an_embedding_cache(tiny_world, tiny_dataset, tmp_path):
   from ipadapter_jax.data.cache import build_embedding_cache
   from ipadapter_jax.data.input_pipeline import DataSpec, open_source
-  from ipadapter_jax.train.models import load_models
+  from ipadapter_jax.train.loading import load_models
   config = tiny_config(tiny_world, tiny_dataset, num_steps=3, checkpoint_every=100)
   models = load_models(config)
   cache = str(tmp_path / "cache")

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from ipadapter_jax.models import AdapterParam
-from ipadapter_jax.pipeline import IPAdapterPipeline
-from ipadapter_jax.train.models import load_models
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
+from ipadapter_jax.train.loading import load_models
 from ipadapter_jax.train.outputs import SampleGrids, export, write_run_files
 from ipadapter_jax.weights import load_ip_adapter, load_unet, read_ip_adapter
 from ipadapter_jax.weights.adapter_checkpoint import abstract_unet_for

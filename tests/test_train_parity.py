@@ -21,7 +21,7 @@ from PIL import Image
 from ipadapter_jax.configs import sd15_ip_adapter
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels
 from ipadapter_jax.tokenizer import tokenize
-from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
+from ipadapter_jax.train.loading import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.step import denoising_error, trainable_filter
 from ipadapter_jax.weights.ip_adapter import ip_adapter_state_dict
 

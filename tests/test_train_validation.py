@@ -13,10 +13,10 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from ipadapter_jax.models import AdapterParam
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.train.checks import TrainingError
-from ipadapter_jax.train.models import load_models
+from ipadapter_jax.train.loading import load_models
 from ipadapter_jax.train.validation import Validation
 from tests import torch_reference as ref
 from tests.test_train import tiny_config

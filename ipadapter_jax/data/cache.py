@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 from tqdm import tqdm
 
-from ipadapter_jax.conditioning import CACHE_KEYS, encode_image, encode_text
+from ipadapter_jax.generation.conditioning import CACHE_KEYS, encode_image, encode_text
 from ipadapter_jax.data.image_text import resolve_dataset_dir
 from ipadapter_jax.data.input_pipeline import DataSpec, RawExample, is_cached
 from ipadapter_jax.preprocessing import CLIPImageConfig

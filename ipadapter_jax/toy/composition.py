@@ -16,7 +16,7 @@ from PIL import Image
 
 from ipadapter_jax import evaluate
 from ipadapter_jax.toy import shapes, stats
-from ipadapter_jax.image_prompts import AdapterPrompt
+from ipadapter_jax.generation.image_prompts import AdapterPrompt
 
 
 def colour_pairs(examples) -> list[tuple[int, int]]:

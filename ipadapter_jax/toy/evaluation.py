@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.toy import (composition as toy_composition, shapes, stats,
                                structure as toy_structure)
 from ipadapter_jax.toy.configs import world as toy_world

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.conditioning import encode_text
+from ipadapter_jax.generation.conditioning import encode_text
 from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.evaluation import held_out

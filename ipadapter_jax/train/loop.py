@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from ipadapter_jax import storage
 from ipadapter_jax.data import input_pipeline
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.checks import TrainingError, check_resume, validate, validate_loop
 from ipadapter_jax.train.checkpoint import Checkpoints
 from ipadapter_jax.train.metrics import MetricsWriter
-from ipadapter_jax.train.models import empty_conditions, load_models, step_spec
+from ipadapter_jax.train.loading import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.outputs import SampleGrids, check_export, export, write_run_files
 from ipadapter_jax.train.preemption import StopSignal, exit_code
 from ipadapter_jax.train.validation import Validation

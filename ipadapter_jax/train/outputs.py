@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from ipadapter_jax import storage
-from ipadapter_jax.pipeline import IPAdapterPipeline
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.preprocessing import image_grid, load_image
 from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
                                    save_stable_diffusion)

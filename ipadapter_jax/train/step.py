@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ipadapter_jax.conditioning import CACHE_KEYS, encode_image_or_null, encode_text, where_batch
+from ipadapter_jax.generation.conditioning import CACHE_KEYS, encode_image_or_null, encode_text, where_batch
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.vae import VAEConfig, sample_posterior, scale_latents
 from ipadapter_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target

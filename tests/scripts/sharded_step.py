@@ -18,7 +18,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ipadapter_jax.train import sharding  # noqa: E402
-from ipadapter_jax.train.models import empty_conditions, load_models, step_spec  # noqa: E402
+from ipadapter_jax.train.loading import empty_conditions, load_models, step_spec  # noqa: E402
 from ipadapter_jax.train.program import program_from_config  # noqa: E402
 from ipadapter_jax.train.step import loss_fn  # noqa: E402
 

@@ -18,9 +18,9 @@ import numpy as np
 from flax import struct
 
 from ipadapter_jax.diffusion.samplers import Sampler
-from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt, adapter_inputs
+from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt, adapter_inputs
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
-from ipadapter_jax.structure import (ControlInputs, InitInputs, T2IInputs, control_inputs, finite,
+from ipadapter_jax.generation.structure import (ControlInputs, InitInputs, T2IInputs, control_inputs, finite,
                                      image_size, init_inputs, t2i_inputs)
 from ipadapter_jax.tokenizer import tokenize
 

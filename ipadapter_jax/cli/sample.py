@@ -122,8 +122,8 @@ def _paths(text: str) -> list[str]:
 
 def adapter_prompts(args) -> list | None:
   """The per-adapter flags as `AdapterPrompt`s (None: no image prompt), all files read."""
-  from ipadapter_jax.image_prompts import AdapterPrompt, load_image_embeds, open_image
-  from ipadapter_jax.adapter_scales import parse_scale
+  from ipadapter_jax.generation.image_prompts import AdapterPrompt, load_image_embeds, open_image
+  from ipadapter_jax.generation.adapter_scales import parse_scale
   count = len(args.ip_adapter)
   for path in args.ip_adapter:
     if not os.path.isfile(path):
@@ -169,7 +169,7 @@ def adapter_prompts(args) -> list | None:
 
 def structure_control(args) -> dict:
   """The ControlNet and T2I-Adapter flags as request arguments, all images read."""
-  from ipadapter_jax.image_prompts import open_image
+  from ipadapter_jax.generation.image_prompts import open_image
   nets = len(args.controlnet)
   if len(args.control_image) != nets:
     raise ValueError(f"{len(args.control_image)} --control_image for {nets} --controlnet: give "
@@ -233,8 +233,8 @@ def sample_from_flags(args) -> dict:
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  from ipadapter_jax.image_prompts import open_image, save_image_embeds
-  from ipadapter_jax.pipeline import IPAdapterPipeline
+  from ipadapter_jax.generation.image_prompts import open_image, save_image_embeds
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.diffusion.samplers import default_sampler
   from ipadapter_jax.weights import load_stable_diffusion
   from ipadapter_jax.preprocessing import image_grid

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipadapter_jax.diffusion.samplers import DDIM
 from ipadapter_jax.diffusion.schedule import NoiseSchedule
-from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan
+from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan
 from ipadapter_jax.models.attention_kernels import LONG
 from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                                        CLIPVisionModelWithProjection)
@@ -31,8 +31,8 @@ from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.pipeline import generate, latents_sharding
-from ipadapter_jax.request import Inputs, Plan
+from ipadapter_jax.generation.pipeline import generate, latents_sharding
+from ipadapter_jax.generation.request import Inputs, Plan
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.program import program_from_config
 from ipadapter_jax.train.step import StepSpec

@@ -20,7 +20,7 @@ import numpy as np
 from flax import struct
 from PIL import Image
 
-from ipadapter_jax import adapter_scales, masks as mask_ops
+from ipadapter_jax.generation import adapter_scales, masks as mask_ops
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, load_image, to_pil
 from ipadapter_jax.storage import atomic_path
 
@@ -35,7 +35,7 @@ class AdapterPrompt:
   embeds: instead of images, saved features [2, I, ...] (negative, positive) from
     `load_image_embeds`; no image encoder is needed then.
   scale: a float, one value per decoupled layer, a block dictionary or a preset name
-    (`ipadapter_jax.adapter_scales`).
+    (`ipadapter_jax.generation.adapter_scales`).
   weights: one per image. Unmasked, a weight multiplies the image's tokens' unnormalised
     attention weights (0 removes the image, 1 is diffusers); masked, it multiplies the image's
     output, like diffusers' per-image scale list.

@@ -21,11 +21,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ipadapter_jax.conditioning import encode_image, encode_text, null_image_features
+from ipadapter_jax.generation.conditioning import encode_image, encode_text, null_image_features
 from ipadapter_jax.diffusion.samplers import Sampler, Tables, default_sampler, make_sampler
-from ipadapter_jax.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt
+from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
-from ipadapter_jax.request import (INPAINT, TEXT2IMG, Inputs, Plan, Request, default_size,
+from ipadapter_jax.generation.request import (INPAINT, TEXT2IMG, Inputs, Plan, Request, default_size,
                                    image_prompt_inputs, plan_generation, vae_scale_factor)
 from ipadapter_jax.weights.stable_diffusion import StableDiffusion
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.conditioning import null_image_features
+from ipadapter_jax.generation.conditioning import null_image_features
 from ipadapter_jax.data.cache import load_empty_text
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize

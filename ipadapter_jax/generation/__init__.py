@@ -1,0 +1,1 @@
+"""Generation: requests, image prompts, structure control and the pipeline that samples them."""

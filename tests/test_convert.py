@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ipadapter_jax import convert
+from ipadapter_jax.cli import convert
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.models import AdapterConfig, AdapterParam, UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.image_proj import make_image_projection

@@ -614,7 +614,7 @@ def test_convert_writes_to_gcs_under_its_final_name_only_once_complete(gcs_emula
   """Catches `to-official --out gs://...` written to a local `gs:` folder while reporting the
   URI as written, temporary objects left in the bucket, and a remote output folder replacing
   a user's objects."""
-  from ipadapter_jax import convert  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.cli import convert  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights import read_ip_adapter  # pylint: disable=import-outside-toplevel
   source = str(tiny_world / "adapter" / "ip-adapter.safetensors")
   to_jax = ["to-jax", source, "--unet", str(tiny_world / "sd"), "--out", "gs://bucket/ckpt"]

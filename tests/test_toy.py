@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
-from ipadapter_jax import convert, evaluate, toy
+from ipadapter_jax import evaluate, toy
+from ipadapter_jax.cli import convert
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.generation.pipeline import IPAdapterPipeline

@@ -234,7 +234,7 @@ def test_checkpoint_holds_only_trainable_state(tiny_world, tiny_dataset, tmp_pat
   assert count("params") == adapter
   assert 2 * adapter <= count("state") <= 2 * adapter + 16  # Adam's two moments and counters
   # and the convert CLI reads the run
-  from ipadapter_jax import convert
+  from ipadapter_jax.cli import convert
   out = str(tmp_path / "exported.safetensors")
   assert convert.main(["to-official", workdir, "--out", out, "--dtype", "float32"]) == 0
   from ipadapter_jax.weights import read_ip_adapter

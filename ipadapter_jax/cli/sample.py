@@ -12,14 +12,15 @@ import time
 import numpy as np
 
 from ipadapter_jax import storage
+from ipadapter_jax.cli.common import Parser, UsageError, run_command
 
 
 SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddpm", "unipc")  # = diffusion.SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="sample.py",
+  p = Parser(
+      prog="ipadapter-jax sample",
       description="Generate images from a text prompt and image prompts with IP-Adapters "
                   "(text-to-image, img2img or inpainting; DDIM, Euler, DPM-Solver++, UniPC and other "
                   "samplers with classifier-free guidance).")
@@ -228,18 +229,16 @@ def check_outputs(args) -> None:
                            overwrite=args.overwrite, name=name)
 
 
-def sample_from_flags(args) -> dict:
-  """Samples as `args` say; returns the settings and timings written beside the grid."""
-  import jax.numpy as jnp
-  from tqdm import tqdm
-
-  from ipadapter_jax.generation.image_prompts import open_image, save_image_embeds
-  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
-  from ipadapter_jax.diffusion.samplers import default_sampler
-  from ipadapter_jax.weights import load_stable_diffusion
-  from ipadapter_jax.preprocessing import image_grid
+def checked_flags(args):
+  """(adapters, latents, conditions) from the flags, every file and number checked."""
+  from ipadapter_jax.generation.image_prompts import open_image
+  from ipadapter_jax.generation.structure import finite
 
   check_outputs(args)
+  for flag in ("guidance_scale", "eta", "strength", "adapter_conditioning_scale",
+               "adapter_conditioning_factor"):
+    if getattr(args, flag) is not None:
+      finite(flag, getattr(args, flag))
   if args.latents is not None and not os.path.isfile(args.latents):
     raise FileNotFoundError(f"--latents {args.latents}: no such file")
   adapters = adapter_prompts(args)
@@ -254,6 +253,24 @@ def sample_from_flags(args) -> dict:
   if args.mask_image:
     conditions["mask_image"] = open_image(args.mask_image, "--mask_image")
   conditions.update(structure_control(args))
+  return adapters, latents, conditions
+
+
+def sample_from_flags(args) -> dict:
+  """Samples as `args` say; returns the settings and timings written beside the grid."""
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  from ipadapter_jax.generation.image_prompts import save_image_embeds
+  from ipadapter_jax.generation.pipeline import IPAdapterPipeline
+  from ipadapter_jax.diffusion.samplers import default_sampler
+  from ipadapter_jax.weights import load_stable_diffusion
+  from ipadapter_jax.preprocessing import image_grid
+
+  try:  # what the flags name, checked before anything loads: a usage error
+    adapters, latents, conditions = checked_flags(args)
+  except (ValueError, OSError) as e:
+    raise UsageError(str(e)) from e
 
   start = time.perf_counter()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -311,11 +328,5 @@ def sample_from_flags(args) -> dict:
 
 
 def main(argv=None) -> int:
-  from ipadapter_jax.weights.files import CheckpointError
   args = build_parser().parse_args(argv)
-  try:
-    sample_from_flags(args)
-  except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_command(lambda: sample_from_flags(args))

@@ -15,6 +15,7 @@ this module refuses it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -107,9 +108,13 @@ def parse_scale(text: str) -> Any:
   if text in PRESETS:
     return text
   try:
-    return float(text)
+    number = float(text)
   except ValueError:
     pass
+  else:
+    if not math.isfinite(number):
+      raise ValueError(f"--scale {text!r}: adapter scale must be finite")
+    return number
   try:
     value = json.loads(text)
   except json.JSONDecodeError:

@@ -1,9 +1,4 @@
-r"""Sample images with text + image prompts. `python sample.py --help` lists the flags.
-
-  python sample.py --pretrained runwayml/stable-diffusion-v1-5 \
-      --image_encoder h94/IP-Adapter/models/image_encoder \
-      --ip_adapter ip-adapter_sd15.safetensors --image cat.png --prompt "" --out grid.png
-"""
+"""`python sample.py ...` runs `ipadapter-jax sample ...` (ipadapter_jax/cli/sample.py)."""
 
 import sys
 

@@ -26,15 +26,27 @@ COUNTS = (1, 2, 4)
 
 def jax_seconds(bench, paths: dict, count: int, repeats: int) -> float:
   from PIL import Image
+
   from ipadapter_jax.generation.image_prompts import AdapterPrompt
   from ipadapter_jax.generation.pipeline import IPAdapterPipeline
   from ipadapter_jax.weights import load_stable_diffusion
-  pipe = IPAdapterPipeline(load_stable_diffusion(
-      paths["sd"], image_encoder=paths["image_encoder"], ip_adapter=[paths["adapter"]] * count))
+
+  pipe = IPAdapterPipeline(
+    load_stable_diffusion(
+      paths["sd"], image_encoder=paths["image_encoder"], ip_adapter=[paths["adapter"]] * count
+    )
+  )
   image = Image.open(paths["image"])
   adapters = [AdapterPrompt([image], scale=0.5) for _ in range(count)]
-  request = dict(adapters=adapters, num_inference_steps=bench.steps, num_samples=bench.samples,
-                 guidance_scale=7.5, height=bench.image_size, width=bench.image_size)
+  request = dict(
+    adapters=adapters,
+    num_inference_steps=bench.steps,
+    num_samples=bench.samples,
+    guidance_scale=7.5,
+    height=bench.image_size,
+    width=bench.image_size,
+    output_type="np",
+  )
   return speed.median_time(lambda: pipe(speed.PROMPT, **request), repeats) / bench.samples
 
 
@@ -43,10 +55,12 @@ def torch_seconds(bench, paths: dict, count: int, repeats: int) -> float:
   from diffusers import StableDiffusionPipeline
   from PIL import Image
   from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
   pipe = StableDiffusionPipeline.from_pretrained(paths["sd"])
   folder, name = os.path.split(paths["adapter"])
-  pipe.load_ip_adapter([folder] * count, subfolder=[""] * count, weight_name=[name] * count,
-                       image_encoder_folder=None)
+  pipe.load_ip_adapter(
+    [folder] * count, subfolder=[""] * count, weight_name=[name] * count, image_encoder_folder=None
+  )
   pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"])
   pipe.feature_extractor = CLIPImageProcessor.from_pretrained(paths["image_encoder"])
   pipe.set_ip_adapter_scale([0.5] * count)
@@ -55,15 +69,26 @@ def torch_seconds(bench, paths: dict, count: int, repeats: int) -> float:
 
   def sample():
     with torch.no_grad():
-      pipe(speed.PROMPT, ip_adapter_image=[image] * count, num_inference_steps=bench.steps,
-           num_images_per_prompt=bench.samples, guidance_scale=7.5, height=bench.image_size,
-           width=bench.image_size, output_type="np")
+      pipe(
+        speed.PROMPT,
+        ip_adapter_image=[image] * count,
+        num_inference_steps=bench.steps,
+        num_images_per_prompt=bench.samples,
+        guidance_scale=7.5,
+        height=bench.image_size,
+        width=bench.image_size,
+        output_type="np",
+      )
+
   return speed.median_time(sample, repeats) / bench.samples
 
 
 def table(result: dict) -> str:
-  rows = ["| adapters | JAX s/image | relative to one | PyTorch s/image | relative to one | "
-          "JAX / PyTorch |", "|---|---|---|---|---|---|"]
+  rows = [
+    "| adapters | JAX s/image | relative to one | PyTorch s/image | relative to one | "
+    "JAX / PyTorch |",
+    "|---|---|---|---|---|---|",
+  ]
   j1, t1 = result["jax"]["1"], result["torch"]["1"]
   for count in COUNTS:
     j, t = result["jax"][str(count)], result["torch"][str(count)]
@@ -78,12 +103,16 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None, help="JSON results")
   args = p.parse_args(argv)
   import torch
+
   torch.set_num_threads(os.cpu_count() or 1)
   bench = speed.CONFIGS[args.config]
   paths = speed.write_models(bench, tempfile.mkdtemp(prefix="composition-"))
-  result = {"config": args.config, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "jax": {str(c): jax_seconds(bench, paths, c, args.repeats) for c in COUNTS},
-            "torch": {str(c): torch_seconds(bench, paths, c, args.repeats) for c in COUNTS}}
+  result = {
+    "config": args.config,
+    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    "jax": {str(c): jax_seconds(bench, paths, c, args.repeats) for c in COUNTS},
+    "torch": {str(c): torch_seconds(bench, paths, c, args.repeats) for c in COUNTS},
+  }
   print(table(result))
   if args.out:
     with open(args.out, "w") as f:

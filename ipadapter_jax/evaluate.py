@@ -9,17 +9,14 @@ embeddings. Both work with any CLIP loaded here (the toy CLIP, or ViT-L/14 for r
 The paper's protocol as a command (COCO-style annotations: image_file + text per record; four
 images per prompt image, image prompt only):
 
-  python -m ipadapter_jax.evaluate --pretrained SD_FOLDER --image_encoder ENCODER \
+  ipadapter-jax evaluate --pretrained SD_FOLDER --image_encoder ENCODER \
       --ip_adapter ip-adapter_sd15.safetensors --clip openai/clip-vit-large-patch14 \
       --annotations coco_val2017_2000.json --data_root coco/val2017 --out eval.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -86,15 +83,27 @@ def _mean(score, a, b) -> float:
 
 def clip_i(image_encoder, processor: CLIPImageConfig, generated, prompt_images) -> float:
   """Mean cosine similarity of each generated image with its prompt image."""
-  return _mean(cosines, image_embeddings(image_encoder, processor, generated),
-               image_embeddings(image_encoder, processor, prompt_images))
+  return _mean(
+    cosines,
+    image_embeddings(image_encoder, processor, generated),
+    image_embeddings(image_encoder, processor, prompt_images),
+  )
 
 
-def clip_t(image_encoder, processor: CLIPImageConfig, text_encoder, tokenizer, generated,
-           captions: Sequence[str]) -> float:
+def clip_t(
+  image_encoder,
+  processor: CLIPImageConfig,
+  text_encoder,
+  tokenizer,
+  generated,
+  captions: Sequence[str],
+) -> float:
   """Mean CLIPScore, 2.5 * max(cos, 0), of each generated image with its caption."""
-  return _mean(clipscores, image_embeddings(image_encoder, processor, generated),
-               text_embeddings(text_encoder, tokenizer, captions))
+  return _mean(
+    clipscores,
+    image_embeddings(image_encoder, processor, generated),
+    text_embeddings(text_encoder, tokenizer, captions),
+  )
 
 
 def attribute_matches(generated, targets: Sequence[dict], judge) -> dict[str, np.ndarray]:
@@ -102,8 +111,10 @@ def attribute_matches(generated, targets: Sequence[dict], judge) -> dict[str, np
   `judge` (uint8 image -> {"colour", "shape", ...}; the toy world's is `toy.shapes.judge`),
   equals the target's ({"colour", "shape"} bools)."""
   judged = [judge(image) for image in to_uint8(generated)]
-  return {key: np.array([j[key] == t[key] for j, t in zip(judged, targets)])
-          for key in ("colour", "shape")}
+  return {
+    key: np.array([j[key] == t[key] for j, t in zip(judged, targets)])
+    for key in ("colour", "shape")
+  }
 
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -124,12 +135,16 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
 def rate(hits) -> dict:
   """{"rate", "ci95", "n"} of a boolean array: the fraction and its Wilson interval."""
   hits = np.asarray(hits, bool)
-  return {"rate": float(hits.mean()), "ci95": list(wilson_interval(int(hits.sum()), hits.size)),
-          "n": int(hits.size)}
+  return {
+    "rate": float(hits.mean()),
+    "ci95": list(wilson_interval(int(hits.sum()), hits.size)),
+    "n": int(hits.size),
+  }
 
 
 class CLIPScorer(NamedTuple):
   """The CLIP that CLIP-I and CLIP-T are measured with."""
+
   text_encoder: object
   tokenizer: object
   image_encoder: object
@@ -141,9 +156,15 @@ class CLIPScorer(NamedTuple):
     from ipadapter_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
     from ipadapter_jax.weights import load_clip_text, load_clip_vision  # pylint: disable=import-outside-toplevel
     from ipadapter_jax.weights.folders import local_path  # pylint: disable=import-outside-toplevel
-    folder = local_path(path_or_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
-    return cls(load_clip_text(folder, with_projection=True), load_tokenizer(folder),
-               load_clip_vision(folder), CLIPImageConfig.from_folder(folder))
+    from ipadapter_jax.weights.transformers import clip_patterns  # pylint: disable=import-outside-toplevel
+
+    folder = local_path(path_or_id, allow_patterns=clip_patterns(tokenizer=True))
+    return cls(
+      load_clip_text(folder, with_projection=True),
+      load_tokenizer(folder),
+      load_clip_vision(folder),
+      CLIPImageConfig.from_folder(folder),
+    )
 
   def score(self, generated, prompt_images, captions: Sequence[str]) -> dict[str, float]:
     """{"clip_i", "clip_t"} of generated images against their prompt images and captions."""
@@ -153,9 +174,16 @@ class CLIPScorer(NamedTuple):
     return {"clip_i": _mean(cosines, embeds, prompts), "clip_t": _mean(clipscores, embeds, texts)}
 
 
-def generate(pipe, prompts: Sequence[str], images: Sequence | None, *, batch_size: int,
-             seed: int = 0, per_request: dict[str, Sequence] | None = None,
-             **request) -> np.ndarray:
+def generate(
+  pipe,
+  prompts: Sequence[str],
+  images: Sequence | None,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  per_request: dict[str, Sequence] | None = None,
+  **request,
+) -> np.ndarray:
   """Images for many (prompt, image) requests, `batch_size` requests per call so that one
   program serves them all (the last call is padded). `per_request` holds pipeline arguments
   given per request ({"init_image": [...]}), `request` those shared by all. Grouped by
@@ -165,81 +193,29 @@ def generate(pipe, prompts: Sequence[str], images: Sequence | None, *, batch_siz
   for start in range(0, count, batch_size):
     idx = [min(i, count - 1) for i in range(start, start + batch_size)]
     extra = {key: [values[i] for i in idx] for key, values in (per_request or {}).items()}
-    chunk = pipe([prompts[i] for i in idx], None if images is None else [images[i] for i in idx],
-                 seed=seed + start, **extra, **request)
+    chunk = pipe(
+      [prompts[i] for i in idx],
+      None if images is None else [images[i] for i in idx],
+      seed=seed + start,
+      output_type="np",
+      **extra,
+      **request,
+    ).images
     per_request_images = chunk.shape[0] // batch_size
-    out.append(chunk[:per_request_images * min(batch_size, count - start)])
+    out.append(chunk[: per_request_images * min(batch_size, count - start)])
   return np.concatenate(out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m ipadapter_jax.evaluate",
-      description="CLIP-I and CLIP-T of an IP-Adapter on an annotation file (the paper's "
-                  "protocol: images generated from each prompt image, scored with a CLIP).")
-  p.add_argument("--pretrained", required=True, help="diffusers Stable Diffusion folder or hub id")
-  p.add_argument("--image_encoder", required=True, help="the adapter's CLIP image encoder")
-  p.add_argument("--ip_adapter", required=True, help="official IP-Adapter file")
-  p.add_argument("--clip", required=True,
-                 help="CLIPModel folder or hub id that scores (openai/clip-vit-large-patch14)")
-  p.add_argument("--annotations", required=True, help="JSON list / JSONL of {image_file, text}")
-  p.add_argument("--data_root", default=None, help="image folder (default: the annotations')")
-  p.add_argument("--limit", type=int, default=2000, help="prompt images used (the paper: 2000)")
-  p.add_argument("--with_text", action="store_true",
-                 help="also give each record's caption as the text prompt")
-  p.add_argument("--scale", type=float, default=1.0)
-  p.add_argument("--num_samples", type=int, default=4, help="images per prompt image")
-  p.add_argument("--num_inference_steps", type=int, default=50)
-  p.add_argument("--guidance_scale", type=float, default=7.5)
-  p.add_argument("--batch_size", type=int, default=4, help="prompt images per compiled call")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="eval.json")
-  return p
-
-
-def load_annotated_images(annotations: str, limit: int | None = None,
-                          data_root: str | None = None) -> tuple[list, list[dict]]:
+def load_annotated_images(
+  annotations: str, limit: int | None = None, data_root: str | None = None
+) -> tuple[list, list[dict]]:
   """(PIL images, records) of the first `limit` records of a COCO-style annotation file
   (`{image_file, text}` per record; paths relative to `data_root`, by default the file's
   folder). Images are read as diffusers' load_image reads them; a missing, unreadable or
   oversized one is a ValueError naming it."""
   from ipadapter_jax.data.image_text import read_annotations  # pylint: disable=import-outside-toplevel
+
   records = read_annotations(annotations)[:limit]
   root = data_root or os.path.dirname(os.path.abspath(annotations))
   images = [load_image(os.path.join(root, record["image_file"])) for record in records]
   return images, records
-
-
-def evaluate_from_flags(args) -> dict:
-  """Evaluates as `args` say; returns (and writes) the scores and settings."""
-  from ipadapter_jax.generation.pipeline import IPAdapterPipeline  # pylint: disable=import-outside-toplevel
-  from ipadapter_jax.weights import load_stable_diffusion  # pylint: disable=import-outside-toplevel
-  images, records = load_annotated_images(args.annotations, args.limit, args.data_root)
-  captions = [record["text"] for record in records]
-  pipe = IPAdapterPipeline(load_stable_diffusion(args.pretrained, image_encoder=args.image_encoder,
-                                                 ip_adapter=args.ip_adapter))
-  generated = generate(pipe, captions if args.with_text else [""] * len(records), images,
-                       batch_size=args.batch_size, seed=args.seed, scale=args.scale,
-                       num_samples=args.num_samples, guidance_scale=args.guidance_scale,
-                       num_inference_steps=args.num_inference_steps)
-  repeat = lambda xs: [x for x in xs for _ in range(args.num_samples)]
-  scores = CLIPScorer.load(args.clip).score(generated, repeat(images), repeat(captions))
-  result = {**scores, "prompt_images": len(records), **vars(args)}
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(scores))
-  return result
-
-
-def main(argv=None) -> int:
-  from ipadapter_jax.weights.files import CheckpointError  # pylint: disable=import-outside-toplevel
-  try:
-    evaluate_from_flags(build_parser().parse_args(argv))
-  except (CheckpointError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

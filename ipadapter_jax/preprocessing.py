@@ -40,6 +40,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclasses.dataclass(frozen=True)
 class CLIPImageConfig:
   """CLIPImageProcessor settings. `size` is the shortest edge, or (height, width) when exact."""
+
   size: int | tuple[int, int] = 224
   crop_size: tuple[int, int] = (224, 224)
   resample: int = 3  # PIL bicubic
@@ -70,8 +71,11 @@ class CLIPImageConfig:
   def to_dict(self) -> dict[str, Any]:
     """A transformers `preprocessor_config.json` dict for these settings."""
     out = dataclasses.asdict(self)
-    out["size"] = ({"shortest_edge": self.size} if isinstance(self.size, int) else
-                   {"height": self.size[0], "width": self.size[1]})
+    out["size"] = (
+      {"shortest_edge": self.size}
+      if isinstance(self.size, int)
+      else {"height": self.size[0], "width": self.size[1]}
+    )
     out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
     return {"image_processor_type": "CLIPImageProcessor", **out}
 
@@ -93,13 +97,22 @@ def _parse_size(value, key: str, source: str, shortest_edge_ok: bool = False):
       return int(value["shortest_edge"])
     if set(value) == {"height", "width"}:
       return (int(value["height"]), int(value["width"]))
-  raise ValueError(f"{source}: '{key}'={value!r} is not supported "
-                   "(an int, {'shortest_edge': n} or {'height': h, 'width': w})")
+  raise ValueError(
+    f"{source}: '{key}'={value!r} is not supported "
+    "(an int, {'shortest_edge': n} or {'height': h, 'width': w})"
+  )
 
 
 # What PIL raises for files that are not images, or are truncated or corrupt.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                Image.DecompressionBombError)
+IMAGE_ERRORS = (
+  OSError,
+  SyntaxError,
+  ValueError,
+  EOFError,
+  struct.error,
+  zlib.error,
+  Image.DecompressionBombError,
+)
 
 
 class ImageFileError(ValueError):
@@ -116,8 +129,11 @@ class ImageFileError(ValueError):
 
 
 def _bomb(name: str, pixels: str) -> ImageFileError:
-  return ImageFileError(name, "decompression bomb", f"{pixels} pixels, over PIL's "
-                        f"Image.MAX_IMAGE_PIXELS limit of {Image.MAX_IMAGE_PIXELS}")
+  return ImageFileError(
+    name,
+    "decompression bomb",
+    f"{pixels} pixels, over PIL's Image.MAX_IMAGE_PIXELS limit of {Image.MAX_IMAGE_PIXELS}",
+  )
 
 
 def _error_text(error: Exception) -> str:
@@ -180,8 +196,9 @@ def to_pil(image) -> Image.Image:
     return image
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim not in (2, 3):
-    raise ValueError(f"expected a PIL image or a uint8 [H, W(, C)] array, got {array.dtype} "
-                     f"{array.shape}")
+    raise ValueError(
+      f"expected a PIL image or a uint8 [H, W(, C)] array, got {array.dtype} {array.shape}"
+    )
   return Image.fromarray(array)
 
 
@@ -189,8 +206,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
   """RGB, with any transparency composited onto white (as transformers does)."""
   if "A" in image.getbands() or image.info.get("transparency") is not None:
     rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
-                                 rgba).convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert(
+      "RGB"
+    )
   return image.convert("RGB")
 
 
@@ -204,8 +222,9 @@ def shortest_side_size(width: int, height: int, shortest: int) -> tuple[int, int
 
 def clip_pixels(images: Sequence, config: CLIPImageConfig = CLIPImageConfig()) -> np.ndarray:
   """PIL images of any size and mode -> CLIP pixel values [B, H, W, 3] float32 (NHWC)."""
-  pixels_BCHW = _processor(config)([to_pil(image) for image in images],
-                                   return_tensors="np")["pixel_values"]
+  pixels_BCHW = _processor(config)([to_pil(image) for image in images], return_tensors="np")[
+    "pixel_values"
+  ]
   return np.ascontiguousarray(pixels_BCHW.transpose(0, 2, 3, 1), dtype=np.float32)
 
 
@@ -214,6 +233,7 @@ def _processor(config: CLIPImageConfig) -> "CLIPImageProcessorPil":
   """The processor for `config`, built once per config (and per grain worker process)."""
   # Imported here: where torch is installed, transformers' image processing imports it too.
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # pylint: disable=import-outside-toplevel
+
   settings = config.to_dict()
   del settings["image_processor_type"]
   return CLIPImageProcessorPil(**settings)
@@ -225,8 +245,9 @@ def vae_pixels(image, resolution: int) -> np.ndarray:
   Shortest side resized to `resolution` (bilinear), centre crop with torchvision's rounding.
   """
   image = to_rgb(to_pil(image))
-  image = image.resize(shortest_side_size(image.width, image.height, resolution),
-                       resample=Image.Resampling.BILINEAR)
+  image = image.resize(
+    shortest_side_size(image.width, image.height, resolution), resample=Image.Resampling.BILINEAR
+  )
   top = int(round((image.height - resolution) / 2.0))
   left = int(round((image.width - resolution) / 2.0))
   array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.float32)
@@ -245,15 +266,20 @@ def preprocess_adapter_image(image, height: int, width: int) -> np.ndarray:
   """
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
-      raise ValueError(f"preprocess_adapter_image: expected a uint8 array [H, W] or [H, W, C], "
-                       f"got {image.dtype} {list(image.shape)}")
+      raise ValueError(
+        f"preprocess_adapter_image: expected a uint8 array [H, W] or [H, W, C], "
+        f"got {image.dtype} {list(image.shape)}"
+      )
     image = Image.fromarray(image)
   if not isinstance(image, Image.Image):
-    raise ValueError(f"preprocess_adapter_image: expected a PIL image or a uint8 array, got "
-                     f"{type(image).__name__}")
+    raise ValueError(
+      f"preprocess_adapter_image: expected a PIL image or a uint8 array, got {type(image).__name__}"
+    )
   if image.mode not in _ADAPTER_IMAGE_MODES:
-    raise ValueError(f"preprocess_adapter_image: image mode {image.mode!r} is not supported "
-                     f"({', '.join(_ADAPTER_IMAGE_MODES)}); convert it first, e.g. image.convert('RGB')")
+    raise ValueError(
+      f"preprocess_adapter_image: image mode {image.mode!r} is not supported "
+      f"({', '.join(_ADAPTER_IMAGE_MODES)}); convert it first, e.g. image.convert('RGB')"
+    )
   pixels = np.asarray(image.resize((width, height), resample=Image.Resampling.LANCZOS))
   if pixels.ndim == 2:
     pixels = pixels[..., None]
@@ -269,5 +295,5 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
   grid = np.zeros((rows * h, cols * w, 3), np.uint8)
   for i, image in enumerate((images * 255).round().astype(np.uint8)):
     r, c = divmod(i, cols)
-    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
   return Image.fromarray(grid)

@@ -45,7 +45,7 @@ def check_path(path, flag: str | None = None) -> str:
   match = _SCHEME.match(text)
   if match is None:
     return text
-  scheme, rest = match.group(1), text[match.end():]
+  scheme, rest = match.group(1), text[match.end() :]
   local = f"; a local path: write ./{text}"
   supported = ", ".join(f"{s}://" for s in SCHEMES)
   if scheme.lower() not in SCHEMES:
@@ -85,8 +85,10 @@ def check_reachable(path) -> None:
     if is_remote(path):
       _fs(path)
   except ImportError as e:
-    raise ValueError(f"{path}: this filesystem needs a package that is not installed "
-                     f"({' '.join(str(e).split())[:200]})") from None
+    raise ValueError(
+      f"{path}: this filesystem needs a package that is not installed "
+      f"({' '.join(str(e).split())[:200]})"
+    ) from None
 
 
 def makedirs(path) -> None:
@@ -168,14 +170,15 @@ def _files(path) -> list[str]:
   if is_remote(path):
     fs = _fs(path)
     root = fs._strip_protocol(path).rstrip("/")  # pylint: disable=protected-access
-    found = (p[len(root) + 1:] for p in fs.find(root))
+    found = (p[len(root) + 1 :] for p in fs.find(root))
   else:
     found = []
     for top, dirs, names in os.walk(path):
       dirs[:] = [d for d in dirs if not d.startswith(_PARTIAL)]
       links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
-      found += [os.path.relpath(os.path.join(top, n), path).replace(os.sep, "/")
-                for n in names + links]
+      found += [
+        os.path.relpath(os.path.join(top, n), path).replace(os.sep, "/") for n in names + links
+      ]
   return sorted(p for p in found if p and not p.endswith("/") and not p.startswith(_PARTIAL))
 
 
@@ -212,8 +215,16 @@ def _not_its_own(path, command: str, marker: str) -> str | None:
   return None
 
 
-def check_output(path, command: str, *, folder: bool = True, flag: str = "--out",
-                 overwrite: bool = False, marker: str = MARKER, name: str | None = None) -> str:
+def check_output(
+  path,
+  command: str,
+  *,
+  folder: bool = True,
+  flag: str = "--out",
+  overwrite: bool = False,
+  marker: str = MARKER,
+  name: str | None = None,
+) -> str:
   """`path` resolved, once sure that writing `command`'s output there destroys nothing else;
   raises ValueError (one line) otherwise.
 
@@ -225,8 +236,9 @@ def check_output(path, command: str, *, folder: bool = True, flag: str = "--out"
   if is_remote(path):
     check_reachable(path)
     if not path.split("://", 1)[1].partition("/")[2].strip("/"):
-      raise ValueError(f"{flag} {path}: a bucket itself cannot be an output: write "
-                       f"{path.rstrip('/')}/NAME")
+      raise ValueError(
+        f"{flag} {path}: a bucket itself cannot be an output: write {path.rstrip('/')}/NAME"
+      )
   name = name or f"{flag} {path}"
   if not exists(path):
     return path
@@ -235,8 +247,10 @@ def check_output(path, command: str, *, folder: bool = True, flag: str = "--out"
       raise ValueError(f"{name} is a file, not a folder: choose another {flag}")
     problem = _not_its_own(path, command, marker)
     if problem:
-      raise ValueError(f"{name}: this folder {problem}; it is left as it is: choose another "
-                       f"{flag} (a new or empty folder)")
+      raise ValueError(
+        f"{name}: this folder {problem}; it is left as it is: choose another "
+        f"{flag} (a new or empty folder)"
+      )
   elif isdir(path):
     raise ValueError(f"{name} is a folder: choose another {flag}")
   elif not overwrite:
@@ -251,8 +265,15 @@ def _write_marker(folder: str, command: str) -> None:
 
 
 @contextlib.contextmanager
-def staged(path, command: str | None = None, *, folder: bool = True, flag: str = "--out",
-           overwrite: bool = False, marker: str = MARKER):
+def staged(
+  path,
+  command: str | None = None,
+  *,
+  folder: bool = True,
+  flag: str = "--out",
+  overwrite: bool = False,
+  marker: str = MARKER,
+):
   """Yields a local path for any local writer; the file or folder becomes `path` on success,
   and exists when the block ends.
 
@@ -297,16 +318,24 @@ def _upload_and_commit(local: str, remote: str, last: str) -> None:
   parent, base = remote.rsplit("/", 1)
   temporary = f"{parent}/{_PARTIAL}{uuid.uuid4().hex[:8]}-{base}"
   if os.path.isdir(local):
-    files = sorted((os.path.relpath(os.path.join(d, n), local).replace(os.sep, "/")
-                    for d, _, names in os.walk(local) for n in names), key=lambda f: f == last)
+    files = sorted(
+      (
+        os.path.relpath(os.path.join(d, n), local).replace(os.sep, "/")
+        for d, _, names in os.walk(local)
+        for n in names
+      ),
+      key=lambda f: f == last,
+    )
     pairs = [(f"{temporary}/{f}", f"{remote}/{f}") for f in files]
   else:
     files, pairs = [None], [(temporary, remote)]
   committing = False
   try:
     for f in files:
-      fs.put_file(local if f is None else os.path.join(local, f),
-                  temporary if f is None else f"{temporary}/{f}")
+      fs.put_file(
+        local if f is None else os.path.join(local, f),
+        temporary if f is None else f"{temporary}/{f}",
+      )
     # A single object is copied whole or not at all; a folder is many objects.
     committing = os.path.isdir(local)
     if committing and fs.exists(remote):  # checked before: the command's own older output

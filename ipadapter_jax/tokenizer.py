@@ -16,10 +16,12 @@ def load_tokenizer(folder: str):
   """transformers' CLIPTokenizer from a `tokenizer/` folder (vocab.json + merges.txt, or the
   tokenizer.json that transformers 5 writes)."""
   from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+
   has = lambda name: os.path.isfile(os.path.join(folder, name))
   if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
-    raise FileNotFoundError(f"{folder}: no tokenizer files (vocab.json and merges.txt, or "
-                            "tokenizer.json)")
+    raise FileNotFoundError(
+      f"{folder}: no tokenizer files (vocab.json and merges.txt, or tokenizer.json)"
+    )
   # from_pretrained, never CLIPTokenizer(vocab_file=...): transformers 5 silently ignores that
   # form and maps every word to end-of-text.
   return CLIPTokenizer.from_pretrained(folder)
@@ -28,8 +30,13 @@ def load_tokenizer(folder: str):
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
   """Token ids [B, max_length] int32, padded and truncated as Stable Diffusion pipelines do."""
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-  ids = tokenizer(prompts, padding="max_length", truncation=True,
-                  max_length=max_length or tokenizer.model_max_length, return_tensors="np")
+  ids = tokenizer(
+    prompts,
+    padding="max_length",
+    truncation=True,
+    max_length=max_length or tokenizer.model_max_length,
+    return_tensors="np",
+  )
   return ids["input_ids"].astype(np.int32)
 
 
@@ -62,5 +69,14 @@ def write_word_tokenizer(folder: str, words: Sequence[str], model_max_length: in
   with open(os.path.join(folder, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
-               "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}, f)
+    json.dump(
+      {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "unk_token": EOS,
+      },
+      f,
+    )

@@ -1,8 +1,8 @@
 """Attention and decoupled cross-attention against their formulas written out in float64 numpy."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -29,9 +29,16 @@ def _randn(rng, *shape, dtype=jnp.float32):
 
 
 def _layer(seed=0, dtype=jnp.float32, joint_softmax=False):
-  layer = Attention(QUERY_DIM, HEADS, HEAD_DIM, context_dim=CONTEXT_DIM,
-                    image_context_dim=IMAGE_DIM, dtype=dtype, param_dtype=jnp.float32,
-                    rngs=nnx.Rngs(seed))
+  layer = Attention(
+    QUERY_DIM,
+    HEADS,
+    HEAD_DIM,
+    context_dim=CONTEXT_DIM,
+    image_context_dim=IMAGE_DIM,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=nnx.Rngs(seed),
+  )
   # A non-zero output bias, so that adding it once (after merging heads) is checked too.
   layer.to_out.bias.set_value(0.1 * jax.random.normal(jax.random.key(seed + 1), (QUERY_DIM,)))
   layer.ip_index, layer.joint_softmax = 0, joint_softmax
@@ -41,8 +48,11 @@ def _layer(seed=0, dtype=jnp.float32, joint_softmax=False):
 def _inputs(seed=0, dtype=jnp.float32):
   """x [2, 5, 16], text context [2, 7, 12] and image tokens [2, 3, 10]."""
   rng = np.random.default_rng(seed)
-  return (_randn(rng, 2, 5, QUERY_DIM, dtype=dtype), _randn(rng, 2, 7, CONTEXT_DIM, dtype=dtype),
-          _randn(rng, 2, 3, IMAGE_DIM, dtype=dtype))
+  return (
+    _randn(rng, 2, 5, QUERY_DIM, dtype=dtype),
+    _randn(rng, 2, 7, CONTEXT_DIM, dtype=dtype),
+    _randn(rng, 2, 3, IMAGE_DIM, dtype=dtype),
+  )
 
 
 def _prompt(layer, tokens, scale):
@@ -51,17 +61,25 @@ def _prompt(layer, tokens, scale):
 
 def _np_projections(layer, x, ctx, tokens):
   """q, k_text, v_text, k_img, v_img [B, ., H, K] from the layer's kernels, in float64."""
+
   def project(linear, a):
     y = np.asarray(a, np.float64) @ np.asarray(linear.kernel[...], np.float64)
     return y.reshape(y.shape[:-1] + (HEADS, HEAD_DIM))
-  return (project(layer.to_q, x), project(layer.to_k, ctx), project(layer.to_v, ctx),
-          project(layer.to_k_ip, tokens), project(layer.to_v_ip, tokens))
+
+  return (
+    project(layer.to_q, x),
+    project(layer.to_k, ctx),
+    project(layer.to_v, ctx),
+    project(layer.to_k_ip, tokens),
+    project(layer.to_v_ip, tokens),
+  )
 
 
 def _np_out(layer, mixed_BTHK):
   merged = mixed_BTHK.reshape(mixed_BTHK.shape[:2] + (-1,))
-  return (merged @ np.asarray(layer.to_out.kernel[...], np.float64)
-          + np.asarray(layer.to_out.bias[...], np.float64))
+  return merged @ np.asarray(layer.to_out.kernel[...], np.float64) + np.asarray(
+    layer.to_out.bias[...], np.float64
+  )
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -78,8 +96,11 @@ def test_causal_attention_sees_only_earlier_tokens():
   rng = np.random.default_rng(1)
   q, k, v = (_randn(rng, 1, 6, 2, 4) for _ in range(3))
   future = np.triu(np.ones((6, 6), bool), 1)
-  ref.assert_close(dot_product_attention(q, k, v, is_causal=True),
-                   _attention(q, k, v, np.where(future, -np.inf, 0.0)), rel=1e-5)
+  ref.assert_close(
+    dot_product_attention(q, k, v, is_causal=True),
+    _attention(q, k, v, np.where(future, -np.inf, 0.0)),
+    rel=1e-5,
+  )
 
 
 def test_bfloat16_inputs_match_the_formula():
@@ -112,8 +133,9 @@ def test_layer_reads_its_own_entry_of_the_image_prompt():
   layer, (x, ctx, tokens), scales = _layer(), _inputs(), [3.0, 0.4]
   layer.ip_index = 1
   other_tokens = jnp.flip(tokens, axis=1) * 2.0
-  prompt = ImagePrompt((layer.image_kv(other_tokens), layer.image_kv(tokens)),
-                       jnp.asarray(scales, jnp.float32))
+  prompt = ImagePrompt(
+    (layer.image_kv(other_tokens), layer.image_kv(tokens)), jnp.asarray(scales, jnp.float32)
+  )
   q, k_text, v_text, k_img, v_img = _np_projections(layer, x, ctx, tokens)
   expected = _np_out(layer, _attention(q, k_text, v_text) + 0.4 * _attention(q, k_img, v_img))
   ref.assert_close(layer(x, ctx, prompt), expected, rel=1e-5)
@@ -150,8 +172,10 @@ def test_simple_adapter_scale_one_is_one_softmax_over_text_and_image_keys():
   split = lambda a: a.reshape(a.shape[:-1] + (HEADS, HEAD_DIM))
   k_ip, v_ip = layer.image_kv(tokens)
   plain = dot_product_attention(
-      split(layer.to_q(x)), jnp.concatenate([split(layer.to_k(ctx)), k_ip], axis=1),
-      jnp.concatenate([split(layer.to_v(ctx)), v_ip], axis=1))
+    split(layer.to_q(x)),
+    jnp.concatenate([split(layer.to_k(ctx)), k_ip], axis=1),
+    jnp.concatenate([split(layer.to_v(ctx)), v_ip], axis=1),
+  )
   np.testing.assert_array_equal(out, layer.to_out(plain.reshape(2, 5, -1)))
 
 
@@ -160,8 +184,9 @@ def test_simple_adapter_scale_is_a_log_bias_on_the_image_logits(scale):
   layer, (x, ctx, tokens) = _layer(joint_softmax=True), _inputs()
   q, k_text, v_text, k_img, v_img = _np_projections(layer, x, ctx, tokens)
   bias = np.concatenate([np.zeros(k_text.shape[1]), np.full(k_img.shape[1], np.log(scale))])
-  joint = _attention(q, np.concatenate([k_text, k_img], 1), np.concatenate([v_text, v_img], 1),
-                     bias)
+  joint = _attention(
+    q, np.concatenate([k_text, k_img], 1), np.concatenate([v_text, v_img], 1), bias
+  )
   ref.assert_close(layer(x, ctx, _prompt(layer, tokens, scale)), _np_out(layer, joint), rel=1e-5)
 
 

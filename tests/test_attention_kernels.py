@@ -33,16 +33,19 @@ def _qkv(T, S, H=3, K=8, seed=0, dtype=jnp.float32):
 def test_chunked_attention_and_its_gradients_equal_xla(T, chunk):
   """Query counts that do and do not divide into chunks (and fewer queries than one chunk)."""
   q, k, v, g = _qkv(T, T)
-  loss = lambda fn: jax.jit(jax.value_and_grad(
-      lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))
+  loss = lambda fn: jax.jit(
+    jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2))
+  )
   _, grads = loss(lambda q, k, v: kernels.chunked_attention(q, k, v, chunk))(q, k, v)
   _, expected = loss(kernels.xla_attention)(q, k, v)
   np.testing.assert_allclose(
-      kernels.chunked_attention(q, k, v, chunk), kernels.xla_attention(q, k, v), rtol=1e-5,
-      atol=1e-6)
+    kernels.chunked_attention(q, k, v, chunk), kernels.xla_attention(q, k, v), rtol=1e-5, atol=1e-6
+  )
   for name, a, b in zip("qkv", grads, expected):
     err = float(jnp.abs(a - b).max())
-    print(f"T={T}, chunk {chunk}: d{name} max abs error {err:.1e} (scale {float(jnp.abs(b).max()):.1f})")
+    print(
+      f"T={T}, chunk {chunk}: d{name} max abs error {err:.1e} (scale {float(jnp.abs(b).max()):.1f})"
+    )
     assert err <= 1e-5 * float(jnp.abs(b).max())
 
 
@@ -65,8 +68,11 @@ def test_chunked_attention_in_bfloat16_is_close():
 def test_splash_attention_equals_xla_in_interpret_mode():
   """The Pallas splash kernel (the TPU path), with sequence padding, run by Pallas' interpreter."""
   q, k, v, _ = _qkv(200, 200, H=2, K=64)
-  err = float(jnp.abs(kernels.splash_attention(q, k, v, interpret=True)
-                      - kernels.xla_attention(q, k, v)).max())
+  err = float(
+    jnp.abs(
+      kernels.splash_attention(q, k, v, interpret=True) - kernels.xla_attention(q, k, v)
+    ).max()
+  )
   print(f"splash (interpret) vs XLA: max abs error {err:.1e}")
   assert err <= 1e-5
 
@@ -78,7 +84,10 @@ def test_the_choice_per_platform_and_the_refusals():
   short_q, short_k, _, _ = _qkv(1024, 81)
   assert kernels.known_platform(long_q) is None
   assert kernels.choose(None, long_q, long_k, has_bias=False) == {
-      "cpu": "chunked", "tpu": "splash", "default": "xla"}
+    "cpu": "chunked",
+    "tpu": "splash",
+    "default": "xla",
+  }
   assert kernels.choose(None, short_q, short_k, has_bias=False) == {"default": "xla"}  # cross
   assert kernels.choose(None, long_q, long_k, has_bias=True) == {"default": "xla"}
   assert kernels.choose("splash", short_q, short_k, has_bias=False) == {"default": "xla"}
@@ -116,14 +125,17 @@ def test_unet_on_the_chunked_path_matches_diffusers(unet_folders, family):
   ctx = torch.randn(1, 7, torch_unet.config.cross_attention_dim, generator=g)
   added = None
   if torch_unet.config.addition_embed_type == "text_time":
-    added = {"text_embeds": torch.randn(1, ref.SDXL_POOLED_DIM, generator=g),
-             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    added = {
+      "text_embeds": torch.randn(1, ref.SDXL_POOLED_DIM, generator=g),
+      "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+    }
   with torch.no_grad():
     expected = torch_unet(x, 500, ctx, added_cond_kwargs=added).sample.numpy()
   kw = {} if added is None else {k: jnp.asarray(v.numpy()) for k, v in added.items()}
   model = load_unet(folder)
   actual = jax.jit(lambda x, c: model(x, 500, c, layout="NCHW", **kw))(
-      jnp.asarray(x.numpy()), jnp.asarray(ctx.numpy()))
+    jnp.asarray(x.numpy()), jnp.asarray(ctx.numpy())
+  )
   err = ref.assert_close(np.asarray(actual), expected)
   print(f"{family}, {size}x{size} latents, chunked attention: max abs error {err:.2e}")
 
@@ -132,8 +144,9 @@ def test_asking_for_splash_runs_it_interpreted_off_tpu():
   """attention_implementation="splash" on this CPU: long self-attention goes through the Pallas
   kernel (interpreted), everything else through XLA."""
   q, k, v, _ = _qkv(1024, 1024, H=1, K=64)
-  err = float(jnp.abs(dot_product_attention(q, k, v, "splash")
-                      - kernels.xla_attention(q, k, v)).max())
+  err = float(
+    jnp.abs(dot_product_attention(q, k, v, "splash") - kernels.xla_attention(q, k, v)).max()
+  )
   assert err <= 1e-5
 
 
@@ -178,10 +191,15 @@ def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
   """Over a mesh of several devices splash runs in shard_map over the batch axes (a Pallas kernel
   cannot be partitioned by XLA), whether the mesh comes from the arguments' shardings or from
   `jax.set_mesh`, and its outputs and gradients equal XLA's attention."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", SHARDED_SPLASH],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   print(out)
@@ -193,10 +211,12 @@ def test_splash_over_a_mesh_runs_per_shard_and_matches_xla():
 
 def _gpu_mesh():
   """An abstract mesh of NVIDIA GPUs, as a GPU program's arguments or `jax.set_mesh` name it."""
-  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                    platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                                   abstract_device=gpu)
+  gpu = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+  )
+  return jax.sharding.AbstractMesh(
+    (1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=gpu
+  )
 
 
 def test_the_choice_follows_the_compile_target_not_the_host(monkeypatch):
@@ -207,9 +227,16 @@ def test_the_choice_follows_the_compile_target_not_the_host(monkeypatch):
   assert "cuda" not in kernels.choose(None, q16, k16, has_bias=False)  # no CUDA here
   monkeypatch.setattr(kernels, "_has_cuda", lambda: True)
   assert kernels.choose(None, q16, k16, has_bias=False) == {
-      "cpu": "chunked", "tpu": "splash", "cuda": "cudnn", "default": "xla"}
+    "cpu": "chunked",
+    "tpu": "splash",
+    "cuda": "cudnn",
+    "default": "xla",
+  }
   assert kernels.choose(None, q32, k32, has_bias=False) == {
-      "cpu": "chunked", "tpu": "splash", "default": "xla"}
+    "cpu": "chunked",
+    "tpu": "splash",
+    "default": "xla",
+  }
   with jax.sharding.use_abstract_mesh(_gpu_mesh()):
     assert kernels.known_platform(q16) == "cuda"
     assert kernels.choose(None, q16, k16, has_bias=False) == {"default": "cudnn"}

@@ -23,7 +23,6 @@ class _Networks(nnx.Module):
 
 
 class _UNet(nnx.Module):
-
   def __init__(self, rngs):
     self.proj = nnx.Linear(3, 4, rngs=rngs)
     self.blocks = nnx.List([nnx.Linear(4, 2, rngs=rngs)])
@@ -33,9 +32,11 @@ def _state(seed: int = 0) -> TrainState:
   params = nnx.state(_Networks(nnx.Rngs(seed)), nnx.Param)
   state = init_state(params, optimizer=optax.adam(1e-3), ema=True)
   # Distinct values in every part, so that a mixed-up restore shows.
-  return state._replace(step=jnp.asarray(7, jnp.int32),
-                        ema=jax.tree.map(lambda x: x + 0.5, state.ema),
-                        opt_state=jax.tree.map(lambda x: x + 3, state.opt_state))
+  return state._replace(
+    step=jnp.asarray(7, jnp.int32),
+    ema=jax.tree.map(lambda x: x + 0.5, state.ema),
+    opt_state=jax.tree.map(lambda x: x + 3, state.opt_state),
+  )
 
 
 def _abstract(state):
@@ -64,8 +65,9 @@ def test_to_flat_names_leaves_by_dotted_path_and_from_flat_inverts_it():
   assert flat["proj.kernel"].shape == (3, 4)
   back = from_flat({k: v + 1 for k, v in flat.items()}, params, drop_prefix=1)
   assert isinstance(back, nnx.State)
-  np.testing.assert_array_equal(back["unet"]["proj"]["kernel"].get_value(),
-                                params["unet"]["proj"]["kernel"].get_value() + 1)
+  np.testing.assert_array_equal(
+    back["unet"]["proj"]["kernel"].get_value(), params["unet"]["proj"]["kernel"].get_value() + 1
+  )
   with pytest.raises(KeyError):
     from_flat({"proj.kernel": flat["proj.kernel"]}, params, drop_prefix=1)
 
@@ -85,7 +87,8 @@ def test_save_then_restore_gives_back_the_state_and_the_data_position(tmp_path):
   checkpoints.close()
 
   restored, data = Checkpoints(str(tmp_path / "ckpt"), keep_last=3).restore(
-      5, _abstract(_state(seed=1)))  # other values, the same layout
+    5, _abstract(_state(seed=1))
+  )  # other values, the same layout
   assert isinstance(restored, TrainState) and isinstance(restored.params, nnx.State)
   assert data == {"position": 11, "epoch": [1, 2]}
   assert int(restored.step) == 7
@@ -122,15 +125,15 @@ def test_a_relative_directory_is_resolved(tmp_path, monkeypatch):
 
 
 class _OneWeight(nnx.Module):
-
   def __init__(self, rngs):
     self.unet = nnx.Linear(3, 4, use_bias=False, rngs=rngs)
 
 
 def test_restore_onto_a_wrong_shape_is_one_line_naming_the_directory(tmp_path):
   # One array in all: a failed Orbax restore abandons the other reads it has in flight.
-  state = init_state(nnx.state(_OneWeight(nnx.Rngs(0)), nnx.Param), optimizer=optax.sgd(0.1),
-                     ema=False)
+  state = init_state(
+    nnx.state(_OneWeight(nnx.Rngs(0)), nnx.Param), optimizer=optax.sgd(0.1), ema=False
+  )
   directory = str(tmp_path / "ckpt")
   checkpoints = Checkpoints(directory, keep_last=1, asynchronous=False)
   checkpoints.save(3, state, {}, force=True)
@@ -145,6 +148,7 @@ def test_restore_onto_a_wrong_shape_is_one_line_naming_the_directory(tmp_path):
   with pytest.raises(CheckpointError, match="cannot restore step 4"):  # a step never saved
     checkpoints.restore(4, _abstract(state))
   restored, _ = checkpoints.restore(3, _abstract(state))  # the right shape still restores
-  np.testing.assert_array_equal(restored.params["unet"]["kernel"].get_value(),
-                                state.params["unet"]["kernel"].get_value())
+  np.testing.assert_array_equal(
+    restored.params["unet"]["kernel"].get_value(), state.params["unet"]["kernel"].get_value()
+  )
   checkpoints.close()

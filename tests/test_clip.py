@@ -3,14 +3,20 @@
 import json
 import shutil
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                          CLIPTextModelWithProjection, CLIPVisionConfig,
-                          CLIPVisionModelWithProjection)
+from transformers import (
+  CLIPConfig,
+  CLIPModel,
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPTextModelWithProjection,
+  CLIPVisionConfig,
+  CLIPVisionModelWithProjection,
+)
 
 from ipadapter_jax.models import clip
 from ipadapter_jax.models.released import CLIP_L14_TEXT, OPENCLIP_BIGG14_TEXT, OPENCLIP_H14_VISION
@@ -18,13 +24,22 @@ from ipadapter_jax.weights import CheckpointError, load_clip_text, load_clip_vis
 from ipadapter_jax.weights.files import read_safetensors
 from tests import torch_reference as ref
 
-IDS = torch.tensor([[0, 5, 7, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-                    [0, 50, 98, 3, 4, 60, 61, 62, 63, 64, 65, 66, 67, 68, 2, 1]])
+IDS = torch.tensor(
+  [
+    [0, 5, 7, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    [0, 50, 98, 3, 4, 60, 61, 62, 63, 64, 65, 66, 67, 68, 2, 1],
+  ]
+)
 
 
-@pytest.mark.parametrize("cls,eos,act", [(CLIPTextModel, 2, "quick_gelu"),
-                                         (CLIPTextModel, 1, "quick_gelu"),
-                                         (CLIPTextModelWithProjection, 1, "gelu")])
+@pytest.mark.parametrize(
+  "cls,eos,act",
+  [
+    (CLIPTextModel, 2, "quick_gelu"),
+    (CLIPTextModel, 1, "quick_gelu"),
+    (CLIPTextModelWithProjection, 1, "gelu"),
+  ],
+)
 def test_text_parity(tmp_path, cls, eos, act):
   config = CLIPTextConfig(**dict(ref.TEXT_LIKE, eos_token_id=eos, hidden_act=act))
   torch_model = ref.randomize_(cls(config), seed=eos)
@@ -35,8 +50,10 @@ def test_text_parity(tmp_path, cls, eos, act):
     expected = torch_model(IDS, output_hidden_states=True)
   out = model(jnp.asarray(IDS.numpy()))
   assert len(out.hidden_states) == len(expected.hidden_states) == 4
-  errs = [ref.assert_close(out.last_hidden_state, expected.last_hidden_state.numpy()),
-          ref.assert_close(out.hidden_states[-2], expected.hidden_states[-2].numpy())]
+  errs = [
+    ref.assert_close(out.last_hidden_state, expected.last_hidden_state.numpy()),
+    ref.assert_close(out.hidden_states[-2], expected.hidden_states[-2].numpy()),
+  ]
   if cls is CLIPTextModelWithProjection:
     errs.append(ref.assert_close(out.text_embeds, expected.text_embeds.numpy()))
   else:
@@ -45,7 +62,9 @@ def test_text_parity(tmp_path, cls, eos, act):
 
 
 def test_vision_parity(tmp_path):
-  torch_model = ref.randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**ref.VISION_LIKE)), 4)
+  torch_model = ref.randomize_(
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**ref.VISION_LIKE)), 4
+  )
   torch_model.save_pretrained(tmp_path)
   model = load_clip_vision(str(tmp_path))
   pixels = torch.randn(2, 3, 30, 30)
@@ -71,6 +90,7 @@ def test_both_text_key_forms_load(tmp_path):
   (tmp_path / "v4").mkdir()
   shutil.copy(tmp_path / "v5" / "config.json", tmp_path / "v4")
   from safetensors.torch import save_file
+
   save_file(legacy, str(tmp_path / "v4" / "model.safetensors"))
   a, b = load_clip_text(str(tmp_path / "v5")), load_clip_text(str(tmp_path / "v4"))
   ids = jnp.asarray(IDS.numpy())
@@ -93,8 +113,11 @@ def test_mismatched_config_names_file_and_key(tmp_path):
   ref.randomize_(CLIPTextModel(CLIPTextConfig(**ref.TEXT_LIKE)), 0).save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=40)))
-  with pytest.raises(CheckpointError, match=r"model.safetensors: key 'text_model.encoder.layers.0"
-                                            r".mlp.fc1.(weight|bias)' has shape"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"model.safetensors: key 'text_model.encoder.layers.0"
+    r".mlp.fc1.(weight|bias)' has shape",
+  ):
     load_clip_text(str(tmp_path))
   del config["hidden_size"]
   (tmp_path / "config.json").write_text(json.dumps(config))
@@ -116,4 +139,6 @@ def test_real_sizes_by_shape():
   vision_h = clip.CLIPVisionConfig.from_transformers(OPENCLIP_H14_VISION)
   assert _count(lambda: clip.CLIPTextModel(text_l, rngs=nnx.Rngs(0))) == 123_060_480
   assert _count(lambda: clip.CLIPTextModel(text_g, rngs=nnx.Rngs(0))) == 694_659_840
-  assert _count(lambda: clip.CLIPVisionModelWithProjection(vision_h, rngs=nnx.Rngs(0))) == 632_076_800
+  assert (
+    _count(lambda: clip.CLIPVisionModelWithProjection(vision_h, rngs=nnx.Rngs(0))) == 632_076_800
+  )

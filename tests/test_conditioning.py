@@ -9,12 +9,24 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                          CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection)
+from transformers import (
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPTextModelWithProjection,
+  CLIPTokenizer,
+  CLIPVisionConfig,
+  CLIPVisionModelWithProjection,
+)
 
 from ipadapter_jax.generation import conditioning
-from ipadapter_jax.generation.conditioning import (HIDDEN_STATES, IMAGE_EMBEDS, encode_image,
-                                        encode_image_or_null, encode_text, null_image_features)
+from ipadapter_jax.generation.conditioning import (
+  HIDDEN_STATES,
+  IMAGE_EMBEDS,
+  encode_image,
+  encode_image_or_null,
+  encode_text,
+  null_image_features,
+)
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.weights import load_clip_text, load_clip_vision
 from tests import torch_reference as ref
@@ -36,21 +48,42 @@ def towers(tmp_path_factory):
   for name, model in (("text", text), ("text_2", text_2), ("vision", vision)):
     model.save_pretrained(tmp / name)
   scheduler = DDIMScheduler(clip_sample=False, steps_offset=1)
-  sd15 = StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=tokenizer, unet=None,
-                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                 image_encoder=vision, requires_safety_checker=False)
-  sdxl = StableDiffusionXLPipeline(vae=None, text_encoder=text, text_encoder_2=text_2,
-                                   tokenizer=tokenizer, tokenizer_2=tokenizer, unet=None,
-                                   scheduler=scheduler, image_encoder=vision,
-                                   feature_extractor=None)
-  return dict(tokenizer=tokenizer, sd15=sd15, sdxl=sdxl,
-              text=load_clip_text(str(tmp / "text")), text_2=load_clip_text(str(tmp / "text_2")),
-              vision=load_clip_vision(str(tmp / "vision")))
+  sd15 = StableDiffusionPipeline(
+    vae=None,
+    text_encoder=text,
+    tokenizer=tokenizer,
+    unet=None,
+    scheduler=scheduler,
+    safety_checker=None,
+    feature_extractor=None,
+    image_encoder=vision,
+    requires_safety_checker=False,
+  )
+  sdxl = StableDiffusionXLPipeline(
+    vae=None,
+    text_encoder=text,
+    text_encoder_2=text_2,
+    tokenizer=tokenizer,
+    tokenizer_2=tokenizer,
+    unet=None,
+    scheduler=scheduler,
+    image_encoder=vision,
+    feature_extractor=None,
+  )
+  return dict(
+    tokenizer=tokenizer,
+    sd15=sd15,
+    sdxl=sdxl,
+    text=load_clip_text(str(tmp / "text")),
+    text_2=load_clip_text(str(tmp / "text_2")),
+    vision=load_clip_vision(str(tmp / "vision")),
+  )
 
 
 def _ids(tokenizer, prompts):
-  return jnp.asarray(tokenizer(prompts, padding="max_length", max_length=16,
-                               truncation=True).input_ids, jnp.int32)
+  return jnp.asarray(
+    tokenizer(prompts, padding="max_length", max_length=16, truncation=True).input_ids, jnp.int32
+  )
 
 
 def test_sd15_context_is_diffusers_encode_prompt(towers):
@@ -63,8 +96,13 @@ def test_sd15_context_is_diffusers_encode_prompt(towers):
   err = ref.assert_close(context, expected.numpy())
   print(f"SD1.5 context: max abs error {err:.1e}")
   # the rule matters here: the un-normalised last state is far from the context
-  assert np.abs(np.asarray(towers["text"](_ids(towers["tokenizer"], PROMPTS)).hidden_states[-1])
-                - expected.numpy()).max() > 1e-2
+  assert (
+    np.abs(
+      np.asarray(towers["text"](_ids(towers["tokenizer"], PROMPTS)).hidden_states[-1])
+      - expected.numpy()
+    ).max()
+    > 1e-2
+  )
 
 
 def test_sdxl_context_and_pooled_are_diffusers_encode_prompt(towers):
@@ -73,10 +111,12 @@ def test_sdxl_context_and_pooled_are_diffusers_encode_prompt(towers):
   the unprojected pooled state."""
   with torch.no_grad():
     expected, _, pooled_expected, _ = towers["sdxl"].encode_prompt(
-        PROMPTS, prompt_2=PROMPTS_2, device="cpu", do_classifier_free_guidance=False)
+      PROMPTS, prompt_2=PROMPTS_2, device="cpu", do_classifier_free_guidance=False
+    )
   tokenizer = towers["tokenizer"]
-  context, pooled = encode_text(towers["text"], towers["text_2"], _ids(tokenizer, PROMPTS),
-                                _ids(tokenizer, PROMPTS_2))
+  context, pooled = encode_text(
+    towers["text"], towers["text_2"], _ids(tokenizer, PROMPTS), _ids(tokenizer, PROMPTS_2)
+  )
   assert context.shape == (2, 16, ref.TEXT_LIKE["hidden_size"] + TEXT_2_LIKE["hidden_size"])
   err_context = ref.assert_close(context, expected.numpy())
   err_pooled = ref.assert_close(pooled, pooled_expected.numpy())
@@ -88,8 +128,9 @@ def test_image_features_and_null_features_are_diffusers_encode_image(towers, kin
   """Catches the wrong output for a kind (image_embeds vs hidden_states[-2], or the last hidden
   state), and an unconditional image that is not diffusers' (zeros for image_embeds, the
   encoding of an all-zero pixel tensor for hidden_states)."""
-  pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 30, 30),
-                                                                      dtype=np.float32))
+  pixels = torch.from_numpy(
+    np.random.default_rng(0).standard_normal((2, 3, 30, 30), dtype=np.float32)
+  )
   with torch.no_grad():
     cond, uncond = towers["sd15"].encode_image(pixels, "cpu", 1, kind == HIDDEN_STATES)
   pixels_BHWC = jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1))
@@ -109,15 +150,18 @@ def test_image_features_and_null_features_are_diffusers_encode_image(towers, kin
 def test_null_mask_selects_per_example(towers, kind):
   """Catches an inverted mask, one example's choice applied to the whole batch, or a null that
   differs from `null_image_features` (training and sampling must agree)."""
-  pixels = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, 30, 30),
-                                                                      dtype=np.float32))
+  pixels = torch.from_numpy(
+    np.random.default_rng(1).standard_normal((3, 3, 30, 30), dtype=np.float32)
+  )
   with torch.no_grad():
     cond, uncond = towers["sd15"].encode_image(pixels, "cpu", 1, kind == HIDDEN_STATES)
   null_B = jnp.asarray([False, True, False])
-  got = encode_image_or_null(towers["vision"], jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)),
-                             null_B, kind)
-  expected = torch.where(torch.tensor([False, True, False]).reshape((-1,) + (1,) * (cond.ndim - 1)),
-                         uncond, cond).numpy()
+  got = encode_image_or_null(
+    towers["vision"], jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)), null_B, kind
+  )
+  expected = torch.where(
+    torch.tensor([False, True, False]).reshape((-1,) + (1,) * (cond.ndim - 1)), uncond, cond
+  ).numpy()
   ref.assert_close(got, expected)
   ref.assert_close(got[1], null_image_features(towers["vision"], kind))
   assert np.abs(np.asarray(got[0]) - np.asarray(got[1])).max() > 1e-2  # the two differ here
@@ -125,8 +169,10 @@ def test_null_mask_selects_per_example(towers, kind):
 
 def test_unknown_kind_is_refused(towers):
   pixels = jnp.zeros((1, 30, 30, 3))
-  for call in (lambda: encode_image(towers["vision"], pixels, "pooled"),
-               lambda: null_image_features(towers["vision"], "image_embed")):
+  for call in (
+    lambda: encode_image(towers["vision"], pixels, "pooled"),
+    lambda: null_image_features(towers["vision"], "image_embed"),
+  ):
     with pytest.raises(ValueError, match="image features must be one of"):
       call()
 

@@ -9,16 +9,19 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.toy import shapes
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
+from ipadapter_jax.toy import shapes
 from ipadapter_jax.weights import load_clip_text, load_clip_vision
 from tests import torch_reference as ref
 
 
 def test_clip_i_and_clip_t_match_transformers(tmp_path):
-  config = CLIPConfig(text_config=dict(ref.TEXT_LIKE, eos_token_id=1),
-                      vision_config=ref.VISION_LIKE, projection_dim=24)
+  config = CLIPConfig(
+    text_config=dict(ref.TEXT_LIKE, eos_token_id=1),
+    vision_config=ref.VISION_LIKE,
+    projection_dim=24,
+  )
   model = ref.randomize_(CLIPModel(config), 4)
   model.save_pretrained(tmp_path / "clip")
   CLIPImageProcessor(size=30, crop_size=30).save_pretrained(tmp_path / "clip")
@@ -36,7 +39,8 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
   as_pil = [Image.fromarray((g * 255).round().astype(np.uint8)) for g in generated]
   with torch.no_grad():
     features = lambda images: model.get_image_features(
-        **processor(images=images, return_tensors="pt"))
+      **processor(images=images, return_tensors="pt")
+    )
     gen = features(as_pil)
     gen = getattr(gen, "pooler_output", gen)
     gen = torch.nn.functional.normalize(gen, dim=-1)
@@ -55,16 +59,20 @@ def test_clip_i_and_clip_t_match_transformers(tmp_path):
   text = load_clip_text(str(tmp_path / "clip"), with_projection=True)
   clip_config = CLIPImageConfig.from_folder(str(tmp_path / "clip"))
   ours_i = evaluate.clip_i(vision, clip_config, generated, prompts)
-  ours_t = evaluate.clip_t(vision, clip_config, text, load_tokenizer(str(tmp_path / "clip")),
-                           generated, captions)
+  ours_t = evaluate.clip_t(
+    vision, clip_config, text, load_tokenizer(str(tmp_path / "clip")), generated, captions
+  )
   assert abs(ours_i - expected_i) <= 1e-5 and abs(ours_t - expected_t) <= 1e-5
   ref.assert_close(evaluate.image_embeddings(vision, clip_config, generated), gen.numpy())
-  ref.assert_close(evaluate.text_embeddings(text, load_tokenizer(str(tmp_path / "clip")),
-                                            captions), txt.numpy())
+  ref.assert_close(
+    evaluate.text_embeddings(text, load_tokenizer(str(tmp_path / "clip")), captions), txt.numpy()
+  )
   # Pairs, not all against all: the prompts in another order give the other pairs' mean.
   other = float((gen * prm[[1, 2, 0]]).sum(-1).mean())
-  assert abs(evaluate.clip_i(vision, clip_config, generated, prompts[1:] + prompts[:1])
-             - other) <= 1e-5 and abs(other - expected_i) > 1e-3
+  assert (
+    abs(evaluate.clip_i(vision, clip_config, generated, prompts[1:] + prompts[:1]) - other) <= 1e-5
+    and abs(other - expected_i) > 1e-3
+  )
   assert abs(evaluate.clip_i(vision, clip_config, prompts, prompts) - 1.0) <= 1e-6
   assert evaluate.clip_i(vision, clip_config, prompts[:1], prompts[1:2]) < 0.99
 
@@ -83,6 +91,7 @@ def test_attribute_matches_use_pixels_only():
 @pytest.mark.parametrize("successes,n", [(5, 10), (0, 10), (10, 10), (81, 263), (370, 384)])
 def test_wilson_interval_matches_scipy(successes, n):
   from scipy.stats import binomtest
+
   expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
   lo, hi = evaluate.wilson_interval(successes, n)
   assert (lo, hi) == pytest.approx((expected.low, expected.high), abs=1e-9)
@@ -100,10 +109,14 @@ def test_prompt_images_are_read_inside_the_data_root_only(tmp_path):
   Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / "eval" / "in.png")
   annotations = tmp_path / "eval" / "eval.json"
   for outside in ("../x.png", str(tmp_path / "x.png")):
-    annotations.write_text(json.dumps([{"image_file": "in.png", "text": "a"},
-                                       {"image_file": outside, "text": "b"}]))
-    with pytest.raises(ValueError, match=r"eval.json: entry 1: 'image_file' .* leaves the data "
-                                         "root"):
+    annotations.write_text(
+      json.dumps([{"image_file": "in.png", "text": "a"}, {"image_file": outside, "text": "b"}])
+    )
+    with pytest.raises(
+      ValueError,
+      match=r"eval.json: entry 1: 'image_file' .* leaves the data "
+      "root",
+    ):
       evaluate.load_annotated_images(str(annotations))
   annotations.write_text(json.dumps([{"image_file": "in.png", "text": "a"}]))
   images, _ = evaluate.load_annotated_images(str(annotations))

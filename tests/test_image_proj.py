@@ -2,9 +2,9 @@
 
 import math
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -32,7 +32,7 @@ def _linear(linear, x):
 def _gelu(x, exact=True):
   if exact:
     return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
-  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _attention(q_BTHK, k_BSHK, v_BSHK):
@@ -46,10 +46,12 @@ def _randomize(module, seed):
   """Seeded noise in every weight (norm scales near 1), so that no weight can hide."""
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(module))
+
   def noise(path, leaf):
     z = rng.standard_normal(leaf.shape).astype(np.float32)
     return jnp.asarray(1.0 + 0.2 * z if "scale" in jax.tree_util.keystr(path) else 0.3 * z)
-  nnx.update(module, jax.tree_util.tree_unflatten(treedef, [noise(p, l) for p, l in leaves]))
+
+  nnx.update(module, jax.tree_util.tree_unflatten(treedef, [noise(p, leaf) for p, leaf in leaves]))
   return module
 
 
@@ -66,7 +68,7 @@ def test_image_projection_is_row_major_tokens_then_layer_norm(magnitude):
   proj.proj.bias.set_value(proj.proj.bias[...] * magnitude)
   x = _randn(2, 2, E)
   y = _linear(proj.proj, _np(x))
-  tokens = np.stack([y[:, i * D:(i + 1) * D] for i in range(N)], axis=1)
+  tokens = np.stack([y[:, i * D : (i + 1) * D] for i in range(N)], axis=1)
   actual = nnx.jit(lambda m, x: m(x))(proj, x)
   assert actual.shape == (2, N, D)
   ref.assert_close(actual, _layer_norm(tokens, proj.norm), rel=1e-5)
@@ -76,8 +78,9 @@ def test_image_projection_is_row_major_tokens_then_layer_norm(magnitude):
 
 def test_perceiver_attention_keys_are_the_first_half_of_to_kv():
   dim, heads, head_dim = 16, 2, 8
-  attn = _randomize(PerceiverAttention(dim, heads, head_dim, dtype=jnp.float32,
-                                       rngs=nnx.Rngs(0)), seed=3)
+  attn = _randomize(
+    PerceiverAttention(dim, heads, head_dim, dtype=jnp.float32, rngs=nnx.Rngs(0)), seed=3
+  )
   x_BTD = _randn(4, 2, 7, dim)
   latents_BND = _randn(5, 2, 4, dim)
   split = lambda y: y.reshape(y.shape[:-1] + (heads, head_dim))
@@ -97,8 +100,14 @@ def test_perceiver_attention_keys_are_the_first_half_of_to_kv():
 
 def test_resampler_is_the_perceiver_formula_with_16_latents():
   E, D, dim, B, T = 12, 20, 16, 2, 7
-  config = AdapterConfig(num_tokens=16, embed_dim=E, kind="plus", resampler_dim=dim,
-                         resampler_depth=2, resampler_head_dim=8)
+  config = AdapterConfig(
+    num_tokens=16,
+    embed_dim=E,
+    kind="plus",
+    resampler_dim=dim,
+    resampler_depth=2,
+    resampler_head_dim=8,
+  )
   resampler = _randomize(Resampler(E, D, config, rngs=nnx.Rngs(0)), seed=6)
   assert resampler.latents[...].shape == (1, 16, dim)
   features_BTE = _randn(7, B, T, E)

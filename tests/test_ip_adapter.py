@@ -2,9 +2,9 @@
 
 import copy
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from flax import nnx
@@ -19,8 +19,16 @@ NUM_TOKENS = 4  # diffusers' loader assumes 4 tokens for the basic adapter
 
 @nnx.jit
 def apply(model, sample, t, context, image_embeds, ip_scale, text_embeds=None, time_ids=None):
-  return model(sample, t, context, image_embeds=image_embeds, ip_scale=ip_scale,
-               text_embeds=text_embeds, time_ids=time_ids, layout="NCHW")
+  return model(
+    sample,
+    t,
+    context,
+    image_embeds=image_embeds,
+    ip_scale=ip_scale,
+    text_embeds=text_embeds,
+    time_ids=time_ids,
+    layout="NCHW",
+  )
 
 
 @nnx.jit
@@ -39,13 +47,18 @@ def pair(request, unet_folders):
   load_ip_adapter(jax_unet, ref.to_numpy(official))
   g = torch.Generator().manual_seed(3)
   cfg = torch_unet.config
-  inputs = dict(sample=torch.randn(2, 4, 16, 16, generator=g), t=torch.tensor([981, 40]),
-                context=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
-                image_embeds=torch.randn(2, EMBED_DIM, generator=g))
+  inputs = dict(
+    sample=torch.randn(2, 4, 16, 16, generator=g),
+    t=torch.tensor([981, 40]),
+    context=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+    image_embeds=torch.randn(2, EMBED_DIM, generator=g),
+  )
   added = {}
   if cfg.addition_embed_type == "text_time":
-    added = {"text_embeds": torch.randn(2, ref.SDXL_POOLED_DIM, generator=g),
-             "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)}
+    added = {
+      "text_embeds": torch.randn(2, ref.SDXL_POOLED_DIM, generator=g),
+      "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2),
+    }
   return torch_unet, jax_unet, load_unet(folder), inputs, added
 
 
@@ -53,9 +66,12 @@ def _torch(pair, scales):
   torch_unet, _, _, inputs, added = pair
   ref.set_ip_scale(torch_unet, scales)
   with torch.no_grad():
-    return torch_unet(inputs["sample"], inputs["t"], inputs["context"],
-                      added_cond_kwargs={**added, "image_embeds": [inputs["image_embeds"][:, None]]}
-                      ).sample.numpy()
+    return torch_unet(
+      inputs["sample"],
+      inputs["t"],
+      inputs["context"],
+      added_cond_kwargs={**added, "image_embeds": [inputs["image_embeds"][:, None]]},
+    ).sample.numpy()
 
 
 def _jnp(tree):
@@ -64,8 +80,9 @@ def _jnp(tree):
 
 def _jax(pair, scale):
   _, jax_unet, _, inputs, added = pair
-  return np.asarray(apply(jax_unet, **_jnp(inputs), ip_scale=jnp.asarray(scale, jnp.float32),
-                          **_jnp(added)))
+  return np.asarray(
+    apply(jax_unet, **_jnp(inputs), ip_scale=jnp.asarray(scale, jnp.float32), **_jnp(added))
+  )
 
 
 def _jax_base(pair):
@@ -103,20 +120,25 @@ def test_scale_zero_and_no_image_equal_base_exactly(pair):
 def test_changing_scale_or_image_does_not_recompile(unet_folders):
   model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM))
   graphdef, state = nnx.split(model)
-  run = jax.jit(lambda state, x, c, e, s: nnx.merge(graphdef, state)(
-      x, 10, c, image_embeds=e, ip_scale=s))
+  run = jax.jit(
+    lambda state, x, c, e, s: nnx.merge(graphdef, state)(x, 10, c, image_embeds=e, ip_scale=s)
+  )
   x, c = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 5, 32))
-  outs = [run(state, x, c, jnp.full((1, EMBED_DIM), shift), jnp.float32(scale))
-          for scale, shift in [(1.0, 0.0), (0.5, 1.0), (0.0, 2.0)]]
+  outs = [
+    run(state, x, c, jnp.full((1, EMBED_DIM), shift), jnp.float32(scale))
+    for scale, shift in [(1.0, 0.0), (0.5, 1.0), (0.0, 2.0)]
+  ]
   assert run._cache_size() == 1
   assert not np.array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
 
 
 def test_image_projection_parity_any_shape():
   from diffusers.models.embeddings import ImageProjection as TorchImageProjection
+
   E, C, N = 40, 24, 6
-  torch_proj = ref.randomize_(TorchImageProjection(image_embed_dim=E, cross_attention_dim=C,
-                                                   num_image_text_embeds=N), seed=5)
+  torch_proj = ref.randomize_(
+    TorchImageProjection(image_embed_dim=E, cross_attention_dim=C, num_image_text_embeds=N), seed=5
+  )
   proj = ImageProjection(E, C, N, rngs=nnx.Rngs(0))
   sd = ref.to_numpy(torch_proj.state_dict())
   proj.proj.kernel.set_value(jnp.asarray(sd["image_embeds.weight"].T))
@@ -144,8 +166,9 @@ def test_adapter_is_its_own_variable_type(unet_folders):
   model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(4, EMBED_DIM))
   adapter = nnx.state(model, AdapterParam)
   names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(adapter)}
-  assert names and all(n.startswith("image_proj.") or ".to_k_ip." in n or ".to_v_ip." in n
-                       for n in names)
+  assert names and all(
+    n.startswith("image_proj.") or ".to_k_ip." in n or ".to_v_ip." in n for n in names
+  )
   layers = model.decoupled_layers()
   assert len(names) == 4 + 2 * len(layers)
   assert all(v.dtype == jnp.float32 for _, v in nnx.to_flat_state(adapter))
@@ -154,20 +177,32 @@ def test_adapter_is_its_own_variable_type(unet_folders):
 def test_training_init_copies_base_keys_and_values(unet_folders):
   model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(4, EMBED_DIM))
   for layer in model.decoupled_layers():
-    np.testing.assert_array_equal(np.asarray(layer.to_k_ip.kernel[...]),
-                                  np.asarray(layer.to_k.kernel[...]))
-    np.testing.assert_array_equal(np.asarray(layer.to_v_ip.kernel[...]),
-                                  np.asarray(layer.to_v.kernel[...]))
+    np.testing.assert_array_equal(
+      np.asarray(layer.to_k_ip.kernel[...]), np.asarray(layer.to_k.kernel[...])
+    )
+    np.testing.assert_array_equal(
+      np.asarray(layer.to_v_ip.kernel[...]), np.asarray(layer.to_v.kernel[...])
+    )
 
 
 def test_simple_adapter_is_one_softmax_over_text_and_image_tokens():
   from ipadapter_jax.models.attention import Attention, ImagePrompt
-  layer = Attention(16, 2, 8, context_dim=12, image_context_dim=10, dtype=jnp.float32,
-                    param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+  layer = Attention(
+    16,
+    2,
+    8,
+    context_dim=12,
+    image_context_dim=10,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs=nnx.Rngs(0),
+  )
   layer.ip_index, layer.joint_softmax = 0, True
   rng = np.random.default_rng(0)
-  x, ctx, tokens = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                    for s in ((2, 5, 16), (2, 7, 12), (2, 3, 10)))
+  x, ctx, tokens = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 16), (2, 7, 12), (2, 3, 10))
+  )
   # Text values 0, image values 1 and an identity to_out: the output is the share of the one
   # softmax's mass that lands on the image tokens, per query and head.
   layer.to_v.kernel.set_value(jnp.zeros_like(layer.to_v.kernel[...]))
@@ -190,23 +225,27 @@ def test_simple_adapter_is_one_softmax_over_text_and_image_tokens():
 
 
 def test_simple_adapter_at_scale_zero_is_the_base_unet_exactly(unet_folders):
-  model = load_unet(unet_folders["sd15"][1],
-                    adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM, attention="simple"))
+  model = load_unet(
+    unet_folders["sd15"][1], adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM, attention="simple")
+  )
   rng = np.random.default_rng(1)
-  x, ctx, embeds = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                    for s in ((2, 4, 16, 16), (2, 77, 32), (2, EMBED_DIM)))
+  x, ctx, embeds = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for s in ((2, 4, 16, 16), (2, 77, 32), (2, EMBED_DIM))
+  )
   t = jnp.asarray([981, 40])
   base = np.asarray(apply_base(model, x, t, ctx))
-  np.testing.assert_array_equal(np.asarray(apply(model, x, t, ctx, embeds, jnp.float32(0.0))),
-                                base)
+  np.testing.assert_array_equal(np.asarray(apply(model, x, t, ctx, embeds, jnp.float32(0.0))), base)
   assert np.abs(np.asarray(apply(model, x, t, ctx, embeds, jnp.float32(1.0))) - base).max() > 1e-3
 
 
 def test_image_prompt_is_encoded_once_for_every_timestep(unet_folders):
   model = load_unet(unet_folders["sd15"][1], adapter=AdapterConfig(NUM_TOKENS, EMBED_DIM))
   rng = np.random.default_rng(2)
-  x, ctx, embeds = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                    for s in ((1, 4, 8, 8), (1, 5, 32), (1, EMBED_DIM)))
+  x, ctx, embeds = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for s in ((1, 4, 8, 8), (1, 5, 32), (1, EMBED_DIM))
+  )
   scale = jnp.float32(0.8)
   prompt = model.encode_image_prompt(embeds, scale)  # no timestep: built before the loop
   run = nnx.jit(lambda model, t, prompt: model(x, t, ctx, image_prompt=prompt, layout="NCHW"))
@@ -214,8 +253,9 @@ def test_image_prompt_is_encoded_once_for_every_timestep(unet_folders):
   for t, out in outs.items():
     ref.assert_close(out, np.asarray(apply(model, x, t, ctx, embeds, scale)))
   # Given a prompt, the UNet never touches the adapter's weights: NaN in them changes nothing.
-  poison = lambda module: nnx.update(module, jax.tree.map(
-      lambda a: jnp.full_like(a, jnp.nan), nnx.state(module)))
+  poison = lambda module: nnx.update(
+    module, jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), nnx.state(module))
+  )
   poison(model.image_proj)
   for layer in model.decoupled_layers():
     poison(layer.to_k_ip)
@@ -225,11 +265,13 @@ def test_image_prompt_is_encoded_once_for_every_timestep(unet_folders):
 
 def test_simple_adapter_has_the_decoupled_budget_and_no_official_file(unet_folders, tmp_path):
   from ipadapter_jax.weights import save_ip_adapter
+
   folder = unet_folders["sd15"][1]
   count = lambda m: sum(v.size for v in jax.tree.leaves(nnx.state(m, AdapterParam)))
   decoupled = load_unet(folder, adapter=AdapterConfig(num_tokens=4, embed_dim=EMBED_DIM))
-  simple = load_unet(folder, adapter=AdapterConfig(num_tokens=4, embed_dim=EMBED_DIM,
-                                                   attention="simple"))
+  simple = load_unet(
+    folder, adapter=AdapterConfig(num_tokens=4, embed_dim=EMBED_DIM, attention="simple")
+  )
   assert count(simple) == count(decoupled)
   assert all(layer.joint_softmax for layer in simple.decoupled_layers())
   with pytest.raises(ValueError, match="decoupled adapters only"):

@@ -1,7 +1,7 @@
 """Building blocks against their PyTorch counterparts."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
@@ -15,14 +15,18 @@ from tests import torch_reference as ref
 @pytest.mark.parametrize("dim,flip,shift", [(32, True, 0), (33, False, 1), (256, True, 0)])
 def test_timestep_features_match_diffusers(dim, flip, shift):
   t = torch.tensor([0, 1, 17, 500, 999, 3.5])
-  expected = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
+  expected = get_timestep_embedding(
+    t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
+  ).numpy()
   actual = timestep_features(jnp.asarray(t.numpy()), dim, flip_sin_to_cos=flip, freq_shift=shift)
   # Arguments reach 999 rad, where one float32 ulp is 6e-5: a 1-ulp difference between the two
   # libraries' exp() moves sin/cos by up to that much, so 1e-4 is the honest bound here.
   ref.assert_close(actual, expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("size_in,size_out", [((3, 5), (6, 10)), ((3, 3), (5, 6)), ((4, 7), (7, 13))])
+@pytest.mark.parametrize(
+  "size_in,size_out", [((3, 5), (6, 10)), ((3, 3), (5, 6)), ((4, 7), (7, 13))]
+)
 def test_nearest_resize_matches_torch(size_in, size_out):
   x = torch.randn(2, 3, *size_in)
   expected = torch.nn.functional.interpolate(x, size=size_out, mode="nearest").numpy()
@@ -49,5 +53,7 @@ def test_norm_statistics_are_float32_for_bfloat16_inputs():
   x = (jnp.arange(64, dtype=jnp.float32).reshape(1, 64) * 0.01 + 100).astype(jnp.bfloat16)
   y = LayerNorm(64, dtype=jnp.bfloat16)(x)
   assert y.dtype == jnp.bfloat16
-  expected = (np.asarray(x, np.float32) - np.asarray(x, np.float32).mean()) / np.asarray(x, np.float32).std()
+  expected = (np.asarray(x, np.float32) - np.asarray(x, np.float32).mean()) / np.asarray(
+    x, np.float32
+  ).std()
   np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=0.02)

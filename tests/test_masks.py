@@ -10,8 +10,9 @@ from PIL import Image
 from ipadapter_jax.generation import masks as mask_ops
 
 
-@pytest.mark.parametrize("height,width,queries", [(64, 64, 64), (64, 64, 16), (48, 64, 12),
-                                                  (64, 48, 48), (40, 40, 25)])
+@pytest.mark.parametrize(
+  "height,width,queries", [(64, 64, 64), (64, 64, 16), (48, 64, 12), (64, 48, 48), (40, 40, 25)]
+)
 def test_masks_are_prepared_and_downsampled_as_diffusers_does(height, width, queries):
   rng = np.random.default_rng(queries)
   image = Image.fromarray(rng.integers(0, 256, (height + 7, width + 3, 3), dtype=np.uint8))

@@ -1,5 +1,7 @@
-"""Every notebook runs headless on the toy world; its checks hold, its words match its numbers."""
+"""Every notebook runs headless on the toy world; its checks hold, its words match its numbers;
+and the outputs committed with a notebook come from its committed code, run top to bottom."""
 
+import importlib.util
 import json
 import os
 import re
@@ -12,13 +14,19 @@ from nbclient import NotebookClient
 from ipadapter_jax import evaluate, toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+# The notebooks committed with their outputs (executed by notebooks/execute.py at their
+# defaults); every other notebook is committed without any.
+WITH_OUTPUTS = [
+  "weights_roundtrip",
+]
 # Parameters that replace the notebooks' defaults. 48 adapter steps logged every 4 give the
 # notebooks' loss check 12 values to compare (it judges from 8 on); over the toy warm-up the
 # loss falls by about 15% in that time. Two seeds per setting keep it short and still aggregate.
 SMALL = {
-    "token_ablation": {"TOKENS": [1, 4], "SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
-    "decoupled_vs_simple": {"SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
-    "weights_roundtrip": {"STEPS": 5},
+  "token_ablation": {"TOKENS": [1, 4], "SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
+  "decoupled_vs_simple": {"SEEDS": [0, 1], "NUM_STEPS": 48, "LOG_EVERY": 4},
+  "weights_roundtrip": {"STEPS": 5},
 }
 
 
@@ -56,8 +64,13 @@ def _assert_seeded_runs(stage_dirs: dict, overrides: dict):
 
 
 # The notebooks' summary of a setting over its seeds, recomputed here from their per-seed rows.
-LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "colour_asked": "colour = asked",
-          "colour_of_image": "colour = image", "shape_of_image": "shape = image"}
+LABELS = {
+  "clip_i": "CLIP-I",
+  "clip_t": "CLIP-T",
+  "colour_asked": "colour = asked",
+  "colour_of_image": "colour = image",
+  "shape_of_image": "shape = image",
+}
 SEPARATES = "What separates (both the 95% intervals and the seed ranges apart):"
 
 
@@ -72,15 +85,16 @@ def _over_seeds(measures: list) -> dict:
     values = [m["mean"] for m in measures]
     mean = float(np.mean(values))
     halves = np.array([(m["ci95"][1] - m["ci95"][0]) / 2 for m in measures])
-    half = float(np.sqrt(np.mean(halves ** 2) / len(measures)))
+    half = float(np.sqrt(np.mean(halves**2) / len(measures)))
     ci95 = [mean - half, mean + half]
   return {"mean": float(np.mean(values)), "ci95": ci95, "range": [min(values), max(values)]}
 
 
 def _assert_same_aggregate(saved: dict, expected: dict, where: str):
   for key in ("mean", "ci95", "range"):
-    np.testing.assert_allclose(saved[key], expected[key], rtol=1e-9, atol=1e-12,
-                               err_msg=f"{where}: {key}")
+    np.testing.assert_allclose(
+      saved[key], expected[key], rtol=1e-9, atol=1e-12, err_msg=f"{where}: {key}"
+    )
 
 
 def _fmt(key: str, x: float) -> str:
@@ -105,16 +119,22 @@ def _why_not(pairs: list) -> str:
   overlap = lambda p, q: p[0] <= q[1] and q[0] <= p[1]
   intervals = all(overlap(a["ci95"], b["ci95"]) for a, b in pairs)
   ranges = all(overlap(a["range"], b["range"]) for a, b in pairs)
-  return ("intervals and seed ranges overlap" if intervals and ranges else
-          "intervals overlap" if intervals else "seed ranges overlap" if ranges else
-          "intervals or seed ranges overlap")
+  return (
+    "intervals and seed ranges overlap"
+    if intervals and ranges
+    else "intervals overlap"
+    if intervals
+    else "seed ranges overlap"
+    if ranges
+    else "intervals or seed ranges overlap"
+  )
 
 
 def _conclusions(printed: str) -> list[str]:
   """The lines after the notebook's conclusions header (its last output)."""
   lines = printed.splitlines()
   assert lines.count(SEPARATES) == 1, printed
-  return lines[lines.index(SEPARATES) + 1:]
+  return lines[lines.index(SEPARATES) + 1 :]
 
 
 def _per_seed_rows(by_seed: dict, seeds: list, where: str) -> list:
@@ -129,8 +149,10 @@ def _check_decoupled_vs_simple(workdir: str, printed: str):
   seeds = SMALL["decoupled_vs_simple"]["SEEDS"]
   ablation = os.path.join(workdir, "ablation")
   for attention in ("decoupled", "simple"):
-    _assert_seeded_runs({s: os.path.join(ablation, f"{attention}_4_seed{s}") for s in seeds},
-                        {"model.adapter.num_tokens": 4})
+    _assert_seeded_runs(
+      {s: os.path.join(ablation, f"{attention}_4_seed{s}") for s in seeds},
+      {"model.adapter.num_tokens": 4},
+    )
   with open(os.path.join(ablation, "decoupled_vs_simple.json")) as f:
     results = json.load(f)
   assert results["seeds"] == seeds
@@ -144,13 +166,18 @@ def _check_decoupled_vs_simple(workdir: str, printed: str):
       rows = _per_seed_rows(results["per_seed"][attention][setting], seeds, where)
       agg[attention, setting] = {k: _over_seeds([r[k] for r in rows]) for k in keys}
       for k in keys:
-        _assert_same_aggregate(results["aggregate"][attention][setting][k],
-                               agg[attention, setting][k], f"{where}, {k}")
+        _assert_same_aggregate(
+          results["aggregate"][attention][setting][k], agg[attention, setting][k], f"{where}, {k}"
+        )
   lines = printed.splitlines()
   table = [line for line in lines if line.startswith(("| decoupled |", "| simple |"))]
-  assert table == [f"| {attention} | {setting} | "
-                   + " | ".join(_cell(k, agg[attention, setting][k]) for k in keys) + " |"
-                   for attention in ("decoupled", "simple") for setting in settings]
+  assert table == [
+    f"| {attention} | {setting} | "
+    + " | ".join(_cell(k, agg[attention, setting][k]) for k in keys)
+    + " |"
+    for attention in ("decoupled", "simple")
+    for setting in settings
+  ]
   expected = []
   for setting in settings:
     for key in keys:
@@ -162,10 +189,12 @@ def _check_decoupled_vs_simple(workdir: str, printed: str):
       if higher is None:
         expected.append(f"{label}: decoupled and simple do not separate ({_why_not([(d, s)])}).")
       else:
-        (hi, h), (lo, l) = ((("decoupled", d), ("simple", s)) if higher == "a" else
-                            (("simple", s), ("decoupled", d)))
-        expected.append(f"{label}: {hi} above {lo} ({_fmt(key, h['mean'])} vs "
-                        f"{_fmt(key, l['mean'])}).")
+        (hi, above), (lo, below) = (
+          (("decoupled", d), ("simple", s)) if higher == "a" else (("simple", s), ("decoupled", d))
+        )
+        expected.append(
+          f"{label}: {hi} above {lo} ({_fmt(key, above['mean'])} vs {_fmt(key, below['mean'])})."
+        )
   assert _conclusions(printed) == expected, printed
   assert os.path.isfile(os.path.join(ablation, "decoupled_vs_simple.png"))
 
@@ -192,10 +221,13 @@ def _check_token_ablation(workdir: str, printed: str):
       _assert_same_aggregate(results["aggregate"][str(n)][k], agg[n][k], f"N={n}, {k}")
   lines = printed.splitlines()
   table = [line for line in lines if re.match(r"\| \d+ \|", line)]
-  assert table == [f"| {n} | " + " | ".join(_cell(k, agg[n][k]) for k in keys)
-                   + f" | {final[n][0]:.4f} ({final[n][1]:.4f}-{final[n][2]:.4f}) |"
-                   for n in tokens]
-  pairs = [(a, b) for i, a in enumerate(tokens) for b in tokens[i + 1:]]
+  assert table == [
+    f"| {n} | "
+    + " | ".join(_cell(k, agg[n][k]) for k in keys)
+    + f" | {final[n][0]:.4f} ({final[n][1]:.4f}-{final[n][2]:.4f}) |"
+    for n in tokens
+  ]
+  pairs = [(a, b) for i, a in enumerate(tokens) for b in tokens[i + 1 :]]
   expected = []
   for key in keys:
     found = []
@@ -203,11 +235,14 @@ def _check_token_ablation(workdir: str, printed: str):
       higher = _higher(agg[a][key], agg[b][key])
       if higher is not None:
         hi, lo = (a, b) if higher == "a" else (b, a)
-        found.append(f"N={hi} above N={lo} ({_fmt(key, agg[hi][key]['mean'])} vs "
-                     f"{_fmt(key, agg[lo][key]['mean'])})")
+        found.append(
+          f"N={hi} above N={lo} ({_fmt(key, agg[hi][key]['mean'])} vs "
+          f"{_fmt(key, agg[lo][key]['mean'])})"
+        )
     if found:
-      expected.append(f"{LABELS[key]}: " + "; ".join(found) + f" ({len(found)} of {len(pairs)} "
-                      "pairs).")
+      expected.append(
+        f"{LABELS[key]}: " + "; ".join(found) + f" ({len(found)} of {len(pairs)} pairs)."
+      )
     else:
       reason = _why_not([(agg[a][key], agg[b][key]) for a, b in pairs])
       expected.append(f"{LABELS[key]}: no two N separate ({reason}).")
@@ -216,8 +251,9 @@ def _check_token_ablation(workdir: str, printed: str):
 
 
 def _check_weights_roundtrip(workdir: str, printed: str):
-  found = re.search(r"max abs difference ([0-9.e+-]+), mean ([0-9.e+-]+) \(images in \[0, 1\]\)",
-                    printed)
+  found = re.search(
+    r"max abs difference ([0-9.e+-]+), mean ([0-9.e+-]+) \(images in \[0, 1\]\)", printed
+  )
   assert found, printed
   largest, mean = float(found.group(1)), float(found.group(2))
   print(f"weights_roundtrip: ours against diffusers, max abs difference {largest:.1e}")
@@ -226,23 +262,182 @@ def _check_weights_roundtrip(workdir: str, printed: str):
   assert os.path.isfile(os.path.join(workdir, "roundtrip", "side_by_side.png"))
 
 
-CHECKS = {"decoupled_vs_simple": _check_decoupled_vs_simple,
-          "token_ablation": _check_token_ablation,
-          "weights_roundtrip": _check_weights_roundtrip}
+CHECKS = {
+  "decoupled_vs_simple": _check_decoupled_vs_simple,
+  "token_ablation": _check_token_ablation,
+  "weights_roundtrip": _check_weights_roundtrip,
+}
 
-# One worker runs every test on the quick toy world, which is then built once.
-pytestmark = pytest.mark.xdist_group("toy_world")
 
-
+# One worker runs these on the quick toy world, which is then built once.
+@pytest.mark.xdist_group("toy_world")
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_notebook_runs(name, quick_toy_world):
   workdir, _ = quick_toy_world
-  book = nbformat.read(os.path.join(ROOT, "notebooks", f"{name}.ipynb"), as_version=4)
-  assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), \
-      "notebooks are committed without outputs"
+  book = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
+  for cell in book.cells:  # a fresh run: none of the committed outputs may reach the checks
+    if cell.cell_type == "code":
+      cell.outputs, cell.execution_count = [], None
   book = _with_parameters(book, {"WORKDIR": workdir, "QUICK": True, **SMALL[name]})
-  NotebookClient(book, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
-  printed = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code"
-                    for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+  NotebookClient(
+    book, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
+  ).execute()
+  printed = "".join(
+    o.get("text", "")
+    for c in book.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if o.output_type == "stream" and o.name == "stdout"
+  )
   CHECKS[name](workdir, printed)
+
+
+# ----- The committed outputs ----------------------------------------------------------------------
+
+
+def _load_execute():
+  """notebooks/execute.py as a module (notebooks/ is no package): its hash is the one to match."""
+  spec = importlib.util.spec_from_file_location(
+    "notebooks_execute", os.path.join(NOTEBOOKS, "execute.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+execute = _load_execute()
+ALL = sorted(f[: -len(".ipynb")] for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb"))
+# Where the docs cite a notebook's printed tables: the section whose heading names the notebook.
+CITED_IN = os.path.join(ROOT, "docs", "ablations.md")
+# Committed outputs stay readable: a figure or two and short logs, not pages of progress bars.
+MAX_BYTES = 1_000_000
+
+
+def _code_cells(book) -> list:
+  return [c for c in book.cells if c.cell_type == "code"]
+
+
+def _cited_table_lines(name: str) -> list[str]:
+  """The table lines of the docs section about notebooks/`name`.ipynb ([] where none is)."""
+  with open(CITED_IN, encoding="utf-8") as f:
+    sections = re.split(r"^## ", f.read(), flags=re.M)
+  ours = [s for s in sections if f"notebooks/{name}.ipynb" in s.split("\n", 1)[0]]
+  return [line for s in ours for line in s.splitlines() if line.startswith("|")]
+
+
+def test_with_outputs_names_notebooks():
+  assert set(WITH_OUTPUTS) <= set(ALL), sorted(set(WITH_OUTPUTS) - set(ALL))
+  assert set(SMALL) == set(ALL), "every notebook runs small in test_notebook_runs"
+
+
+@pytest.mark.parametrize("name", WITH_OUTPUTS)
+def test_committed_outputs_come_from_the_code(name):
+  """The outputs were made by the code cells as committed, in one top-to-bottom run without an
+  error; the figures are in them, and the docs' tables are what the notebook printed."""
+  path = os.path.join(NOTEBOOKS, f"{name}.ipynb")
+  book = nbformat.read(path, as_version=4)
+  record = book.metadata.get(execute.METADATA_KEY)
+  assert record, f"{name}: no execution record: run python notebooks/execute.py {path}"
+  assert record["source_sha256"] == execute.source_sha256(book), (
+    f"{name}: code changed since its outputs were made: run python notebooks/execute.py {path}"
+  )
+  assert {"version", "executed", "machine", "seconds"} <= set(record), record
+  cells = _code_cells(book)
+  assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1)), (
+    f"{name}: not one top-to-bottom run: {[c.execution_count for c in cells]}"
+  )
+  outputs = [o for c in cells for o in c.outputs]
+  errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+  assert not errors, errors
+  assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no figure shown"
+  streams = [o.text for o in outputs if o.output_type == "stream"]
+  assert not any("\r" in text for text in streams), f"{name}: raw progress bars in the outputs"
+  assert os.path.getsize(path) < MAX_BYTES, f"{name}: {os.path.getsize(path)} bytes"
+  printed = set(
+    "".join(
+      o.text for o in outputs if o.output_type == "stream" and o.name == "stdout"
+    ).splitlines()
+  )
+  missing = [line for line in _cited_table_lines(name) if line not in printed]
+  assert not missing, f"docs/ablations.md cites lines {name} did not print: {missing}"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in WITH_OUTPUTS])
+def test_other_notebooks_have_no_outputs(name):
+  """Outputs nobody checks against the code are not committed."""
+  book = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
+  assert execute.METADATA_KEY not in book.metadata, f"{name}: executed: add it to WITH_OUTPUTS"
+  assert all(not c.outputs and c.execution_count is None for c in _code_cells(book)), name
+
+
+def test_source_hash_follows_the_code_only():
+  book = nbformat.v4.new_notebook(
+    cells=[
+      nbformat.v4.new_markdown_cell("# words"),
+      nbformat.v4.new_code_cell("x = 1"),
+      nbformat.v4.new_code_cell("print(x)"),
+    ]
+  )
+  digest = execute.source_sha256(book)
+  book.cells[0].source = "# other words"
+  book.cells[2].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+  assert execute.source_sha256(book) == digest  # prose and outputs are not code
+  book.cells[2].source = "print(x + 1)"
+  assert execute.source_sha256(book) != digest
+  moved = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1\nprint(x)")])
+  assert execute.source_sha256(moved) != execute.source_sha256(
+    nbformat.v4.new_notebook(
+      cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("print(x)")]
+    )
+  )  # cell bounds count
+
+
+def test_progress_bars_kept_as_displayed():
+  assert execute.as_displayed("a 0%\ra 50%\ra 100%\nnext\n") == "a 100%\nnext\n"
+  assert execute.as_displayed("bar 10%\rbar 20%\r\n") == "bar 20%\n"
+  assert execute.as_displayed("plain\nlines\n") == "plain\nlines\n"
+
+
+def _tiny_notebook(path: str, *sources: str) -> str:
+  book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+  book.metadata["kernelspec"] = {
+    "name": "python3",
+    "display_name": "Python 3",
+    "language": "python",
+  }
+  nbformat.write(book, path)
+  return path
+
+
+def test_execute_writes_outputs_and_record(tmp_path, monkeypatch):
+  """A figure comes out as PNG (even with Agg asked for), progress bars as their last state, and
+  the record's hash is the code's; the file then passes the committed-outputs checks' core."""
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  path = _tiny_notebook(
+    str(tmp_path / "ok.ipynb"),
+    "import os, sys\nprint(os.getcwd())\n"
+    "for i in range(3):\n    print(f'\\rstep {i}', end='', file=sys.stderr, flush=True)",
+    "import matplotlib.pyplot as plt\nplt.plot([0, 1])",
+  )
+  assert execute.main([path, "--timeout", "60"]) == 0
+  book = nbformat.read(path, as_version=4)
+  cells = _code_cells(book)
+  assert book.metadata[execute.METADATA_KEY]["source_sha256"] == execute.source_sha256(book)
+  assert [c.execution_count for c in cells] == [1, 2]
+  streams = {o.name: o.text for o in cells[0].outputs if o.output_type == "stream"}
+  assert streams == {"stdout": ROOT + "\n", "stderr": "step 2"}  # run from the repository root
+  assert any("image/png" in o.get("data", {}) for o in cells[1].outputs)
+
+
+def test_execute_leaves_a_failing_notebook_as_it_was(tmp_path, capsys):
+  path = _tiny_notebook(str(tmp_path / "bad.ipynb"), "x = 1", "1 / 0", "x = 2")
+  with open(path, "rb") as f:
+    before = f.read()
+  assert execute.main([path]) == 1
+  with open(path, "rb") as f:
+    assert f.read() == before
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert (
+    err == f"error: {path}: code cell 2: ZeroDivisionError: division by zero; the file is "
+    "left as it was"
+  ), err

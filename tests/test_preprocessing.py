@@ -14,8 +14,14 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from ipadapter_jax import evaluate
 from ipadapter_jax.generation.image_prompts import open_image
-from ipadapter_jax.preprocessing import (CLIPImageConfig, ImageFileError, _processor,
-                                         clip_pixels, load_image, vae_pixels)
+from ipadapter_jax.preprocessing import (
+  CLIPImageConfig,
+  ImageFileError,
+  _processor,
+  clip_pixels,
+  load_image,
+  vae_pixels,
+)
 from ipadapter_jax.tokenizer import load_tokenizer, tokenize, write_word_tokenizer
 from tests import torch_reference as ref
 
@@ -26,22 +32,28 @@ def _images():
   palette = Image.fromarray(noise(41, 37, 0)).convert("P")
   palette.info["transparency"] = 0
   return {
-      "square": Image.fromarray(noise(300, 300, 3)),
-      "wide": Image.fromarray(noise(180, 517, 3)),
-      "tall": Image.fromarray(noise(640, 229, 3)),
-      "rgba": Image.fromarray(noise(250, 311, 4), "RGBA"),
-      "grey": Image.fromarray(noise(97, 130, 0), "L"),
-      "small": Image.fromarray(noise(20, 33, 3)),
-      "palette_with_transparency": palette,
+    "square": Image.fromarray(noise(300, 300, 3)),
+    "wide": Image.fromarray(noise(180, 517, 3)),
+    "tall": Image.fromarray(noise(640, 229, 3)),
+    "rgba": Image.fromarray(noise(250, 311, 4), "RGBA"),
+    "grey": Image.fromarray(noise(97, 130, 0), "L"),
+    "small": Image.fromarray(noise(20, 33, 3)),
+    "palette_with_transparency": palette,
   }
 
 
-@pytest.mark.parametrize("settings", [{}, {"size": {"shortest_edge": 30},
-                                            "crop_size": {"height": 30, "width": 30}},
-                                      {"size": 64, "crop_size": 48, "resample": 2}])
+@pytest.mark.parametrize(
+  "settings",
+  [
+    {},
+    {"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}},
+    {"size": 64, "crop_size": 48, "resample": 2},
+  ],
+)
 def test_clip_pixels_equal_transformers(tmp_path, settings):
-  (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-      {"image_processor_type": "CLIPImageProcessor", **settings}))
+  (tmp_path / "preprocessor_config.json").write_text(
+    json.dumps({"image_processor_type": "CLIPImageProcessor", **settings})
+  )
   theirs = CLIPImageProcessorPil.from_pretrained(tmp_path)  # its own reading of the file
   ours = CLIPImageConfig.from_folder(str(tmp_path))
   for name, image in _images().items():
@@ -51,11 +63,19 @@ def test_clip_pixels_equal_transformers(tmp_path, settings):
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("settings", [
-    {"size": {"shortest_edge": 30}, "crop_size": {"height": 26, "width": 21}, "resample": 2,
-     "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]},
+@pytest.mark.parametrize(
+  "settings",
+  [
+    {
+      "size": {"shortest_edge": 30},
+      "crop_size": {"height": 26, "width": 21},
+      "resample": 2,
+      "image_mean": [0.5, 0.4, 0.3],
+      "image_std": [0.2, 0.3, 0.4],
+    },
     {"size": {"height": 20, "width": 25}, "do_center_crop": False, "do_normalize": False},
-])
+  ],
+)
 def test_clip_pixels_equal_an_independent_computation(tmp_path, settings):
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
   config = CLIPImageConfig.from_folder(str(tmp_path))
@@ -68,12 +88,13 @@ def test_clip_pixels_equal_an_independent_computation(tmp_path, settings):
     else:
       size = (settings["size"]["width"], settings["size"]["height"])
     rgb = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    expected = np.asarray(rgb.convert("RGB").resize(size, settings.get("resample", 3)),
-                          np.float64) / 255
+    expected = (
+      np.asarray(rgb.convert("RGB").resize(size, settings.get("resample", 3)), np.float64) / 255
+    )
     if "crop_size" in settings:
       h, w = settings["crop_size"]["height"], settings["crop_size"]["width"]
       top, left = (expected.shape[0] - h) // 2, (expected.shape[1] - w) // 2
-      expected = expected[top:top + h, left:left + w]
+      expected = expected[top : top + h, left : left + w]
     if settings.get("do_normalize", True):
       expected = (expected - settings["image_mean"]) / np.asarray(settings["image_std"])
     actual = clip_pixels([image], config)[0]
@@ -111,13 +132,20 @@ def test_token_ids_equal_clip_tokenizer(tmp_path):
   write_word_tokenizer(str(tmp_path), ref.WORDS, model_max_length=12)
   ours = load_tokenizer(str(tmp_path))
   theirs = CLIPTokenizer.from_pretrained(str(tmp_path))
-  prompts = ["a red circle", "A photo of a BLUE square on a green background, again and again",
-             "", "unknown words spell out"]
+  prompts = [
+    "a red circle",
+    "A photo of a BLUE square on a green background, again and again",
+    "",
+    "unknown words spell out",
+  ]
   expected = theirs(prompts, padding="max_length", max_length=12, truncation=True).input_ids
   np.testing.assert_array_equal(tokenize(ours, prompts), np.asarray(expected))
   ids = tokenize(ours, "a red circle")[0]
-  assert ids[0] == ours.bos_token_id and list(ids[1:4]) == ours.convert_tokens_to_ids(
-      ["a</w>", "red</w>", "circle</w>"]) and ids[4] == ours.eos_token_id
+  assert (
+    ids[0] == ours.bos_token_id
+    and list(ids[1:4]) == ours.convert_tokens_to_ids(["a</w>", "red</w>", "circle</w>"])
+    and ids[4] == ours.eos_token_id
+  )
 
 
 def test_missing_tokenizer_files_are_named(tmp_path):
@@ -131,12 +159,20 @@ def test_missing_tokenizer_files_are_named(tmp_path):
 
 def _png_header(path, width: int, height: int):
   """A PNG that declares width x height and holds no pixel data: PIL checks the size on open."""
+
   def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
-                                                                    8, 2, 0, 0, 0))
-                   + chunk(b"IEND", b""))
+    return (
+      struct.pack(">I", len(data))
+      + kind
+      + data
+      + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+  path.write_bytes(
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    + chunk(b"IEND", b"")
+  )
 
 
 def _assert_one_line_naming(error, name: str, *parts: str):
@@ -150,9 +186,11 @@ def _readers(path):
   """Every way an image file is read for sampling and evaluation, with the name it must give."""
   annotations = path.parent / "eval.json"
   annotations.write_text(json.dumps([{"image_file": path.name, "text": ""}]))
-  return [(lambda: load_image(str(path)), str(path)),
-          (lambda: open_image(str(path), "--image"), f"--image {path}"),
-          (lambda: evaluate.load_annotated_images(str(annotations)), str(path))]
+  return [
+    (lambda: load_image(str(path)), str(path)),
+    (lambda: open_image(str(path), "--image"), f"--image {path}"),
+    (lambda: evaluate.load_annotated_images(str(annotations)), str(path)),
+  ]
 
 
 def test_decompression_bombs_are_one_line_errors(tmp_path, monkeypatch):
@@ -179,7 +217,7 @@ def test_truncated_and_corrupt_images_are_one_line_errors(tmp_path):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "cut.png")
   data = (tmp_path / "cut.png").read_bytes()
-  (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+  (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
   (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + rng.bytes(500))
   for read, name in _readers(tmp_path / "cut.png"):
     with pytest.raises(ImageFileError) as error:
@@ -196,6 +234,7 @@ def test_truncated_and_corrupt_images_are_one_line_errors(tmp_path):
 def test_exif_orientation_is_applied_as_diffusers_load_image(tmp_path, orientation):
   """Bug: the EXIF orientation tag ignored (a phone photo read sideways)."""
   from diffusers.utils import load_image as diffusers_load_image
+
   rng = np.random.default_rng(orientation)
   exif = Image.Exif()
   exif[0x0112] = orientation

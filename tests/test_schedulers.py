@@ -1,23 +1,34 @@
 """DDPM schedule, forward process and DDIM against diffusers' DDIMScheduler."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ipadapter_jax.diffusion import (DDIM, NoiseSchedule, add_noise, predicted_x0,
-                                     training_target, velocity)
+from ipadapter_jax.diffusion import (
+  DDIM,
+  NoiseSchedule,
+  add_noise,
+  predicted_x0,
+  training_target,
+  velocity,
+)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CASES = [
-    dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),  # Stable Diffusion
-    dict(SD, timestep_spacing="trailing", set_alpha_to_one=True),
-    dict(SD, timestep_spacing="linspace", clip_sample=True, clip_sample_range=0.5),
-    dict(beta_schedule="linear", prediction_type="v_prediction", clip_sample=False),
-    dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", steps_offset=1),
-    dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-         timestep_spacing="trailing", clip_sample=False),
+  dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),  # Stable Diffusion
+  dict(SD, timestep_spacing="trailing", set_alpha_to_one=True),
+  dict(SD, timestep_spacing="linspace", clip_sample=True, clip_sample_range=0.5),
+  dict(beta_schedule="linear", prediction_type="v_prediction", clip_sample=False),
+  dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", steps_offset=1),
+  dict(
+    SD,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    clip_sample=False,
+  ),
 ]
 
 
@@ -26,8 +37,9 @@ CASES = [
 def test_ddim_matches_diffusers(config, steps):
   theirs = DDIMScheduler(**config)
   ours = DDIM.from_diffusers(dict(theirs.config))
-  np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=2e-6,
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=2e-6, atol=1e-9
+  )
   theirs.set_timesteps(steps)
   np.testing.assert_array_equal(ours.timesteps(steps), theirs.timesteps.numpy())
   g = torch.Generator().manual_seed(0)
@@ -35,8 +47,9 @@ def test_ddim_matches_diffusers(config, steps):
   for t in theirs.timesteps:  # each step from the same input: errors do not compound
     out = torch.randn(2, 4, 8, 8, generator=g)
     expected = theirs.step(out, t, x, eta=0.0).prev_sample
-    actual = ours.step(jnp.asarray(out.numpy()), int(t), jnp.asarray(x.numpy()),
-                       num_inference_steps=steps)
+    actual = ours.step(
+      jnp.asarray(out.numpy()), int(t), jnp.asarray(x.numpy()), num_inference_steps=steps
+    )
     err = np.abs(np.asarray(actual) - expected.numpy()).max()
     assert err <= 1e-6 * max(1.0, float(expected.abs().max())), f"t={int(t)}: {err:.2e}"
     x = expected
@@ -50,12 +63,18 @@ def test_eta_noise_matches_diffusers_and_has_the_right_variance():
   x, out = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
   noise = torch.randn(1, 4, 8, 8)
   expected = theirs.step(out, t, x, eta=0.7, variance_noise=noise).prev_sample.numpy()
-  actual = ours.step(jnp.asarray(out.numpy()), t, jnp.asarray(x.numpy()), num_inference_steps=20,
-                     eta=0.7, noise=jnp.asarray(noise.numpy()))
+  actual = ours.step(
+    jnp.asarray(out.numpy()),
+    t,
+    jnp.asarray(x.numpy()),
+    num_inference_steps=20,
+    eta=0.7,
+    noise=jnp.asarray(noise.numpy()),
+  )
   np.testing.assert_allclose(np.asarray(actual), expected, atol=1e-6)
   # The added noise has variance eta^2 (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev).
   a = ours.alphas_cumprod
-  expected_var = 0.7 ** 2 * (1 - a[t_prev]) / (1 - a[t]) * (1 - a[t] / a[t_prev])
+  expected_var = 0.7**2 * (1 - a[t_prev]) / (1 - a[t]) * (1 - a[t] / a[t_prev])
   rng = np.random.default_rng(0)
   noises = jnp.asarray(rng.standard_normal((4000, 16)), jnp.float32)
   zero = jnp.zeros((4000, 16))
@@ -71,19 +90,34 @@ def test_forward_process_matches_diffusers(prediction_type):
   x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
   t = torch.tensor([0, 500, 999])
   a = ours.alphas_cumprod()
-  np.testing.assert_allclose(add_noise(a, x0.numpy(), eps.numpy(), t.numpy()),
-                             theirs.add_noise(x0, eps, t).numpy(), atol=1e-6)
-  np.testing.assert_allclose(velocity(a, x0.numpy(), eps.numpy(), t.numpy()),
-                             theirs.get_velocity(x0, eps, t).numpy(), atol=1e-6)
+  np.testing.assert_allclose(
+    add_noise(a, x0.numpy(), eps.numpy(), t.numpy()),
+    theirs.add_noise(x0, eps, t).numpy(),
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    velocity(a, x0.numpy(), eps.numpy(), t.numpy()),
+    theirs.get_velocity(x0, eps, t).numpy(),
+    atol=1e-6,
+  )
   target = training_target(ours, a, x0.numpy(), eps.numpy(), t.numpy())
   expected = {"epsilon": eps, "sample": x0, "v_prediction": theirs.get_velocity(x0, eps, t)}
   np.testing.assert_allclose(target, expected[prediction_type].numpy(), atol=1e-6)
 
 
 def test_sd_scheduler_config_and_overrides():
-  pndm = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-          "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-          "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+  pndm = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+  }
   assert DDIM.from_diffusers(pndm) == DDIM.stable_diffusion()
   assert DDIM.from_diffusers(pndm, timestep_spacing="trailing").timestep_spacing == "trailing"
   with pytest.raises(ValueError, match="unknown setting 'num_steps'"):

@@ -8,7 +8,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax.train import sharding
 from ipadapter_jax.train.step import TrainState
@@ -19,8 +20,7 @@ BIG = sharding.MIN_SHARDED_SIZE  # elements: the smallest weight that is sharded
 
 def _mesh(data: int, fsdp: int) -> AbstractMesh:
   """A (data, fsdp) mesh of the given size without devices (the rules only read its shape)."""
-  return AbstractMesh((data, fsdp), ("data", "fsdp"),
-                      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return AbstractMesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def test_make_mesh_takes_every_device_and_fills_in_minus_one():
@@ -31,14 +31,17 @@ def test_make_mesh_takes_every_device_and_fills_in_minus_one():
   assert sharding.make_mesh(1, 1, devices=devices).devices.ravel().tolist() == devices
 
 
-@pytest.mark.parametrize("data,fsdp,message", [
+@pytest.mark.parametrize(
+  "data,fsdp,message",
+  [
     (-1, -1, "at most one of data and fsdp may be -1"),
     (3, 1, "data=3 x fsdp=1 does not use the 8 devices"),
-    (3, -1, "data=3 x fsdp=2 does not use the 8 devices"),   # 8 // 3 leaves a remainder
+    (3, -1, "data=3 x fsdp=2 does not use the 8 devices"),  # 8 // 3 leaves a remainder
     (-1, 16, "data=0 x fsdp=16 does not use the 8 devices"),
     (-8, -1, "does not use the 8 devices"),
     (0, 8, "data=0 x fsdp=8 does not use the 8 devices"),
-])
+  ],
+)
 def test_make_mesh_refuses_a_shape_that_does_not_use_the_devices(data, fsdp, message):
   devices = [object()] * 8  # refused before any device is touched
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -50,18 +53,21 @@ def test_batch_is_split_over_both_axes():
   assert spec == P(("data", "fsdp")) and sharding.replicated(_mesh(4, 2)).spec == P()
 
 
-@pytest.mark.parametrize("shape,spec", [
-    ((512, 256), P("fsdp", None)),         # the largest axis
+@pytest.mark.parametrize(
+  "shape,spec",
+  [
+    ((512, 256), P("fsdp", None)),  # the largest axis
     ((256, 512), P(None, "fsdp")),
     ((3, 3, 64, 512), P(None, None, None, "fsdp")),
-    ((513, 256), P(None, "fsdp")),         # the largest is odd: the largest one that divides
-    ((256, 256), P("fsdp", None)),         # a tie: the first of them
-    ((BIG,), P("fsdp")),                   # exactly the threshold is sharded
-    ((BIG - 2,), P()),                     # one below it is replicated, though it divides
-    ((257, 257), P()),                     # big enough, but no axis divides
+    ((513, 256), P(None, "fsdp")),  # the largest is odd: the largest one that divides
+    ((256, 256), P("fsdp", None)),  # a tie: the first of them
+    ((BIG,), P("fsdp")),  # exactly the threshold is sharded
+    ((BIG - 2,), P()),  # one below it is replicated, though it divides
+    ((257, 257), P()),  # big enough, but no axis divides
     ((4, 4), P()),
     ((), P()),
-])
+  ],
+)
 def test_weight_sharding_splits_the_largest_divisible_axis_over_fsdp(shape, spec):
   assert sharding.weight_sharding(_mesh(4, 2), shape, True).spec == spec
 
@@ -116,14 +122,18 @@ print(json.dumps(out))
 
 
 def test_device_put_really_splits_the_arrays_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", PLACEMENT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", PLACEMENT],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  assert out["meshes"] == [{"data": 4, "fsdp": 2}, {"data": 4, "fsdp": 2},
-                           {"data": 8, "fsdp": 1}]
+  assert out["meshes"] == [{"data": 4, "fsdp": 2}, {"data": 4, "fsdp": 2}, {"data": 8, "fsdp": 1}]
   for name in ("weight", "small", "batch"):
     assert out[name]["devices"] == 8 and out[name]["slices_match"] and out[name]["whole"], name
   # The weight's 512 rows in two halves over fsdp (each half on the 4 data devices).

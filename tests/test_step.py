@@ -6,16 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipadapter_jax.models.vae import VAEConfig, scale_latents, unscale_latents
 from ipadapter_jax.diffusion.schedule import NoiseSchedule
+from ipadapter_jax.models.vae import VAEConfig, scale_latents, unscale_latents
 from ipadapter_jax.train import loop
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.step import StepSpec, clean_latents, drop_masks, min_snr_weight
 
 
 def _spec(**kw):
-  base = dict(schedule=NoiseSchedule.stable_diffusion(), image_features=None, drop_image=0.0,
-              drop_text=0.0, drop_both=0.0, cached=True, latents=None)
+  base = dict(
+    schedule=NoiseSchedule.stable_diffusion(),
+    image_features=None,
+    drop_image=0.0,
+    drop_text=0.0,
+    drop_both=0.0,
+    cached=True,
+    latents=None,
+  )
   return StepSpec(**{**base, **kw})
 
 
@@ -47,8 +54,7 @@ def test_latents_are_shifted_then_scaled():
   batch = {"latent_mean": mean, "latent_logvar": jnp.full(mean.shape, -30.0)}  # std ~ 3e-7
   x0 = clean_latents(None, batch, jax.random.key(0), _spec(latents=config))
   np.testing.assert_allclose(x0, (0.7 - 0.1) * 0.5, atol=1e-6)
-  np.testing.assert_allclose(unscale_latents(scale_latents(mean, config), config), mean,
-                             rtol=1e-6)
+  np.testing.assert_allclose(unscale_latents(scale_latents(mean, config), config), mean, rtol=1e-6)
   pixels = {"pixels": jnp.ones((1, 4, 4, 3))}  # pixel space: no scaling at all
   np.testing.assert_array_equal(clean_latents(None, pixels, jax.random.key(0), _spec()), 1.0)
 
@@ -62,8 +68,11 @@ def test_drop_masks_follow_one_draw_per_example():
 
 
 def _out(loss=1.0, grad_norm=1.0, param_norm=1.0):
-  return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(grad_norm),
-          "param_norm": jnp.float32(param_norm)}
+  return {
+    "loss": jnp.float32(loss),
+    "grad_norm": jnp.float32(grad_norm),
+    "param_norm": jnp.float32(param_norm),
+  }
 
 
 def test_step_outputs_measure_the_real_interval(monkeypatch):
@@ -73,8 +82,12 @@ def test_step_outputs_measure_the_real_interval(monkeypatch):
   for step, loss in ((6, 1.0), (7, 2.0), (8, 3.0)):  # a run resumed at step 5, logging at 8
     outputs.add(step, _out(loss, grad_norm=2 * loss))
   first = outputs.summary(last_checkpoint=5)
-  assert first == {"loss": 2.0, "grad_norm": 4.0, "learning_rate": 0.5,
-                   "examples_per_second": 3 * 8 / 3.0}
+  assert first == {
+    "loss": 2.0,
+    "grad_norm": 4.0,
+    "learning_rate": 0.5,
+    "examples_per_second": 3 * 8 / 3.0,
+  }
   outputs.add(9, _out(1.0))  # a short last one
   assert outputs.summary(last_checkpoint=8)["examples_per_second"] == 1 * 8 / 1.0
 
@@ -97,14 +110,18 @@ def test_a_step_with_non_finite_gradients_keeps_its_state(monkeypatch):
   """A finite loss whose gradient is NaN (sqrt at 0) neither moves the weights nor the step
   counter, so that what the loop saves never holds a NaN."""
   import optax
+
   from ipadapter_jax.train import step as step_module
-  monkeypatch.setattr(step_module, "loss_fn",
-                      lambda params, *args: jnp.sum(jnp.sqrt(jnp.abs(params["w"]))))
+
+  monkeypatch.setattr(
+    step_module, "loss_fn", lambda params, *args: jnp.sum(jnp.sqrt(jnp.abs(params["w"])))
+  )
   params = {"w": jnp.array([0.0, 1.0])}
   optimizer = optax.adam(0.1)
   state = step_module.TrainState(jnp.int32(3), params, optimizer.init(params), None)
-  new, out = step_module.train_step(state, None, None, None, jax.random.key(0), graphdef=None,
-                                    spec=_spec(), optimizer=optimizer)
+  new, out = step_module.train_step(
+    state, None, None, None, jax.random.key(0), graphdef=None, spec=_spec(), optimizer=optimizer
+  )
   assert np.isfinite(out["loss"]) and not np.isfinite(out["grad_norm"])
   assert int(new.step) == 3
   np.testing.assert_array_equal(new.params["w"], params["w"])
@@ -116,7 +133,9 @@ def test_ema_follows_diffusers_ema_model():
   keep 0.999 of the initial weights after one step."""
   import torch
   from diffusers.training_utils import EMAModel
+
   from ipadapter_jax.train.step import ema_decay_at
+
   rng = np.random.default_rng(0)
   weights = [rng.standard_normal(5).astype(np.float32) for _ in range(40)]
   param = torch.nn.Parameter(torch.tensor(weights[0]))
@@ -136,13 +155,16 @@ def test_ema_follows_diffusers_ema_model():
 def test_autoencoder_loss_matches_diffusers_vae():
   """The VAE objective on diffusers' AutoencoderKL with the same weights and posterior noise:
   MSE of the decoded draw plus the weighted KL (a wrong sign, mean or scale in either is caught)."""
+  import tempfile
+
   import torch
   from diffusers import AutoencoderKL
+
   from ipadapter_jax.models.vae import AutoencoderKL as JaxVAE
   from ipadapter_jax.train.step import autoencoder_loss
   from ipadapter_jax.weights.diffusers import load_vae
   from tests.torch_reference import VAE_LIKE, randomize_
-  import tempfile
+
   reference = randomize_(AutoencoderKL(**VAE_LIKE), 0).eval()
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
@@ -157,7 +179,7 @@ def test_autoencoder_loss_matches_diffusers_vae():
     z = posterior.mean + posterior.std * torch.from_numpy(noise).permute(0, 3, 1, 2)
     decoded = reference.decode(z).sample.permute(0, 2, 3, 1)
     mse = torch.mean((decoded - torch.from_numpy(pixels)) ** 2)
-    kl = 0.5 * torch.mean(posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar)
+    kl = 0.5 * torch.mean(posterior.mean**2 + posterior.var - 1.0 - posterior.logvar)
   expected = float(mse + kl_weight * kl)
   print(f"autoencoder loss: {got:.7f} vs diffusers {expected:.7f}")
   np.testing.assert_allclose(got, expected, rtol=1e-5)

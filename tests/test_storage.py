@@ -26,7 +26,8 @@ from ipadapter_jax.train.metrics import MetricsWriter
 RUN = "gs://bucket/run"
 # (`fsspec.registry` itself names the read-only view of this dict)
 _FSSPEC_REGISTRY = importlib.import_module(  # pylint: disable=protected-access
-    "fsspec.registry")._registry
+  "fsspec.registry"
+)._registry
 
 
 class FakeGCS(MemoryFileSystem):
@@ -108,9 +109,11 @@ def test_every_function_writes_to_the_remote_filesystem(fake_gcs):
   assert not storage.isdir(storage.join(RUN, "config.json"))
   assert storage.read_text(storage.join(RUN, "config.json")) == '{"a": 1}'
   assert not storage.exists(storage.join(RUN, "missing"))
-  assert fake_gcs.files() == {"bucket/run/config.json": b'{"a": 1}',
-                              "bucket/run/samples/step_1.png": b"\x89PNG",
-                              "bucket/run/metrics.jsonl": b"1\n2\n"}
+  assert fake_gcs.files() == {
+    "bucket/run/config.json": b'{"a": 1}',
+    "bucket/run/samples/step_1.png": b"\x89PNG",
+    "bucket/run/metrics.jsonl": b"1\n2\n",
+  }
   storage.remove(storage.join(RUN, "samples"))
   storage.remove(storage.join(RUN, "config.json"))
   storage.remove(storage.join(RUN, "missing"))  # nothing there is fine
@@ -153,8 +156,10 @@ def test_staged_file_and_folder_appear_whole(fake_gcs, tmp_path, where):
   assert storage.listdir(folder) == ["model_index.json"]  # the first folder's files are gone
   assert storage.read_text(storage.join(root, "pipeline", "model_index.json")) == "{2}"
   if where == "remote":
-    assert sorted(fake_gcs.files()) == ["bucket/run/ip_adapter.safetensors",
-                                        "bucket/run/pipeline/model_index.json"]
+    assert sorted(fake_gcs.files()) == [
+      "bucket/run/ip_adapter.safetensors",
+      "bucket/run/pipeline/model_index.json",
+    ]
   assert _nothing_local()
 
 
@@ -185,6 +190,7 @@ def test_staged_upload_failing_part_way_leaves_nothing(fake_gcs, monkeypatch):
     if "w" in mode and path.endswith("2.bin"):
       raise OSError("connection reset")
     return write(self, path, mode, **kwargs)
+
   monkeypatch.setattr(FakeGCS, "_open", failing)
   with pytest.raises(OSError, match="connection reset"):
     with storage.staged(storage.join(RUN, "pipeline")) as local:
@@ -204,16 +210,30 @@ def test_staged_without_a_result_is_an_error(fake_gcs):
 
 # ----- outputs never replace what they did not write ---------------------------------------
 
-MALFORMED = ["gs:/bucket/x", "gs:bucket/x", "foo://x", "gcs://bucket/x", "GS://bucket/x",
-             "gs://", "gs:///x", "gs://Bucket/x", "gs://bucket//x", "runs:x"]
+MALFORMED = [
+  "gs:/bucket/x",
+  "gs:bucket/x",
+  "foo://x",
+  "gcs://bucket/x",
+  "GS://bucket/x",
+  "gs://",
+  "gs:///x",
+  "gs://Bucket/x",
+  "gs://bucket//x",
+  "runs:x",
+]
 
 
 @pytest.mark.parametrize("path", MALFORMED)
 def test_malformed_urls_are_refused_in_one_line_and_create_nothing(fake_gcs, path):
   """Catches `gs:/bucket` (one slash), `gs:x`, unknown schemes and the like becoming a local
   folder named `gs:` (or `foo:`) instead of an error."""
-  for call in (storage.resolve, lambda p: storage.check_output(p, "cmd"),
-               lambda p: storage.staged(p, "cmd").__enter__(), storage.write_bytes):
+  for call in (
+    storage.resolve,
+    lambda p: storage.check_output(p, "cmd"),
+    lambda p: storage.staged(p, "cmd").__enter__(),
+    storage.write_bytes,
+  ):
     args = (path,) if call is not storage.write_bytes else (path, b"x")
     with pytest.raises(ValueError) as error:
       call(*args)
@@ -261,15 +281,19 @@ def test_an_output_folder_replaces_only_its_own_earlier_output(fake_gcs, tmp_pat
   marker = json.loads(storage.read_text(storage.join(out, storage.MARKER)))
   assert marker["command"] == "cmd" and marker["files"] == ["a.bin", "sub/b.json"]
   _write_folder(out, {"c.bin": "3"})  # a rerun replaces its own output
-  assert _tree(out) == {".ipadapter_jax": storage.read_text(storage.join(out, storage.MARKER)),
-                        "c.bin": "3"}
+  assert _tree(out) == {
+    ".ipadapter_jax": storage.read_text(storage.join(out, storage.MARKER)),
+    "c.bin": "3",
+  }
   mine = storage.join(root, "mine")
   for name, text in {"notes.txt": "mine", "data/x.csv": "1,2"}.items():
     storage.write_text(storage.join(mine, name), text)
   storage.write_text(storage.join(out, "notes.txt"), "added by the user")
-  for target, command, problem in [(mine, "cmd", "'data', 'notes.txt', which cmd did not write"),
-                                   (out, "cmd", "'notes.txt', which cmd did not write there"),
-                                   (out, "other", "output of another command (cmd)")]:
+  for target, command, problem in [
+    (mine, "cmd", "'data', 'notes.txt', which cmd did not write"),
+    (out, "cmd", "'notes.txt', which cmd did not write there"),
+    (out, "other", "output of another command (cmd)"),
+  ]:
     before = _tree(target)
     ran = []
     with pytest.raises(ValueError) as error:
@@ -293,8 +317,10 @@ def test_an_empty_folder_is_written_in_place_even_as_the_working_folder(tmp_path
   assert sorted(os.listdir(".")) == [".ipadapter_jax", "b.bin"]
   os.symlink(here, tmp_path / "link")
   _write_folder(str(tmp_path / "link"), {"c.bin": "3"})
-  assert os.path.islink(tmp_path / "link") and sorted(os.listdir(here)) == [".ipadapter_jax",
-                                                                             "c.bin"]
+  assert os.path.islink(tmp_path / "link") and sorted(os.listdir(here)) == [
+    ".ipadapter_jax",
+    "c.bin",
+  ]
 
 
 @pytest.mark.parametrize("where", ["local", "remote"])
@@ -324,6 +350,7 @@ def _failing_open_on(name, seen, final, error=OSError):
       if path.endswith(name):
         raise error("connection reset")
     return write(self, path, mode, **kwargs)
+
   return failing
 
 
@@ -336,8 +363,9 @@ def test_remote_uploads_go_under_a_temporary_name_first(fake_gcs, monkeypatch, e
   _write_folder(out, {"1.bin": "old"})
   earlier = _tree(out)
   seen = []
-  monkeypatch.setattr(FakeGCS, "_open",
-                      _failing_open_on("2.bin", seen, "bucket/run/pipeline/", error))
+  monkeypatch.setattr(
+    FakeGCS, "_open", _failing_open_on("2.bin", seen, "bucket/run/pipeline/", error)
+  )
   with pytest.raises(error, match="connection reset"):
     _write_folder(out, {"1.bin": "new", "2.bin": "new"})
   assert seen and all(s == sorted(f"bucket/run/pipeline/{f}" for f in earlier) for s in seen)
@@ -345,8 +373,7 @@ def test_remote_uploads_go_under_a_temporary_name_first(fake_gcs, monkeypatch, e
   assert sorted(fake_gcs.files()) == [f"bucket/run/pipeline/{f}" for f in sorted(earlier)]
 
 
-def test_remote_commit_failing_part_way_leaves_nothing_under_the_final_name(fake_gcs,
-                                                                             monkeypatch):
+def test_remote_commit_failing_part_way_leaves_nothing_under_the_final_name(fake_gcs, monkeypatch):
   copy, copied = FakeGCS.cp_file, []
 
   def failing(self, path1, path2, **kwargs):
@@ -354,6 +381,7 @@ def test_remote_commit_failing_part_way_leaves_nothing_under_the_final_name(fake
       raise OSError("connection reset")
     copied.append(path2)
     return copy(self, path1, path2, **kwargs)
+
   monkeypatch.setattr(FakeGCS, "cp_file", failing)
   with pytest.raises(OSError, match="connection reset"):
     _write_folder(storage.join(RUN, "pipeline"), {"1.bin": "1", "2.bin": "2"})
@@ -364,9 +392,10 @@ def test_run_export_refuses_a_folder_the_run_did_not_write(tmp_path, monkeypatch
   """Catches the end-of-run export replacing a user's `vae/` (or `pipeline/`) in the work
   directory; the run's own earlier export is replaced."""
   from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+
   from ipadapter_jax.train import outputs  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(outputs, "save_vae",
-                      lambda vae, local: _folder(local, {"config.json": vae}))
+
+  monkeypatch.setattr(outputs, "save_vae", lambda vae, local: _folder(local, {"config.json": vae}))
   cfg, sd = SimpleNamespace(), SimpleNamespace(unet=None, vae="trained")
   workdir = str(tmp_path / "run")
   _folder(os.path.join(workdir, "vae"), {"notes.txt": "mine"})
@@ -389,19 +418,23 @@ def test_run_export_refuses_a_folder_the_run_did_not_write(tmp_path, monkeypatch
 def _events(data: bytes) -> list:
   """The Event protos of a TensorBoard event file (TFRecord framing; checksums not checked)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   events, offset = [], 0
   while offset < len(data):
-    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    (length,) = struct.unpack("<Q", data[offset : offset + 8])
     event = event_pb2.Event()
-    event.ParseFromString(data[offset + 12:offset + 12 + length])
+    event.ParseFromString(data[offset + 12 : offset + 12 + length])
     events.append(event)
     offset += 12 + length + 4
   return events
 
 
 def _remote_events(fake_gcs) -> dict[str, list]:
-  return {name.rsplit("/", 1)[1]: _events(data) for name, data in fake_gcs.files().items()
-          if name.startswith("bucket/run/tensorboard/")}
+  return {
+    name.rsplit("/", 1)[1]: _events(data)
+    for name, data in fake_gcs.files().items()
+    if name.startswith("bucket/run/tensorboard/")
+  }
 
 
 def _scalars(events) -> list[tuple[int, str]]:
@@ -427,14 +460,18 @@ def test_metrics_writer_on_a_remote_workdir(fake_gcs):
   assert storage.read_text(storage.join(RUN, "metrics.jsonl")) == "\n".join(lines[:2]) + "\n"
   writer.write(3, {"loss": 0.5})
   writer.close()
-  assert [json.loads(line)["step"] for line in storage.read_text(
-      storage.join(RUN, "metrics.jsonl")).splitlines()] == [1, 2, 3]
+  assert [
+    json.loads(line)["step"]
+    for line in storage.read_text(storage.join(RUN, "metrics.jsonl")).splitlines()
+  ] == [1, 2, 3]
   events = _remote_events(fake_gcs)
   assert len(events) == 2  # the first run's file is kept, not replaced
   second = next(e for name, e in events.items() if _scalars(e) == [(3, "loss")])
   assert any(e.session_log.status == e.session_log.START for e in second)  # purges steps >= 3
-  assert set(fake_gcs.files()) == {"bucket/run/metrics.jsonl", *(
-      f"bucket/run/tensorboard/{name}" for name in events)}
+  assert set(fake_gcs.files()) == {
+    "bucket/run/metrics.jsonl",
+    *(f"bucket/run/tensorboard/{name}" for name in events),
+  }
   assert _nothing_local()
 
 
@@ -447,7 +484,8 @@ def test_metrics_writer_starts_new_remote_event_files_when_large(fake_gcs, monke
   events = _remote_events(fake_gcs)
   assert len(events) > 2
   assert sorted(s for name in sorted(events) for s in _scalars(events[name])) == sorted(
-      (step, tag) for step in range(1, 21) for tag in ("grad_norm", "loss"))
+    (step, tag) for step in range(1, 21) for tag in ("grad_norm", "loss")
+  )
 
 
 def test_metrics_writer_on_a_local_workdir(tmp_path):
@@ -488,6 +526,7 @@ def gcs_emulator_url():
   """A Cloud Storage emulator on a free localhost port, with a bucket named `bucket`."""
   from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -514,6 +553,7 @@ def gcs_emulator_url():
 def gcs_emulator(gcs_emulator_url, monkeypatch, tmp_path):
   """gs:// served by the emulator (emptied first); the test runs in an empty folder."""
   import gcsfs  # pylint: disable=import-outside-toplevel
+
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
@@ -529,7 +569,9 @@ def gcs_emulator(gcs_emulator_url, monkeypatch, tmp_path):
 
 def _tiny_state(step: int):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from ipadapter_jax.train.step import TrainState  # pylint: disable=import-outside-toplevel
+
   params = {"unet": {"down.0.to_k_ip": {"kernel": jnp.full((2, 3), float(step))}}}
   return TrainState(jnp.asarray(step, jnp.int32), params, {"mu": jnp.arange(3.0) * step}, None)
 
@@ -537,6 +579,7 @@ def _tiny_state(step: int):
 def test_emulator_reads_carry_the_generation_a_conditional_write_needs(gcs_emulator):
   """OCDBT updates a manifest by reading it, then writing only if it is unchanged."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
   kvstore = ts.KvStore.open({"driver": "gcs", "bucket": "bucket"}).result()
   written = kvstore.write("run/manifest", b"1").result()
   read = kvstore.read("run/manifest").result()
@@ -547,7 +590,9 @@ def test_emulator_reads_carry_the_generation_a_conditional_write_needs(gcs_emula
 
 def test_orbax_checkpoints_on_gcs(gcs_emulator):
   import jax  # pylint: disable=import-outside-toplevel
+
   from ipadapter_jax.train.checkpoint import Checkpoints  # pylint: disable=import-outside-toplevel
+
   directory = storage.join(RUN, "checkpoints")
   checkpoints = Checkpoints(directory, keep_last=1)
   assert checkpoints.directory == directory and checkpoints.latest_step() is None
@@ -566,16 +611,25 @@ def test_orbax_checkpoints_on_gcs(gcs_emulator):
   assert data_state == {"position": 2} and int(state.step) == 2
   expected = _tiny_state(2)
   np.testing.assert_array_equal(state.opt_state["mu"], expected.opt_state["mu"])
-  np.testing.assert_array_equal(state.params["unet"]["down.0.to_k_ip"]["kernel"],
-                                expected.params["unet"]["down.0.to_k_ip"]["kernel"])
+  np.testing.assert_array_equal(
+    state.params["unet"]["down.0.to_k_ip"]["kernel"],
+    expected.params["unet"]["down.0.to_k_ip"]["kernel"],
+  )
   assert _nothing_local()
 
 
 def test_training_run_writes_every_output_through_storage(gcs_emulator, tiny_world, tiny_dataset):
   from ipadapter_jax.train.loop import train  # pylint: disable=import-outside-toplevel
   from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
-  config = tiny_config(tiny_world, tiny_dataset, num_steps=2, sample_every=2,
-                       sample_images=(str(tiny_world / "prompt.png"),), sample_steps=2)
+
+  config = tiny_config(
+    tiny_world,
+    tiny_dataset,
+    num_steps=2,
+    sample_every=2,
+    sample_images=(str(tiny_world / "prompt.png"),),
+    sample_steps=2,
+  )
   train(config, RUN)
   assert json.loads(storage.read_text(storage.join(RUN, "config.json")))["num_steps"] == 2
   lines = storage.read_text(storage.join(RUN, "metrics.jsonl")).splitlines()
@@ -598,6 +652,7 @@ def test_convert_reads_only_finalized_checkpoints(gcs_emulator, tiny_world, tiny
   from ipadapter_jax.train.loop import train  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights import adapter_checkpoint  # pylint: disable=import-outside-toplevel
   from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+
   train(tiny_config(tiny_world, tiny_dataset, num_steps=2, checkpoint_every=2), RUN)
   gcs_emulator.copy("bucket/run/checkpoints/2", "bucket/run/checkpoints/3", recursive=True)
   gcs_emulator.rm("bucket/run/checkpoints/3/commit_success.txt")
@@ -609,13 +664,15 @@ def test_convert_reads_only_finalized_checkpoints(gcs_emulator, tiny_world, tiny
   checkpoints.close()
 
 
-def test_convert_writes_to_gcs_under_its_final_name_only_once_complete(gcs_emulator, tiny_world,
-                                                                       capsys):
+def test_convert_writes_to_gcs_under_its_final_name_only_once_complete(
+  gcs_emulator, tiny_world, capsys
+):
   """Catches `to-official --out gs://...` written to a local `gs:` folder while reporting the
   URI as written, temporary objects left in the bucket, and a remote output folder replacing
   a user's objects."""
   from ipadapter_jax.cli import convert  # pylint: disable=import-outside-toplevel
   from ipadapter_jax.weights import read_ip_adapter  # pylint: disable=import-outside-toplevel
+
   source = str(tiny_world / "adapter" / "ip-adapter.safetensors")
   to_jax = ["to-jax", source, "--unet", str(tiny_world / "sd"), "--out", "gs://bucket/ckpt"]
   assert convert.main(to_jax) == 0

@@ -8,21 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.numpy import load_file
 from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from ipadapter_jax import evaluate, toy
 from ipadapter_jax.cli import convert
+from ipadapter_jax.cli import evaluate as evaluate_command
+from ipadapter_jax.cli import toy as toy_command
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.toy import shapes
 from ipadapter_jax.toy.configs import world as toy_world
-from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.weights import load_stable_diffusion
 from ipadapter_jax.weights.files import CheckpointError
 from tests import torch_reference as ref
-
 
 # One worker runs every test on the quick toy world, which is then built once.
 pytestmark = pytest.mark.xdist_group("toy_world")
@@ -33,8 +33,14 @@ def world(quick_toy_world):
   return quick_toy_world
 
 
-SETTINGS = ["base", "base", "adapter", "adapter", "full fine-tune",
-            "community model + the same adapter"]
+SETTINGS = [
+  "base",
+  "base",
+  "adapter",
+  "adapter",
+  "full fine-tune",
+  "community model + the same adapter",
+]
 
 
 def test_every_stage_runs_and_reports(world, capsys):
@@ -56,14 +62,18 @@ def test_every_stage_runs_and_reports(world, capsys):
   size = lambda path: sum(a.size for a in load_file(os.path.join(workdir, path)).values())
   adapter = size("adapter/ip_adapter.safetensors")
   unet = size("finetune/pipeline/unet/diffusion_pytorch_model.safetensors")
-  assert saved["parameters"] == {"adapter": adapter,
-                                 "full fine-tune": unet + size("finetune/ip_adapter.safetensors")}
+  assert saved["parameters"] == {
+    "adapter": adapter,
+    "full fine-tune": unet + size("finetune/ip_adapter.safetensors"),
+  }
   assert saved["training"]["finetune"]["steps"] == 10
   measured = {(c["claim"][:2], c["measure"]) for c in saved["claims"]}
   assert {claim for claim, _ in measured} >= {"1.", "2.", "3.", "4."}
 
-  exports = {p: os.path.getmtime(os.path.join(workdir, p))
-             for p in ("adapter/ip_adapter.safetensors", "finetune/pipeline")}
+  exports = {
+    p: os.path.getmtime(os.path.join(workdir, p))
+    for p in ("adapter/ip_adapter.safetensors", "finetune/pipeline")
+  }
   capsys.readouterr()
   toy.run_world(workdir, quick=True)  # a rerun reuses every finished stage
   err = capsys.readouterr().err
@@ -76,8 +86,10 @@ def _assert_scores_are_the_grids(workdir, rows, grid, size):
   and each rate's interval is the Wilson interval of its count."""
   ps = toy.PromptSet.make(toy.QUICK.eval_images)
   n = len(ps.examples)
-  cells = [[grid[r * size:(r + 1) * size, c * size:(c + 1) * size] for c in range(n)]
-           for r in range(len(SETTINGS))]
+  cells = [
+    [grid[r * size : (r + 1) * size, c * size : (c + 1) * size] for c in range(n)]
+    for r in range(len(SETTINGS))
+  ]
   np.testing.assert_array_equal(np.stack(cells[0]), np.stack([np.asarray(i) for i in ps.images]))
   scorer = evaluate.CLIPScorer.load(toy.shipped_weights()["clip"])
   own = [ex.colour for ex in ps.examples]
@@ -91,11 +103,12 @@ def _assert_scores_are_the_grids(workdir, rows, grid, size):
     assert abs(scores["clip_i"] - row["clip_i"]["mean"]) <= 1e-5, (row, scores)
     assert abs(scores["clip_t"] - row["clip_t"]["mean"]) <= 1e-5, (row, scores)
     judged = [shapes.judge(image) for image in images]
-    hits = {"colour_asked": [j["colour"] == c for j, c in zip(judged, asked)],
-            "colour_of_image": [j["colour"] == c for j, c in zip(judged, own)],
-            "shape_of_image": [j["shape"] == ex.shape for j, ex in zip(judged, ps.examples)],
-            "community_background": [j["background"] in shapes.WORLDS["community"]
-                                     for j in judged]}
+    hits = {
+      "colour_asked": [j["colour"] == c for j, c in zip(judged, asked)],
+      "colour_of_image": [j["colour"] == c for j, c in zip(judged, own)],
+      "shape_of_image": [j["shape"] == ex.shape for j, ex in zip(judged, ps.examples)],
+      "community_background": [j["background"] in shapes.WORLDS["community"] for j in judged],
+    }
     for key, h in hits.items():
       lo, hi = evaluate.wilson_interval(sum(h), n)
       assert row[key] == {"rate": np.mean(h), "ci95": [lo, hi], "n": n}, (key, row)
@@ -111,18 +124,31 @@ def test_validation_scores_what_the_run_exports(world):
   with open(os.path.join(workdir, "adapter", "config.json")) as f:
     cfg = json.load(f)  # the run's resolved config
   with open(os.path.join(workdir, "data", "heldout", "data.json")) as f:
-    records = json.load(f)[:cfg["eval_limit"]]
-  images = [Image.open(os.path.join(workdir, "data", "heldout", r["image_file"])).convert("RGB")
-            for r in records]
+    records = json.load(f)[: cfg["eval_limit"]]
+  images = [
+    Image.open(os.path.join(workdir, "data", "heldout", r["image_file"])).convert("RGB")
+    for r in records
+  ]
   weights = toy.shipped_weights()
-  pipe = IPAdapterPipeline(load_stable_diffusion(
-      weights["base"], image_encoder=weights["clip"],
-      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
-  generated = evaluate.generate(pipe, [""] * len(records), images, batch_size=len(records),
-                                seed=cfg["seed"], num_inference_steps=cfg["eval_steps"],
-                                guidance_scale=cfg["eval_guidance_scale"])
+  pipe = IPAdapterPipeline(
+    load_stable_diffusion(
+      weights["base"],
+      image_encoder=weights["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors"),
+    )
+  )
+  generated = evaluate.generate(
+    pipe,
+    [""] * len(records),
+    images,
+    batch_size=len(records),
+    seed=cfg["seed"],
+    num_inference_steps=cfg["eval_steps"],
+    guidance_scale=cfg["eval_guidance_scale"],
+  )
   scores = evaluate.CLIPScorer.load(weights["clip"]).score(
-      generated, images, [r["text"] for r in records])
+    generated, images, [r["text"] for r in records]
+  )
   matches = evaluate.attribute_matches(generated, records, shapes.judge)
   assert abs(evals[-1]["eval/clip_i"] - scores["clip_i"]) <= 1e-5, (evals, scores)
   assert abs(evals[-1]["eval/clip_t"] - scores["clip_t"]) <= 1e-5, (evals, scores)
@@ -137,7 +163,7 @@ def test_shipped_weights_match_their_manifest(tmp_path):
   assert sorted(folders) == ["base", "clip", "community"]
   with open(os.path.join(toy.SHIPPED, toy.MANIFEST)) as f:
     manifest = json.load(f)
-  assert manifest["command"] == "python -m ipadapter_jax.toy pretrain"
+  assert manifest["command"] == "ipadapter-jax toy pretrain"
   for stage in toy.STAGES:
     record = manifest["stages"][stage]
     assert record["steps"] > 0 and record["seconds"] > 0 and np.isfinite(record["final_loss"])
@@ -153,6 +179,7 @@ def test_shipped_weights_match_their_manifest(tmp_path):
 
   copy = tmp_path / "weights"
   import shutil
+
   shutil.copytree(toy.SHIPPED, copy)
   weights = copy / "base" / "unet" / "diffusion_pytorch_model.safetensors"
   data = bytearray(weights.read_bytes())
@@ -190,19 +217,25 @@ def test_pretrain_rebuilds_the_weights_from_nothing(tmp_path, capsys):
   """`pretrain` trains the CLIP, the base and the community model, then ships them with a
   manifest that `shipped_weights` accepts."""
   out = str(tmp_path / "weights")
-  assert toy.main(["pretrain", "--quick", "--workdir", str(tmp_path / "run"), "--out", out]) == 0
+  assert (
+    toy_command.main(["pretrain", "--quick", "--workdir", str(tmp_path / "run"), "--out", out]) == 0
+  )
   folders = toy.shipped_weights(out)
   with open(os.path.join(out, toy.MANIFEST)) as f:
     manifest = json.load(f)
-  assert manifest["command"] == "python -m ipadapter_jax.toy pretrain --quick"
+  assert manifest["command"] == "ipadapter-jax toy pretrain --quick"
   assert [manifest["stages"][s]["steps"] for s in toy.STAGES] == [10] * 5
-  assert set(manifest["stages"]["vae"]["judge_on_reconstructions"]) == {"heldout",
-                                                                       "heldout_community"}
+  assert set(manifest["stages"]["vae"]["judge_on_reconstructions"]) == {
+    "heldout",
+    "heldout_community",
+  }
   for stage in ("base", "community"):  # validated on their own world's held-out images
     assert 0 <= manifest["stages"][stage]["validation"]["eval/colour"] <= 1
   community = load_stable_diffusion(folders["community"])
-  assert community.tokenizer("a red circle on a pink background")["input_ids"][6] != \
-      community.tokenizer.unk_token_id  # the community world's words are in the vocabulary
+  assert (
+    community.tokenizer("a red circle on a pink background")["input_ids"][6]
+    != community.tokenizer.unk_token_id
+  )  # the community world's words are in the vocabulary
 
 
 def test_shipped_image_encoder_tells_shapes_apart(capsys):
@@ -212,8 +245,9 @@ def test_shipped_image_encoder_tells_shapes_apart(capsys):
   stage's recovered the shape 35% of the time."""
   scorer = evaluate.CLIPScorer.load(toy.shipped_weights()["clip"])
   examples = toy.held_out(512)
-  embeds = evaluate.image_embeddings(scorer.image_encoder, scorer.processor,
-                                     [Image.fromarray(shapes.render(ex)) for ex in examples])
+  embeds = evaluate.image_embeddings(
+    scorer.image_encoder, scorer.processor, [Image.fromarray(shapes.render(ex)) for ex in examples]
+  )
   right = {}
   for attribute in ("colour", "shape"):
     labels = np.array([getattr(ex, attribute) for ex in examples])
@@ -253,42 +287,72 @@ def test_exported_toy_adapter_loads_in_diffusers(world, tmp_path):
   base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
   pipe = StableDiffusionPipeline(
-      vae=AutoencoderKL.from_pretrained(base, subfolder="vae"), unet=unet,
-      text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
-      tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-      scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"), safety_checker=None,
-      feature_extractor=None, requires_safety_checker=False)
-  pipe.load_ip_adapter(str(tmp_path / "adapter"), subfolder="",
-                       weight_name="toy_ip_adapter.safetensors", image_encoder_folder=None)
+    vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+    unet=unet,
+    text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+    tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+    scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"),
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
+  pipe.load_ip_adapter(
+    str(tmp_path / "adapter"),
+    subfolder="",
+    weight_name="toy_ip_adapter.safetensors",
+    image_encoder_folder=None,
+  )
 
-  ours = load_stable_diffusion(base, image_encoder=clip,
-                               ip_adapter=out)
+  ours = load_stable_diffusion(base, image_encoder=clip, ip_adapter=out)
   g = torch.Generator().manual_seed(0)
   latent = toy_world.LATENT_SIZE
   x, t = torch.randn(2, 4, latent, latent, generator=g), torch.tensor([900, 20])
   ctx = torch.randn(2, 16, 64, generator=g)
   features = torch.randn(2, 64, generator=g)
   with torch.no_grad():
-    expected = pipe.unet(x, t, ctx, added_cond_kwargs={"image_embeds": [features[:, None]]}
-                         ).sample.numpy()
-  actual = ref.jit_call(ours.unet, jnp.asarray(x.numpy()), jnp.asarray(t.numpy()),
-                        jnp.asarray(ctx.numpy()), image_embeds=jnp.asarray(features.numpy()),
-                        layout="NCHW")
+    expected = pipe.unet(
+      x, t, ctx, added_cond_kwargs={"image_embeds": [features[:, None]]}
+    ).sample.numpy()
+  actual = ref.jit_call(
+    ours.unet,
+    jnp.asarray(x.numpy()),
+    jnp.asarray(t.numpy()),
+    jnp.asarray(ctx.numpy()),
+    image_embeds=jnp.asarray(features.numpy()),
+    layout="NCHW",
+  )
   err = ref.assert_close(actual, expected)
   print(f"toy adapter exported by the convert CLI, loaded by diffusers: max abs error {err:.1e}")
 
 
 def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   workdir, _ = world
-  annotations = shapes.write_dataset(str(tmp_path / "prompts"), 3, seed=1,
-                                     full_captions=True)  # held-out shapes
+  annotations = shapes.write_dataset(
+    str(tmp_path / "prompts"), 3, seed=1, full_captions=True
+  )  # held-out shapes
   base, clip = toy.shipped_weights()["base"], toy.shipped_weights()["clip"]
   adapter = os.path.join(workdir, "adapter", "ip_adapter.safetensors")
-  argv = ["--pretrained", base, "--image_encoder", clip, "--ip_adapter", adapter,
-          "--clip", clip, "--annotations", annotations,
-          "--num_samples", "2", "--num_inference_steps", "3", "--batch_size", "2",
-          "--out", str(tmp_path / "eval.json")]
-  assert evaluate.main(argv) == 0
+  argv = [
+    "--pretrained",
+    base,
+    "--image_encoder",
+    clip,
+    "--ip_adapter",
+    adapter,
+    "--clip",
+    clip,
+    "--annotations",
+    annotations,
+    "--num_samples",
+    "2",
+    "--num_inference_steps",
+    "3",
+    "--batch_size",
+    "2",
+    "--out",
+    str(tmp_path / "eval.json"),
+  ]
+  assert evaluate_command.main(argv) == 0
   result = json.loads((tmp_path / "eval.json").read_text())
   assert result["prompt_images"] == 3 and result["num_samples"] == 2
 
@@ -298,15 +362,29 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
     records = json.load(f)
   prompts = [Image.open(tmp_path / "prompts" / r["image_file"]).convert("RGB") for r in records]
   pipe = IPAdapterPipeline(load_stable_diffusion(base, image_encoder=clip, ip_adapter=adapter))
-  generated = evaluate.generate(pipe, [""] * 3, prompts, batch_size=2, seed=0, scale=1.0,
-                                num_samples=2, guidance_scale=7.5, num_inference_steps=3)
+  generated = evaluate.generate(
+    pipe,
+    [""] * 3,
+    prompts,
+    batch_size=2,
+    seed=0,
+    scale=1.0,
+    num_samples=2,
+    guidance_scale=7.5,
+    num_inference_steps=3,
+  )
   assert generated.shape == (6, toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE, 3)
   model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
   as_pil = [Image.fromarray((np.clip(g, 0, 1) * 255).round().astype(np.uint8)) for g in generated]
   with torch.no_grad():
-    out = model(**processor(text=[r["text"] for r in records for _ in range(2)],
-                            images=[p for p in prompts for _ in range(2)], return_tensors="pt",
-                            padding="max_length"))
+    out = model(
+      **processor(
+        text=[r["text"] for r in records for _ in range(2)],
+        images=[p for p in prompts for _ in range(2)],
+        return_tensors="pt",
+        padding="max_length",
+      )
+    )
     gen = model.get_image_features(**processor(images=as_pil, return_tensors="pt"))
   gen = torch.nn.functional.normalize(getattr(gen, "pooler_output", gen), dim=-1)
   cos_i = (gen * torch.nn.functional.normalize(out.image_embeds, dim=-1)).sum(-1)
@@ -315,7 +393,7 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
   assert abs(result["clip_t"] - float((2.5 * cos_t.clamp(min=0)).mean())) <= 1e-4, (result, cos_t)
   (tmp_path / "prompts" / "images" / "000001.png").write_bytes(b"not a png")
   capsys.readouterr()
-  assert evaluate.main(argv) == 2
+  assert evaluate_command.main(argv) == 1  # a run error: the file, not the flags
   err = capsys.readouterr().err.strip()
   assert err.startswith("error:") and "000001.png" in err and len(err.splitlines()) == 1
 
@@ -323,26 +401,39 @@ def test_evaluate_command_on_a_coco_style_file(world, tmp_path, capsys):
 def test_composition_rows_score_what_the_pipeline_draws(world):
   """eval.json's composition rates are the half-colour judgements of the images the adapter
   draws for those pairs, masks and seeds (re-sampled here), and the judge reads halves."""
-  from ipadapter_jax.toy import composition as toy_composition
   from ipadapter_jax.generation.image_prompts import AdapterPrompt
+  from ipadapter_jax.toy import composition as toy_composition
+
   workdir, result = world
   rates = result["composition"]
   assert set(rates) == {"two images, left/right masks", "two images, no masks"}
   ps = toy.PromptSet.make(toy.QUICK.eval_images)
-  pairs = toy_composition.colour_pairs(ps.examples)[:toy.QUICK.eval_images // 2]
+  pairs = toy_composition.colour_pairs(ps.examples)[: toy.QUICK.eval_images // 2]
   assert all(ps.examples[i].colour != ps.examples[j].colour for i, j in pairs)
-  pipe = IPAdapterPipeline(load_stable_diffusion(
-      toy.shipped_weights()["base"], image_encoder=toy.shipped_weights()["clip"],
-      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
+  pipe = IPAdapterPipeline(
+    load_stable_diffusion(
+      toy.shipped_weights()["base"],
+      image_encoder=toy.shipped_weights()["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors"),
+    )
+  )
   masks = list(toy_composition.half_masks(toy_world.IMAGE_SIZE))
   left = []
   for i, j in pairs:
-    image = pipe("", adapters=[AdapterPrompt([ps.images[i], ps.images[j]], masks=masks)],
-                 num_inference_steps=toy.QUICK.sampling_steps,
-                 guidance_scale=toy.QUICK.guidance_scale, seed=i)[0]
-    left.append(toy_composition.half_colours(evaluate.to_uint8(image[None])[0])[0]
-                == ps.examples[i].colour)
-  assert rates["two images, left/right masks"]["left = first image's colour"]["rate"] == np.mean(left)
+    image = pipe(
+      "",
+      adapters=[AdapterPrompt([ps.images[i], ps.images[j]], masks=masks)],
+      num_inference_steps=toy.QUICK.sampling_steps,
+      guidance_scale=toy.QUICK.guidance_scale,
+      seed=i,
+      output_type="np",
+    ).images[0]
+    left.append(
+      toy_composition.half_colours(evaluate.to_uint8(image[None])[0])[0] == ps.examples[i].colour
+    )
+  assert rates["two images, left/right masks"]["left = first image's colour"]["rate"] == np.mean(
+    left
+  )
   # The judge itself: a red left half and a blue right half on white.
   drawn = np.full((32, 32, 3), 245, np.uint8)
   drawn[8:24, 4:16], drawn[8:24, 16:28] = shapes.COLOURS["red"], shapes.COLOURS["blue"]
@@ -355,60 +446,95 @@ def test_structure_rows_score_what_the_pipeline_draws(world):
   """eval.json's img2img and inpainting rates are the judgements of the images the adapter
   draws for those pairs, strengths, masks and seeds (re-sampled here); the kept half of an
   inpainted image is the init's up to the VAE's error."""
-  from ipadapter_jax.toy import composition as toy_composition, structure as toy_structure
+  from ipadapter_jax.toy import composition as toy_composition
+  from ipadapter_jax.toy import structure as toy_structure
+
   workdir, result = world
   rates = result["structure"]
   quick, size = toy.QUICK, toy_world.IMAGE_SIZE
-  assert list(rates["img2img"]) == [f"strength {s}, {name}" for s in toy_structure.STRENGTHS
-                                    for name in ("image prompt (scale 1.0)",
-                                                 "no image prompt (scale 0)")]
+  assert list(rates["img2img"]) == [
+    f"strength {s}, {name}"
+    for s in toy_structure.STRENGTHS
+    for name in ("image prompt (scale 1.0)", "no image prompt (scale 0)")
+  ]
   assert rates["strength"] in toy_structure.STRENGTHS and rates["seconds"] > 0
   choice = rates["strength_choice"]  # made on validation pairs, then used for the claim
   assert choice["strength"] == rates["strength"] and choice["pairs"] == quick.strength_pairs
-  assert toy_structure.pick_strength({float(k.split()[1].rstrip(",")): r for k, r
-                                      in choice["img2img"].items()}) == rates["strength"]
+  assert (
+    toy_structure.pick_strength(
+      {float(k.split()[1].rstrip(",")): r for k, r in choice["img2img"].items()}
+    )
+    == rates["strength"]
+  )
   ps = toy.PromptSet.make(quick.eval_images)
-  pairs = toy_structure.contrast_pairs(ps.examples)[:quick.eval_images // 2]
+  pairs = toy_structure.contrast_pairs(ps.examples)[: quick.eval_images // 2]
   assert rates["pairs"] == len(pairs)
   assert all(ps.examples[i].colour != ps.examples[j].colour for i, j in pairs)
-  pipe = IPAdapterPipeline(load_stable_diffusion(
-      toy.shipped_weights()["base"], image_encoder=toy.shipped_weights()["clip"],
-      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors")))
+  pipe = IPAdapterPipeline(
+    load_stable_diffusion(
+      toy.shipped_weights()["base"],
+      image_encoder=toy.shipped_weights()["clip"],
+      ip_adapter=os.path.join(workdir, "adapter", "ip_adapter.safetensors"),
+    )
+  )
   # One padded batch of QUICK.batch_size requests, seed 0, as the evaluation sampled them.
   padded = [pairs[min(k, len(pairs) - 1)] for k in range(quick.batch_size)]
-  request = dict(init_image=[ps.images[i] for i, _ in padded], scale=1.0, seed=0,
-                 num_inference_steps=quick.sampling_steps, guidance_scale=quick.guidance_scale)
+  request = dict(
+    init_image=[ps.images[i] for i, _ in padded],
+    scale=1.0,
+    seed=0,
+    num_inference_steps=quick.sampling_steps,
+    guidance_scale=quick.guidance_scale,
+    output_type="np",
+  )
   prompts = [ps.images[j] for _, j in padded]
-  drawn = evaluate.to_uint8(pipe([""] * len(padded), prompts, strength=rates["strength"],
-                                 **request)[:len(pairs)])
+  drawn = evaluate.to_uint8(
+    pipe([""] * len(padded), prompts, strength=rates["strength"], **request).images[: len(pairs)]
+  )
   judged = [shapes.judge(image) for image in drawn]
   row = rates["img2img"][f"strength {rates['strength']}, image prompt (scale 1.0)"]
   assert row["colour = prompt image's"]["rate"] == np.mean(
-      [g["colour"] == ps.examples[j].colour for g, (_, j) in zip(judged, pairs)])
+    [g["colour"] == ps.examples[j].colour for g, (_, j) in zip(judged, pairs)]
+  )
   assert row["shape = init image's"]["rate"] == np.mean(
-      [g["shape"] == ps.examples[i].shape for g, (i, _) in zip(judged, pairs)])
+    [g["shape"] == ps.examples[i].shape for g, (i, _) in zip(judged, pairs)]
+  )
 
   left, right = toy_composition.half_masks(size)
   halves = [int(ps.examples[i].centre[1] >= size // 2) for i, _ in padded]
-  drawn = evaluate.to_uint8(pipe([""] * len(padded), prompts, strength=1.0,
-                                 mask_image=[(left, right)[h] for h in halves],
-                                 **request)[:len(pairs)])
+  drawn = evaluate.to_uint8(
+    pipe(
+      [""] * len(padded),
+      prompts,
+      strength=1.0,
+      mask_image=[(left, right)[h] for h in halves],
+      **request,
+    ).images[: len(pairs)]
+  )
   row = rates["inpainting"]["shape's half repainted, image prompt (scale 1.0)"]
   kept = [slice(size // 2, None), slice(0, size // 2)]
-  diffs = [np.abs(image[:, kept[h]].astype(float) - np.asarray(ps.images[i])[:, kept[h]]).mean()
-           for image, (i, _), h in zip(drawn, pairs, halves)]
+  diffs = [
+    np.abs(image[:, kept[h]].astype(float) - np.asarray(ps.images[i])[:, kept[h]]).mean()
+    for image, (i, _), h in zip(drawn, pairs, halves)
+  ]
   assert row["kept half: mean abs difference"] == round(float(np.mean(diffs)), 2)
   assert row["repainted half: prompt image's colour"]["rate"] == np.mean(
-      [toy_composition.half_colours(image)[h] == ps.examples[j].colour
-       for image, (_, j), h in zip(drawn, pairs, halves)])
+    [
+      toy_composition.half_colours(image)[h] == ps.examples[j].colour
+      for image, (_, j), h in zip(drawn, pairs, halves)
+    ]
+  )
 
 
 def test_strength_rule_prefers_colour_among_strengths_that_keep_the_init_shape():
   from ipadapter_jax.toy import structure as toy_structure
+
   at = lambda rate: {"rate": rate, "ci95": [rate - 0.05, rate + 0.05], "n": 100}
-  row = lambda init, prompt, both: {"shape = init image's": at(init),
-                                    "shape = prompt image's": at(prompt),
-                                    "prompt's colour, init's shape": at(both)}
+  row = lambda init, prompt, both: {
+    "shape = init image's": at(init),
+    "shape = prompt image's": at(prompt),
+    "prompt's colour, init's shape": at(both),
+  }
   rates = {0.3: row(0.9, 0.1, 0.2), 0.5: row(0.7, 0.2, 0.5), 0.7: row(0.4, 0.35, 0.6)}
   assert toy_structure.pick_strength(rates) == 0.5  # 0.7 draws more, but not from the init
   rates[0.3] = row(0.9, 0.1, 0.5)
@@ -420,6 +546,7 @@ def test_structure_judges_on_hand_made_images():
   """The structure checks' judges read what was painted: colour, shape and centre against the
   init and prompt examples, the repainted half's colour and the kept half's pixels."""
   from ipadapter_jax.toy import structure as toy_structure
+
   size = 32
   init = shapes.Example("square", "red", "white", 8, (10, 10), "")
   prompt = shapes.Example("circle", "blue", "black", 8, (20, 22), "")
@@ -433,8 +560,10 @@ def test_structure_judges_on_hand_made_images():
   empty = np.full((size, size, 3), 245, np.uint8)
   assert toy_structure.blob_centre(recoloured) == (10.0, 10.0)
   assert toy_structure.blob_centre(empty) is None and not toy_structure.near(None, init)
-  got = {name: toy_structure.img2img_scores(image[None], examples, pairs)
-         for name, image in (("recoloured", recoloured), ("moved", moved), ("empty", empty))}
+  got = {
+    name: toy_structure.img2img_scores(image[None], examples, pairs)
+    for name, image in (("recoloured", recoloured), ("moved", moved), ("empty", empty))
+  }
   rate = lambda name, measure: got[name][measure]["rate"]
   assert [rate("recoloured", m) for m in got["recoloured"]] == [1, 0, 1, 0, 1, 0, 1, 1]
   assert [rate("moved", m) for m in got["moved"]] == [0, 1, 1, 0, 0, 1, 0, 0]
@@ -454,8 +583,9 @@ def test_structure_judges_on_hand_made_images():
   unpainted[:, :16] = 245
   intruder = repainted.copy()
   intruder[20:26, 20:26] = shapes.COLOURS["red"]  # a shape where the init had none
-  scores = toy_structure.inpaint_scores(np.stack([repainted, unpainted, intruder]), examples,
-                                        pairs * 3, [source] * 3, size)
+  scores = toy_structure.inpaint_scores(
+    np.stack([repainted, unpainted, intruder]), examples, pairs * 3, [source] * 3, size
+  )
   assert scores["kept half: init image's colour"]["rate"] == pytest.approx(2 / 3)
   one_pixel = 245 / (32 * 16)  # mean over the kept half's pixels and channels
   red = np.abs(np.subtract(shapes.COLOURS["red"], 245)).mean()  # per pixel, over channels
@@ -463,19 +593,23 @@ def test_structure_judges_on_hand_made_images():
   assert scores["kept half: mean abs difference"] == round(expected, 2)
   assert scores["repainted half: prompt image's colour"]["rate"] == pytest.approx(2 / 3)
   assert scores["repainted halves with foreground: prompt image's colour"] == evaluate.rate(
-      [True, True])
+    [True, True]
+  )
 
 
 def test_pretrain_replaces_only_its_own_weights_folder(tmp_path, capsys, monkeypatch):
   """Catches `toy pretrain --out DIR` deleting a folder it did not write (after minutes of
   training), and a rerun refused on its own output (the shipped weights, its default --out)."""
-  from ipadapter_jax.toy import command, stages  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.cli import toy as command  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.toy import stages  # pylint: disable=import-outside-toplevel
+
   trained = tmp_path / "trained"
   for name in stages.PRETRAINED:  # stands in for the folders pretraining writes
     (trained / name).mkdir(parents=True)
     (trained / name / "config.json").write_text(name)
-  monkeypatch.setattr(command, "pretrain",
-                      lambda workdir, sizes: {n: str(trained / n) for n in stages.PRETRAINED})
+  monkeypatch.setattr(
+    command, "pretrain", lambda workdir, sizes: {n: str(trained / n) for n in stages.PRETRAINED}
+  )
   monkeypatch.setattr(stages, "stage_record", lambda workdir, name: {})
   argv = ["pretrain", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "weights")]
   for _ in range(2):  # the second run replaces the first's folder

@@ -5,15 +5,16 @@ import json
 import numpy as np
 
 from ipadapter_jax import toy
-from ipadapter_jax.toy import shapes
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import decode_image, decode_text, open_source
+from ipadapter_jax.toy import shapes
 
 
 def test_examples_are_a_function_of_seed_and_index():
   assert shapes.example(3, 17) == shapes.example(3, 17)
-  np.testing.assert_array_equal(shapes.render(shapes.example(3, 17)),
-                                shapes.render(shapes.example(3, 17)))
+  np.testing.assert_array_equal(
+    shapes.render(shapes.example(3, 17)), shapes.render(shapes.example(3, 17))
+  )
   assert len({shapes.example(0, i) for i in range(50)}) == 50
   assert shapes.example(0, 1) != shapes.example(1, 1)
 
@@ -40,8 +41,7 @@ def test_judge_is_checked_on_600_held_out_renders(capsys):
   blurred = shapes.judge_accuracy([shapes.blur(r) for r in renders], examples)
   with capsys.disabled():
     print(f"\njudge on 600 held-out renders: clean {clean}, blurred {blurred}")
-  assert clean == {"background": 1.0, "colour": 1.0, "shape": 1.0, "all": 1.0,
-                   "drew_a_shape": 1.0}
+  assert clean == {"background": 1.0, "colour": 1.0, "shape": 1.0, "all": 1.0, "drew_a_shape": 1.0}
   assert blurred["all"] >= 0.98 and blurred["drew_a_shape"] == 1.0
   rng = np.random.default_rng(0)
   for _ in range(50):
@@ -64,8 +64,11 @@ def test_captions_use_the_vocabulary_and_name_true_attributes():
     ex = shapes.example(0, i)
     words = ex.caption.split()
     assert set(words) <= set(shapes.WORDS)
-    assert all(w in (ex.shape, ex.colour, ex.background) for w in words
-               if w in shapes.SHAPES or w in shapes.COLOURS or w in shapes.BACKGROUNDS)
+    assert all(
+      w in (ex.shape, ex.colour, ex.background)
+      for w in words
+      if w in shapes.SHAPES or w in shapes.COLOURS or w in shapes.BACKGROUNDS
+    )
 
 
 def test_dataset_in_the_official_format_builds(tmp_path):

@@ -26,6 +26,7 @@ def over_seeds(means, half):
 
 # ----- One run's measures ------------------------------------------------------------------------
 
+
 def test_rate_empty_and_not():
   assert stats.rate([]) == {"rate": 0.0, "ci95": [0.0, 1.0], "n": 0}
   assert stats.rate(np.zeros(0, bool)) == {"rate": 0.0, "ci95": [0.0, 1.0], "n": 0}
@@ -51,6 +52,7 @@ def test_mean_ci():
 
 
 # ----- Training runs -----------------------------------------------------------------------------
+
 
 def write_run(folder, losses, validation_every=None):
   os.makedirs(folder, exist_ok=True)
@@ -112,6 +114,7 @@ def test_check_training_raises_on_a_non_finite_loss(tmp_path):
 
 # ----- Over the seeds ----------------------------------------------------------------------------
 
+
 def test_combine_pools_rate_hits_over_seeds():
   # 30 of 100 and 10 of 50: the interval is Wilson of 40 in 150, not any per-seed interval's mix
   seeds = [evaluate.rate([True] * 30 + [False] * 70), evaluate.rate([True] * 10 + [False] * 40)]
@@ -135,8 +138,9 @@ def test_combine_clip_half_width_rule():
   np.testing.assert_allclose(agg["ci95"], [0.6 - half, 0.6 + half])
   assert agg["range"] == [0.5, 0.7] and agg["values"] == [0.5, 0.6, 0.7] and agg["n"] == 300
   # two equal half-widths h: h / sqrt(2)
-  np.testing.assert_allclose(over_seeds([0.60, 0.62], 0.01)["ci95"],
-                             [0.61 - 0.01 / math.sqrt(2), 0.61 + 0.01 / math.sqrt(2)])
+  np.testing.assert_allclose(
+    over_seeds([0.60, 0.62], 0.01)["ci95"], [0.61 - 0.01 / math.sqrt(2), 0.61 + 0.01 / math.sqrt(2)]
+  )
 
 
 def test_combine_without_intervals():
@@ -148,8 +152,10 @@ def test_combine_without_intervals():
 
 
 def test_aggregate():
-  rows = [{"clip_i": clip(0.5, 0.01), "shape": evaluate.rate([True, False]), "other": 1},
-          {"clip_i": clip(0.7, 0.01), "shape": evaluate.rate([True, True]), "other": 2}]
+  rows = [
+    {"clip_i": clip(0.5, 0.01), "shape": evaluate.rate([True, False]), "other": 1},
+    {"clip_i": clip(0.7, 0.01), "shape": evaluate.rate([True, True]), "other": 2},
+  ]
   agg = stats.aggregate(rows, ["clip_i", "shape"])
   assert sorted(agg) == ["clip_i", "shape"]
   assert agg["clip_i"] == stats.combine([rows[0]["clip_i"], rows[1]["clip_i"]])
@@ -180,8 +186,7 @@ def test_separation_and_its_reasons():
   assert stats.separation(a, b) == 0
   assert stats.overlap_reason([(a, b)]) == "intervals and seed ranges overlap"
   # one pair stopped by its intervals, another by its seed ranges
-  assert (stats.overlap_reason([(high, low), (wide, narrow)])
-          == "intervals or seed ranges overlap")
+  assert stats.overlap_reason([(high, low), (wide, narrow)]) == "intervals or seed ranges overlap"
   # no intervals: never separates, however far apart
   bare = lambda m: {"mean": m, "ci95": None, "n": 100}
   far, near = stats.combine([bare(0.9), bare(0.91)]), stats.combine([bare(0.1), bare(0.11)])
@@ -198,13 +203,16 @@ def test_separation_of_rates():
 
 # ----- Printing ----------------------------------------------------------------------------------
 
+
 def test_fmt_and_summary():
   assert stats.fmt("clip_i", 0.61234) == "0.612" and stats.fmt("clip_t", 1.5) == "1.500"
   assert stats.fmt("shape_of_image", 0.4) == "40.0%"
-  assert stats.summary("clip_i", over_seeds([0.60, 0.62], 0.01)) == \
-      "0.610 [0.603, 0.617] (0.600-0.620)"
-  rates = stats.combine([{"rate": 0.3, "ci95": [0.2, 0.4], "n": 100},
-                         {"rate": 0.5, "ci95": [0.4, 0.6], "n": 100}])
+  assert (
+    stats.summary("clip_i", over_seeds([0.60, 0.62], 0.01)) == "0.610 [0.603, 0.617] (0.600-0.620)"
+  )
+  rates = stats.combine(
+    [{"rate": 0.3, "ci95": [0.2, 0.4], "n": 100}, {"rate": 0.5, "ci95": [0.4, 0.6], "n": 100}]
+  )
   lo, hi = evaluate.wilson_interval(80, 200)
   assert stats.summary("colour_of_image", rates) == f"40.0% [{lo:.1%}, {hi:.1%}] (30.0%-50.0%)"
   bare = stats.combine([{"mean": 0.9, "ci95": None, "n": 1}, {"mean": 0.91, "ci95": None, "n": 1}])
@@ -212,15 +220,18 @@ def test_fmt_and_summary():
 
 
 def test_error_bars():
-  aggs = [{"mean": 0.5, "ci95": [0.4, 0.7]},
-          {"mean": 0.5, "ci95": None},
-          {"mean": 0.5, "ci95": [0.55, 0.6]}]  # a mean outside its interval: no negative bar
+  aggs = [
+    {"mean": 0.5, "ci95": [0.4, 0.7]},
+    {"mean": 0.5, "ci95": None},
+    {"mean": 0.5, "ci95": [0.55, 0.6]},
+  ]  # a mean outside its interval: no negative bar
   bars = stats.error_bars(aggs)
   assert bars.shape == (2, 3)
   np.testing.assert_allclose(bars, [[0.1, 0.0, 0.0], [0.2, 0.0, 0.1]])
 
 
 # ----- The notebooks use these -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["token_ablation", "decoupled_vs_simple"])
 def test_notebooks_call_what_exists(name):

@@ -25,8 +25,14 @@ from ipadapter_jax.train.loading import empty_conditions, load_models, step_spec
 from ipadapter_jax.train.step import denoising_error, trainable_filter
 from ipadapter_jax.weights.ip_adapter import ip_adapter_state_dict
 
-CAPTIONS = ["a red circle", "a blue square on a green background", "a photo of a green circle",
-            "red", "a square of blue", "photo of a red square on a blue background"]
+CAPTIONS = [
+  "a red circle",
+  "a blue square on a green background",
+  "a photo of a green circle",
+  "red",
+  "a square of blue",
+  "photo of a red square on a blue background",
+]
 # Per example: neither dropped, image, text, both, neither, image.
 DROP_IMAGE = [False, True, False, True, False, True]
 DROP_TEXT = [False, False, True, True, False, False]
@@ -55,18 +61,21 @@ def draws(tiny_world):
   encoder = tiny_world / "adapter" / "image_encoder"
   size = json.loads((encoder / "preprocessor_config.json").read_text())["crop_size"]["height"]
   rng = np.random.default_rng(11)
-  images = [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 36, 3), dtype=np.uint8))
-            for i in range(B)]
+  images = [
+    Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 36, 3), dtype=np.uint8)) for i in range(B)
+  ]
   clip = clip_pixels(images, CLIPImageConfig.from_folder(str(encoder)))
   assert clip.shape == (B, size, size, 3)
   return dict(
-      captions=CAPTIONS,
-      pixels=rng.uniform(-1, 1, (B, H, H, 3)).astype(np.float32),
-      clip_pixels=clip,
-      x0=rng.standard_normal((B, LATENT, LATENT, 4)).astype(np.float32),
-      noise=rng.standard_normal((B, LATENT, LATENT, 4)).astype(np.float32),
-      t=np.asarray(TIMESTEPS, np.int32),
-      drop_image=np.asarray(DROP_IMAGE), drop_text=np.asarray(DROP_TEXT))
+    captions=CAPTIONS,
+    pixels=rng.uniform(-1, 1, (B, H, H, 3)).astype(np.float32),
+    clip_pixels=clip,
+    x0=rng.standard_normal((B, LATENT, LATENT, 4)).astype(np.float32),
+    noise=rng.standard_normal((B, LATENT, LATENT, 4)).astype(np.float32),
+    t=np.asarray(TIMESTEPS, np.int32),
+    drop_image=np.asarray(DROP_IMAGE),
+    drop_text=np.asarray(DROP_TEXT),
+  )
 
 
 class _Ours:
@@ -84,15 +93,26 @@ class _Ours:
     spec = step_spec(cfg, sd, cached=False)
     assert spec.image_features == "image_embeds" and spec.schedule.prediction_type == "epsilon"
     empty = empty_conditions(cfg, sd, spec)
-    batch = dict(pixels=jnp.asarray(d["pixels"]), clip_pixels=jnp.asarray(d["clip_pixels"]),
-                 input_ids=jnp.asarray(tokenize(sd.tokenizer, d["captions"])))
+    batch = dict(
+      pixels=jnp.asarray(d["pixels"]),
+      clip_pixels=jnp.asarray(d["clip_pixels"]),
+      input_ids=jnp.asarray(tokenize(sd.tokenizer, d["captions"])),
+    )
     graphdef, params, frozen = nnx.split(sd.networks(), trainable_filter("adapter"), ...)
 
     def loss(params):
       models = nnx.merge(graphdef, params, frozen)
-      return denoising_error(models, batch, empty, jnp.asarray(d["x0"]), jnp.asarray(d["noise"]),
-                             jnp.asarray(d["t"]), jnp.asarray(d["drop_image"]),
-                             jnp.asarray(d["drop_text"]), spec)
+      return denoising_error(
+        models,
+        batch,
+        empty,
+        jnp.asarray(d["x0"]),
+        jnp.asarray(d["noise"]),
+        jnp.asarray(d["t"]),
+        jnp.asarray(d["drop_image"]),
+        jnp.asarray(d["drop_text"]),
+        spec,
+      )
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     official = ip_adapter_state_dict(nnx.merge(graphdef, grads, frozen).unet)
@@ -110,9 +130,14 @@ def ours(tiny_world):
 def reference(tiny_world):
   """diffusers' pipeline with the official adapter loaded by diffusers, and its DDPM schedule."""
   from diffusers import DDPMScheduler, StableDiffusionPipeline
+
   pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "sd")
-  pipe.load_ip_adapter(str(tiny_world / "adapter"), subfolder="",
-                       weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder")
+  pipe.load_ip_adapter(
+    str(tiny_world / "adapter"),
+    subfolder="",
+    weight_name="ip-adapter.safetensors",
+    image_encoder_folder="image_encoder",
+  )
   for module in (pipe.unet, pipe.text_encoder, pipe.image_encoder):
     assert all(p.dtype == torch.float32 for p in module.parameters())
     module.eval().requires_grad_(False)
@@ -127,9 +152,12 @@ def reference(tiny_world):
 def _reference_adapter(unet) -> dict:
   """{official key: diffusers parameter} for the image projection and every to_k_ip/to_v_ip."""
   proj = unet.encoder_hid_proj.image_projection_layers[0]
-  out = {"image_proj.proj.weight": proj.image_embeds.weight,
-         "image_proj.proj.bias": proj.image_embeds.bias,
-         "image_proj.norm.weight": proj.norm.weight, "image_proj.norm.bias": proj.norm.bias}
+  out = {
+    "image_proj.proj.weight": proj.image_embeds.weight,
+    "image_proj.proj.bias": proj.image_embeds.bias,
+    "image_proj.norm.weight": proj.norm.weight,
+    "image_proj.norm.bias": proj.norm.bias,
+  }
   assert len(list(proj.parameters())) == 4
   for i, processor in enumerate(unet.attn_processors.values()):  # the official file's index
     if hasattr(processor, "to_k_ip"):
@@ -147,21 +175,31 @@ def _reference_step(reference, d, snr_gamma, mistake=None):
   unet = pipe.unet
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   captions = ["" if drop else c for c, drop in zip(d["captions"], d["drop_text"])]
-  ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt").input_ids
+  ids = pipe.tokenizer(
+    captions,
+    padding="max_length",
+    max_length=pipe.tokenizer.model_max_length,
+    truncation=True,
+    return_tensors="pt",
+  ).input_ids
   with torch.no_grad():
     text = pipe.text_encoder(ids)[0]
     image_embeds = pipe.image_encoder(nchw(d["clip_pixels"])).image_embeds
   if mistake != "zero_tokens":
-    image_embeds = torch.stack([torch.zeros_like(e) if drop else e
-                                for e, drop in zip(image_embeds, d["drop_image"])])
+    image_embeds = torch.stack(
+      [torch.zeros_like(e) if drop else e for e, drop in zip(image_embeds, d["drop_image"])]
+    )
 
   hooks = []
   if mistake == "zero_tokens":  # zero image tokens after the projection, not a zero embedding
     keep = torch.from_numpy(~d["drop_image"]).float()
-    hooks.append(unet.encoder_hid_proj.register_forward_hook(
-        lambda module, args, out: [tokens * keep.reshape((-1,) + (1,) * (tokens.ndim - 1))
-                                   for tokens in out]))
+    hooks.append(
+      unet.encoder_hid_proj.register_forward_hook(
+        lambda module, args, out: [
+          tokens * keep.reshape((-1,) + (1,) * (tokens.ndim - 1)) for tokens in out
+        ]
+      )
+    )
   if mistake == "image_first":  # [image, text] where the processors split [text | image]
     original = unet.process_encoder_hidden_states
 
@@ -170,6 +208,7 @@ def _reference_step(reference, d, snr_gamma, mistake=None):
       S = text_BSD.shape[1]
       joined = torch.cat([image.flatten(1, 2), text_BSD], dim=1)
       return joined[:, :S], [joined[:, S:].reshape(image.shape)]
+
     unet.process_encoder_hidden_states = image_first
   x0, noise, t = nchw(d["x0"]), nchw(d["noise"]), torch.from_numpy(d["t"]).long()
   x_t = scheduler.add_noise(x0, noise, t)
@@ -183,6 +222,7 @@ def _reference_step(reference, d, snr_gamma, mistake=None):
     vars(unet).pop("process_encoder_hidden_states", None)
   if snr_gamma > 0:
     from diffusers.training_utils import compute_snr
+
     snr = compute_snr(scheduler, t)
     weights = torch.stack([snr, snr_gamma * torch.ones_like(t)], dim=1).min(dim=1)[0] / snr
     loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
@@ -199,8 +239,7 @@ def _rel_errors(actual, expected):
 
 
 @pytest.mark.parametrize("snr_gamma", [0.0, SNR_GAMMA])
-def test_loss_and_adapter_gradients_match_the_reference_trainer(ours, reference, draws,
-                                                                snr_gamma):
+def test_loss_and_adapter_gradients_match_the_reference_trainer(ours, reference, draws, snr_gamma):
   loss, grads = ours(draws, snr_gamma)
   expected_loss, expected_grads = _reference_step(reference, draws, snr_gamma)
   assert set(grads) == set(expected_grads) and len(expected_grads) == 4 + 2 * 11
@@ -210,10 +249,12 @@ def test_loss_and_adapter_gradients_match_the_reference_trainer(ours, reference,
   loss_err = abs(loss - expected_loss) / abs(expected_loss)
   errors = _rel_errors(grads, expected_grads)
   worst = max(errors, key=errors.get)
-  print(f"snr_gamma {snr_gamma}: loss {loss:.6f} vs {expected_loss:.6f} (rel error "
-        f"{loss_err:.1e}); gradients: worst rel error {errors[worst]:.1e} ({worst}), median "
-        f"{np.median(list(errors.values())):.1e}, image_proj "
-        f"{max(v for k, v in errors.items() if k.startswith('image_proj')):.1e}")
+  print(
+    f"snr_gamma {snr_gamma}: loss {loss:.6f} vs {expected_loss:.6f} (rel error "
+    f"{loss_err:.1e}); gradients: worst rel error {errors[worst]:.1e} ({worst}), median "
+    f"{np.median(list(errors.values())):.1e}, image_proj "
+    f"{max(v for k, v in errors.items() if k.startswith('image_proj')):.1e}"
+  )
   assert loss_err <= LOSS_RTOL
   bad = {k: v for k, v in errors.items() if v > GRAD_RTOL}
   assert not bad, f"gradients off by more than {GRAD_RTOL:g} of their scale: {bad}"

@@ -12,8 +12,8 @@ from flax import nnx
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from ipadapter_jax.generation.pipeline import IPAdapterPipeline, PipelineOutput
 from ipadapter_jax.models import AdapterParam
-from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.tokenizer import write_word_tokenizer
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.loading import load_models
@@ -25,17 +25,21 @@ SIZE = 32
 COLOURS = {"red": (220, 30, 40), "blue": (30, 40, 220)}
 # (prompt image colour, caption, annotated colour, annotated shape): the judge below reads the
 # colour of the image and always sees a square, so colour matches 3 of 4 and shape 2 of 4.
-RECORDS = [("red", "a red square", "red", "square"),
-           ("blue", "a blue circle on a green background", "blue", "circle"),
-           ("red", "photo of a red circle", "blue", "square"),
-           ("blue", "blue square", "blue", "circle")]
+RECORDS = [
+  ("red", "a red square", "red", "square"),
+  ("blue", "a blue circle on a green background", "blue", "circle"),
+  ("red", "photo of a red circle", "blue", "square"),
+  ("blue", "blue square", "blue", "circle"),
+]
 
 
 def colour_judge(image):
   """A judge for the config ("tests.test_train_validation:colour_judge"), reading uint8 pixels."""
   image = np.asarray(image, np.float64)
-  return {"colour": "red" if image[..., 0].mean() > image[..., 2].mean() else "blue",
-          "shape": "square"}
+  return {
+    "colour": "red" if image[..., 0].mean() > image[..., 2].mean() else "blue",
+    "shape": "square",
+  }
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,11 @@ def clip_folder(tmp_path_factory):
   """A tiny random CLIPModel folder with its tokenizer and image settings (the scorer), and
   the torch model to recompute the scores with."""
   folder = tmp_path_factory.mktemp("scorer")
-  config = CLIPConfig(text_config=dict(ref.TEXT_LIKE, eos_token_id=1),
-                      vision_config=ref.VISION_LIKE, projection_dim=24)
+  config = CLIPConfig(
+    text_config=dict(ref.TEXT_LIKE, eos_token_id=1),
+    vision_config=ref.VISION_LIKE,
+    projection_dim=24,
+  )
   model = ref.randomize_(CLIPModel(config), 38)  # cosines of both signs below
   model.save_pretrained(folder)
   CLIPImageProcessor(size=30, crop_size=30).save_pretrained(folder)
@@ -73,8 +80,9 @@ class _StubPipe:
   k / 255 exactly, so the uint8 conversion before scoring is lossless."""
 
   def __init__(self, image_prompt):
-    self.models = type("M", (), {"unet": type("U", (), {"image_proj": object() if image_prompt
-                                                        else None})()})()
+    self.models = type(
+      "M", (), {"unet": type("U", (), {"image_proj": object() if image_prompt else None})()}
+    )()
     self.calls = []
 
   def update_weights(self, weights):
@@ -89,18 +97,24 @@ class _StubPipe:
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     return np.stack([np.full((SIZE, SIZE), red), 4 * y + len(prompt), 6 * x], -1) / 255.0
 
-  def __call__(self, prompts, images, **request):
+  def __call__(self, prompts, images, *, output_type="pil", **request):
+    assert output_type == "np"  # scoring reads the float array
     self.calls.append(("call", list(prompts), images, request))
-    return np.stack([self.make(p, None if images is None else images[k])
-                     for k, p in enumerate(prompts)]).astype(np.float32)
+    return PipelineOutput(
+      np.stack(
+        [self.make(p, None if images is None else images[k]) for k, p in enumerate(prompts)]
+      ).astype(np.float32)
+    )
 
 
 def _torch_scores(model, folder, generated, prompt_images, captions):
   """CLIP-I and CLIP-T as the paper defines them, with transformers."""
   processor = CLIPImageProcessor.from_pretrained(folder)
   tokenizer = CLIPTokenizer.from_pretrained(folder)
+
   def unit(x):
     return torch.nn.functional.normalize(getattr(x, "pooler_output", x), dim=-1)
+
   as_pil = [Image.fromarray(np.round(np.asarray(g) * 255).astype(np.uint8)) for g in generated]
   with torch.no_grad():
     gen = unit(model.get_image_features(**processor(images=as_pil, return_tensors="pt")))
@@ -108,14 +122,27 @@ def _torch_scores(model, folder, generated, prompt_images, captions):
     ids = tokenizer(captions, padding="max_length", max_length=16, return_tensors="pt").input_ids
     txt = unit(model.get_text_features(input_ids=ids))
   cosines = (gen * txt).sum(-1)
-  return {"clip_i": float((gen * prm).sum(-1).mean()),
-          "clip_t": float((2.5 * cosines.clamp(min=0)).mean()), "cosines": cosines.numpy()}
+  return {
+    "clip_i": float((gen * prm).sum(-1).mean()),
+    "clip_t": float((2.5 * cosines.clamp(min=0)).mean()),
+    "cosines": cosines.numpy(),
+  }
 
 
 def _config(tmp_path, annotations, folder, **overrides):
-  return tiny_config(tmp_path, "unused", **{"eval_every": 1, "eval_annotations": annotations,
-                                            "eval_clip": folder, "eval_steps": 3,
-                                            "eval_guidance_scale": 4.0, "seed": 5, **overrides})
+  return tiny_config(
+    tmp_path,
+    "unused",
+    **{
+      "eval_every": 1,
+      "eval_annotations": annotations,
+      "eval_clip": folder,
+      "eval_steps": 3,
+      "eval_guidance_scale": 4.0,
+      "seed": 5,
+      **overrides,
+    },
+  )
 
 
 def test_image_prompt_scores_are_clip_i_and_clip_t_of_what_it_generated(clip_folder, tmp_path):
@@ -125,8 +152,13 @@ def test_image_prompt_scores_are_clip_i_and_clip_t_of_what_it_generated(clip_fol
   fractions swapped or not reported."""
   folder, model = clip_folder
   annotations = _annotations(tmp_path)
-  cfg = _config(tmp_path, annotations, folder, eval_batch_size=3,
-                eval_judge="tests.test_train_validation:colour_judge")
+  cfg = _config(
+    tmp_path,
+    annotations,
+    folder,
+    eval_batch_size=3,
+    eval_judge="tests.test_train_validation:colour_judge",
+  )
   pipe = _StubPipe(image_prompt=True)
   validation = Validation(cfg, pipe)
   weights = {"marker": 2}
@@ -138,7 +170,8 @@ def test_image_prompt_scores_are_clip_i_and_clip_t_of_what_it_generated(clip_fol
   for _, prompts, images, request in calls:
     assert prompts == [""] * 3 and len(images) == 3
     assert {k: v for k, v in request.items() if k != "seed"} == dict(
-        num_inference_steps=3, guidance_scale=4.0, height=SIZE, width=SIZE)
+      num_inference_steps=3, guidance_scale=4.0, height=SIZE, width=SIZE
+    )
   prompt_images = [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(4)]
   generated = [_StubPipe.make("", image) for image in prompt_images]
   expected = _torch_scores(model, folder, generated, prompt_images, [r[1] for r in RECORDS])
@@ -156,11 +189,17 @@ def test_base_run_is_asked_its_captions(clip_folder, tmp_path):
   records only."""
   folder, model = clip_folder
   annotations = _annotations(tmp_path, attributes=False)
-  cfg = _config(tmp_path, annotations, folder, eval_limit=3, eval_batch_size=16,
-                eval_judge="tests.test_train_validation:colour_judge")
+  cfg = _config(
+    tmp_path,
+    annotations,
+    folder,
+    eval_limit=3,
+    eval_batch_size=16,
+    eval_judge="tests.test_train_validation:colour_judge",
+  )
   pipe = _StubPipe(image_prompt=False)
   scores = Validation(cfg, pipe)({})
-  (_, prompts, images, request), = pipe.calls[1:]  # min(16, 3 records): one call of 3
+  ((_, prompts, images, request),) = pipe.calls[1:]  # min(16, 3 records): one call of 3
   captions = [r[1] for r in RECORDS[:3]]
   assert prompts == captions and images is None and request["seed"] == 5
   prompt_images = [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(3)]
@@ -186,10 +225,16 @@ def test_errors_name_the_config_key(clip_folder, tmp_path):
   with pytest.raises(TrainingError, match=r"^eval_annotations: "):
     Validation(_config(tmp_path, str(tmp_path / "bad.json"), folder), pipe)
   good = _annotations(tmp_path, name="good.json")
-  for judge in ("no_such_module_here:judge", "tests.test_train_validation:no_such_judge",
-                "tests.test_train_validation"):
-    with pytest.raises(TrainingError, match=rf"^eval_judge: '{judge}' is not an importable "
-                                            r"'module:function'"):
+  for judge in (
+    "no_such_module_here:judge",
+    "tests.test_train_validation:no_such_judge",
+    "tests.test_train_validation",
+  ):
+    with pytest.raises(
+      TrainingError,
+      match=rf"^eval_judge: '{judge}' is not an importable "
+      r"'module:function'",
+    ):
       Validation(_config(tmp_path, good, folder, eval_judge=judge), pipe)
 
 
@@ -199,21 +244,47 @@ def test_real_pipeline_scores_are_the_scorer_on_its_images(tiny_world, clip_fold
   folder, model = clip_folder
   records = RECORDS[:3]
   annotations = _annotations(tmp_path, records=records, attributes=False)
-  cfg = tiny_config(tiny_world, "unused", **{"eval_every": 1, "eval_annotations": annotations,
-                                             "eval_clip": folder, "eval_steps": 2,
-                                             "eval_guidance_scale": 3.0, "eval_batch_size": 4})
+  cfg = tiny_config(
+    tiny_world,
+    "unused",
+    **{
+      "eval_every": 1,
+      "eval_annotations": annotations,
+      "eval_clip": folder,
+      "eval_steps": 2,
+      "eval_guidance_scale": 3.0,
+      "eval_batch_size": 4,
+    },
+  )
   sd = load_models(cfg)
   pipe = IPAdapterPipeline(sd)
-  weights = jax.tree.map(lambda x: np.asarray(x) * 3.0 + 0.2,
-                         nnx.state(sd.networks(), AdapterParam))
+  weights = jax.tree.map(
+    lambda x: np.asarray(x) * 3.0 + 0.2, nnx.state(sd.networks(), AdapterParam)
+  )
   scores = Validation(cfg, pipe)(weights)
   prompt_images = [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(3)]
-  generated = pipe([""] * 3, prompt_images, num_inference_steps=2, guidance_scale=3.0,
-                   seed=cfg.seed, height=SIZE, width=SIZE)
+  generated = pipe(
+    [""] * 3,
+    prompt_images,
+    num_inference_steps=2,
+    guidance_scale=3.0,
+    seed=cfg.seed,
+    height=SIZE,
+    width=SIZE,
+    output_type="np",
+  ).images
   expected = _torch_scores(model, folder, generated, prompt_images, [r[1] for r in records])
   assert abs(scores["eval/clip_i"] - expected["clip_i"]) <= 1e-5
   assert abs(scores["eval/clip_t"] - expected["clip_t"]) <= 1e-5
   pipe.update_weights(nnx.state(sd.networks(), AdapterParam))  # the loaded weights differ
-  loaded = pipe([""] * 3, prompt_images, num_inference_steps=2, guidance_scale=3.0,
-                seed=cfg.seed, height=SIZE, width=SIZE)
+  loaded = pipe(
+    [""] * 3,
+    prompt_images,
+    num_inference_steps=2,
+    guidance_scale=3.0,
+    seed=cfg.seed,
+    height=SIZE,
+    width=SIZE,
+    output_type="np",
+  ).images
   assert np.abs(loaded - generated).max() > 1e-2

@@ -1,17 +1,22 @@
 """AutoencoderKL against diffusers, real size by shape, legacy key names."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 from safetensors.torch import save_file
 
 from ipadapter_jax.models.released import SD_VAE
-from ipadapter_jax.models.vae import (AutoencoderKL, VAEConfig, sample_posterior, scale_latents,
-                                      unscale_latents)
+from ipadapter_jax.models.vae import (
+  AutoencoderKL,
+  VAEConfig,
+  sample_posterior,
+  scale_latents,
+  unscale_latents,
+)
 from ipadapter_jax.weights import load_vae
 from ipadapter_jax.weights.files import read_safetensors
 from tests import torch_reference as ref
@@ -31,20 +36,25 @@ def test_encode_moments_and_decode_parity(tmp_path):
     posterior = torch_vae.encode(x).latent_dist
     decoded = torch_vae.decode(posterior.mean).sample
   mean, logvar = vae.encode(jnp.asarray(x.numpy()), layout="NCHW")
-  errs = [ref.assert_close(mean, posterior.mean.numpy()),
-          ref.assert_close(logvar, posterior.logvar.numpy()),
-          ref.assert_close(vae.decode(jnp.asarray(posterior.mean.numpy()), layout="NCHW"),
-                           decoded.numpy())]
+  errs = [
+    ref.assert_close(mean, posterior.mean.numpy()),
+    ref.assert_close(logvar, posterior.logvar.numpy()),
+    ref.assert_close(
+      vae.decode(jnp.asarray(posterior.mean.numpy()), layout="NCHW"), decoded.numpy()
+    ),
+  ]
   print(f"vae: mean {errs[0]:.1e}, logvar {errs[1]:.1e}, decode {errs[2]:.1e}")
   z = jnp.ones((1, 2, 2, 4))
   np.testing.assert_allclose(scale_latents(z, vae.config), (1 - 0.1) * 0.5)
-  np.testing.assert_allclose(unscale_latents(scale_latents(z, vae.config), vae.config), z,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    unscale_latents(scale_latents(z, vae.config), vae.config), z, rtol=1e-6
+  )
 
 
 def test_without_quant_convs_and_mid_attention(tmp_path):
-  torch_vae = _torch_vae(tmp_path, use_quant_conv=False, use_post_quant_conv=False,
-                         mid_block_add_attention=False)
+  torch_vae = _torch_vae(
+    tmp_path, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False
+  )
   vae = load_vae(str(tmp_path))
   x = torch.rand(1, 3, 8, 8)
   with torch.no_grad():
@@ -68,8 +78,9 @@ def test_legacy_attention_names_load(tmp_path):
   x = torch.rand(1, 3, 8, 8)
   with torch.no_grad():
     expected = torch_vae.encode(x).latent_dist.mean.numpy()
-  ref.assert_close(load_vae(str(tmp_path)).encode(jnp.asarray(x.numpy()), layout="NCHW")[0],
-                   expected)
+  ref.assert_close(
+    load_vae(str(tmp_path)).encode(jnp.asarray(x.numpy()), layout="NCHW")[0], expected
+  )
 
 
 def test_posterior_sample_statistics():

@@ -8,9 +8,9 @@ import re
 import shutil
 import struct
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
@@ -18,16 +18,22 @@ from safetensors.torch import load_file, save_file
 
 from ipadapter_jax.weights import CheckpointError, load_unet
 from ipadapter_jax.weights.diffusers import unet_torch_name
-from ipadapter_jax.weights.files import (read_model_folder, read_safetensors, read_weight_file,
-                                         write_safetensors)
+from ipadapter_jax.weights.files import (
+  read_model_folder,
+  read_safetensors,
+  read_weight_file,
+  write_safetensors,
+)
 from tests import torch_reference as ref
 
 KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 
 
 def _params(model):
-  return {unet_torch_name(path): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    unet_torch_name(path): np.asarray(v.get_value())
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def _edited_folder(tmp_path, source, edit):
@@ -48,16 +54,20 @@ def test_missing_key_is_named(unet_folders, tmp_path):
 
 def test_unexpected_key_is_named(unet_folders, tmp_path):
   extra = "down_blocks.0.attentions.0.something_new.weight"
-  folder = _edited_folder(tmp_path, unet_folders["sd15"][1],
-                          lambda s: s.__setitem__(extra, torch.zeros(3)))
+  folder = _edited_folder(
+    tmp_path, unet_folders["sd15"][1], lambda s: s.__setitem__(extra, torch.zeros(3))
+  )
   with pytest.raises(CheckpointError, match=f"unexpected key '{extra}'"):
     load_unet(folder)
 
 
 def test_wrong_shape_is_named(unet_folders, tmp_path):
-  folder = _edited_folder(tmp_path, unet_folders["sd15"][1],
-                          lambda s: s.__setitem__(KEY, torch.zeros(32, 31)))
-  with pytest.raises(CheckpointError, match=rf"key '{KEY}' has shape \[32, 31\], expected \[32, 32\]"):
+  folder = _edited_folder(
+    tmp_path, unet_folders["sd15"][1], lambda s: s.__setitem__(KEY, torch.zeros(32, 31))
+  )
+  with pytest.raises(
+    CheckpointError, match=rf"key '{KEY}' has shape \[32, 31\], expected \[32, 32\]"
+  ):
     load_unet(folder)
 
 
@@ -78,9 +88,15 @@ def test_missing_weights_are_reported(unet_folders, tmp_path):
     load_unet(str(folder))
 
 
-@pytest.mark.parametrize("save_kwargs", [
-    dict(variant="fp16"), dict(max_shard_size="40KB"), dict(safe_serialization=False),
-    dict(safe_serialization=False, max_shard_size="40KB")])
+@pytest.mark.parametrize(
+  "save_kwargs",
+  [
+    dict(variant="fp16"),
+    dict(max_shard_size="40KB"),
+    dict(safe_serialization=False),
+    dict(safe_serialization=False, max_shard_size="40KB"),
+  ],
+)
 def test_variants_shards_and_bin_files(unet_folders, tmp_path, save_kwargs):
   torch_unet = unet_folders["sd15"][0]
   source = copy.deepcopy(torch_unet).half() if "variant" in save_kwargs else torch_unet
@@ -118,8 +134,11 @@ def test_bfloat16_safetensors_read_without_torch_conversion(tmp_path):
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
   path = str(tmp_path / "x.safetensors")
-  write_safetensors(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3).T,
-                           "s": np.asarray(2.0, np.float32)}, {"note": "kept"})
+  write_safetensors(
+    path,
+    {"a": np.arange(6, dtype=np.float32).reshape(2, 3).T, "s": np.asarray(2.0, np.float32)},
+    {"note": "kept"},
+  )
   loaded = read_safetensors(path)
   assert set(loaded) == {"a", "s"} and len(loaded) == 2 and "a" in loaded and "b" not in loaded
   assert loaded.metadata == {"format": "pt", "note": "kept"}
@@ -141,13 +160,15 @@ def test_bfloat16_written_without_torch_reads_in_torch(tmp_path):
 def test_sharded_folder_reads_every_shard(tmp_path):
   write_safetensors(str(tmp_path / "model-1.safetensors"), {"a": np.ones(2, np.float32)})
   write_safetensors(str(tmp_path / "model-2.safetensors"), {"b": np.zeros(3, np.float16)})
-  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+  (tmp_path / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}})
+  )
   state, source = read_model_folder(str(tmp_path), "model")
   assert source.endswith("model.safetensors.index.json") and set(state) == {"a", "b"}
   assert state["b"].dtype == np.float16 and state["b"].shape == (3,)
-  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {"a": "model-1.safetensors", "c": "model-2.safetensors"}}))
+  (tmp_path / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"a": "model-1.safetensors", "c": "model-2.safetensors"}})
+  )
   with pytest.raises(CheckpointError, match="key 'c' listed in the index is in no shard"):
     read_model_folder(str(tmp_path), "model")
 
@@ -168,16 +189,30 @@ def test_corrupt_or_foreign_safetensors_are_named(tmp_path):
   # a PNG signature read as a header length is far beyond the file
   (tmp_path / "png.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(500))
   cases = [
-      (_bad_safetensors(tmp_path, "json.safetensors", b'{"w": {"dtype": "F32", "sha'),
-       r"corrupt safetensors header \(invalid JSON"),
-      (_bad_safetensors(tmp_path, "sizes.safetensors", json.dumps(
-          {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode(), bytes(8)),
-       r"corrupt safetensors header \(invalid shape"),
-      (_bad_safetensors(tmp_path, "dtype.safetensors", json.dumps(
-          {"w": {"dtype": "Q3", "shape": [1], "data_offsets": [0, 1]}}).encode(), bytes(1)),
-       "unsupported dtype Q3"),
-      (str(tmp_path / "tiny.safetensors"), r"not a safetensors file \(only 3 bytes\)"),
-      (str(tmp_path / "png.safetensors"), "not a safetensors file"),
+    (
+      _bad_safetensors(tmp_path, "json.safetensors", b'{"w": {"dtype": "F32", "sha'),
+      r"corrupt safetensors header \(invalid JSON",
+    ),
+    (
+      _bad_safetensors(
+        tmp_path,
+        "sizes.safetensors",
+        json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode(),
+        bytes(8),
+      ),
+      r"corrupt safetensors header \(invalid shape",
+    ),
+    (
+      _bad_safetensors(
+        tmp_path,
+        "dtype.safetensors",
+        json.dumps({"w": {"dtype": "Q3", "shape": [1], "data_offsets": [0, 1]}}).encode(),
+        bytes(1),
+      ),
+      "unsupported dtype Q3",
+    ),
+    (str(tmp_path / "tiny.safetensors"), r"not a safetensors file \(only 3 bytes\)"),
+    (str(tmp_path / "png.safetensors"), "not a safetensors file"),
   ]
   for path, message in cases:
     with pytest.raises(CheckpointError, match=message) as error:
@@ -187,15 +222,19 @@ def test_corrupt_or_foreign_safetensors_are_named(tmp_path):
 
 def test_unsupported_dtypes_are_named(tmp_path):
   path = str(tmp_path / "f8.safetensors")
-  write_safetensors(path, {"ok": np.ones(2, np.float32),
-                           "f8": np.zeros(4, ml_dtypes.float8_e4m3fn)})
+  write_safetensors(
+    path, {"ok": np.ones(2, np.float32), "f8": np.zeros(4, ml_dtypes.float8_e4m3fn)}
+  )
   loaded = read_safetensors(path)
   np.testing.assert_array_equal(loaded["ok"], [1, 1])  # the others stay readable
   with pytest.raises(CheckpointError, match=r"tensor 'f8' has unsupported dtype F8_E4M3"):
     loaded["f8"]  # pylint: disable=pointless-statement
   out = tmp_path / "strings.safetensors"
-  with pytest.raises(CheckpointError, match=r"tensor 'names' has dtype <U1, which safetensors "
-                                            "cannot store"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"tensor 'names' has dtype <U1, which safetensors "
+    "cannot store",
+  ):
     write_safetensors(str(out), {"ok": np.ones(2), "names": np.array(["a", "b"])})
   assert not out.exists() and os.listdir(tmp_path) == ["f8.safetensors"]
 
@@ -243,8 +282,9 @@ def test_bin_is_refused_below_torch_2_10(tmp_path, monkeypatch, version):
   path = tmp_path / "ip-adapter.bin"
   torch.save({"image_proj": {"w": torch.ones(2)}, "ip_adapter": _WritesMarker(str(marker))}, path)
   monkeypatch.setattr(torch, "__version__", version)
-  with pytest.raises(CheckpointError,
-                     match=rf"torch {re.escape(version)} .*\.safetensors") as error:
+  with pytest.raises(
+    CheckpointError, match=rf"torch {re.escape(version)} .*\.safetensors"
+  ) as error:
     read_weight_file(str(path))
   _assert_one_line(error, str(path))
   assert not marker.exists()

@@ -30,6 +30,7 @@ def run_errors() -> tuple[type[BaseException], ...]:
   """The failures a command reports in one line: bad input, not a bug."""
   # pylint: disable=import-outside-toplevel
   from ipadapter_jax.train.checks import TrainingError
+
   return (ValueError, OSError, TrainingError)  # CheckpointError, ImageFileError are ValueErrors
 
 

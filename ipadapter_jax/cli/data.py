@@ -1,9 +1,14 @@
 r"""Build, cache and inspect datasets.
 
-  python -m ipadapter_jax.data build --annotations data.json --data_root DIR --out DIR
-  python -m ipadapter_jax.data inspect DIR [--grid grid.png]
-  python -m ipadapter_jax.data cache --source DIR --model SD --image_encoder ENC --out DIR \
-      --resolution 512
+  ipadapter-jax data build --annotations data.json --data_root DIR --out DIR
+  ipadapter-jax data inspect DIR [--grid grid.png]
+  ipadapter-jax data cache --source DIR --model SD --image_encoder ENC --out DIR \
+      --resolution 512 [--dtype bfloat16] [--distributed]
+
+A source is anything data.source takes: an image folder with metadata.jsonl/csv, webdataset
+shards (a folder, shards/{00000..00099}.tar, gs://...), a built dataset folder. On several hosts
+the cache command runs on each (with --distributed, or --process_index/--process_count), each
+host encoding and writing its own parts.
 """
 
 from __future__ import annotations
@@ -16,15 +21,26 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ipadapter_jax.cli.common import Parser, run_command
+
 
 def _build(args) -> int:
   # pylint: disable=import-outside-toplevel
   from ipadapter_jax.data.image_text import build_image_text_dataset
-  report = build_image_text_dataset(args.annotations, args.data_root, args.out, name=args.name,
-                                    version=args.version, num_threads=args.threads)
+
+  report = build_image_text_dataset(
+    args.annotations,
+    args.data_root,
+    args.out,
+    name=args.name,
+    version=args.version,
+    num_threads=args.threads,
+  )
   kinds = ", ".join(f"{count} {kind}" for kind, count in report.skipped_by_kind().items())
-  print(f"{report.dataset_dir}: {report.num_examples} examples from {report.num_annotations} "
-        f"annotations, {report.num_skipped} skipped" + (f" ({kinds})" if kinds else ""))
+  print(
+    f"{report.dataset_dir}: {report.num_examples} examples from {report.num_annotations} "
+    f"annotations, {report.num_skipped} skipped" + (f" ({kinds})" if kinds else "")
+  )
   for entry in report.skipped[:20]:
     print(f"  skipped {entry['image_file']}: {entry['reason']}")
   if report.num_skipped > 20:
@@ -34,18 +50,54 @@ def _build(args) -> int:
 
 def _cache(args) -> int:
   # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+
   from ipadapter_jax.data.cache import build_embedding_cache
   from ipadapter_jax.data.input_pipeline import DataSpec, open_source
   from ipadapter_jax.weights.stable_diffusion import load_stable_diffusion
-  import jax.numpy as jnp
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  models = load_stable_diffusion(args.model, image_encoder=args.image_encoder, dtype=dtype)
-  spec = DataSpec(resolution=args.resolution, random_crop=False, clip=None, tokenizer=None)
-  report = build_embedding_cache(open_source(args.source), spec, models, args.out,
-                                 image_features=args.image_features,
-                                 batch_size=args.batch_size, name=args.name)
-  print(f"{report.dataset_dir}: {report.num_examples} examples; per example "
-        + ", ".join(f"{k} {list(v)}" for k, v in report.shapes.items()))
+
+  if args.distributed:  # JAX's cluster detection (Cloud TPU VMs, GKE, SLURM) names this host
+    jax.distributed.initialize()
+  source = open_source(args.source, split=args.split)  # a bad source fails before the models load
+  compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.compute_dtype]
+  models = load_stable_diffusion(args.model, image_encoder=args.image_encoder, dtype=compute)
+  spec = DataSpec(
+    resolution=args.resolution,
+    random_crop=False,
+    clip=None,
+    tokenizer=None,
+    image_key=args.image_key,
+    caption_key=args.caption_key,
+  )
+  report = build_embedding_cache(
+    source,
+    spec,
+    models,
+    args.out,
+    image_features=args.image_features,
+    batch_size=args.batch_size,
+    dtype=args.dtype,
+    name=args.name,
+    process_index=None if args.process_index < 0 else args.process_index,
+    process_count=None if args.process_count < 0 else args.process_count,
+    examples_per_part=args.examples_per_part,
+  )
+  shapes = ", ".join(f"{k} {list(v)}" for k, v in report.shapes.items())
+  if report.complete:
+    print(
+      f"{report.dataset_dir}: {report.num_examples} examples ({args.dtype}); per example {shapes}"
+    )
+  else:
+    print(
+      f"{report.dataset_dir}: this host's parts hold {report.num_examples} examples; the "
+      "other hosts' parts are not all written yet (the last host to finish writes the "
+      "index, cache.json)"
+    )
+  for record, problem in report.skipped[:20]:
+    print(f"  skipped {record}: {problem}")
+  if len(report.skipped) > 20:
+    print(f"  ... {len(report.skipped) - 20} more in the parts' json files")
   return 0
 
 
@@ -68,50 +120,89 @@ def caption_grid(images: list[Image.Image], captions: list[str], cell: int = 160
   return grid
 
 
+def _first_records(source, count: int):
+  """The first `count` records of a source: by index, or read from the first shards."""
+  # pylint: disable=import-outside-toplevel
+  from ipadapter_jax.data import tar_shards
+
+  if not isinstance(source, tar_shards.WebDatasetSource):
+    return [source[i] for i in range(min(count, len(source)))]
+  records = []
+  for shard in source.shards:
+    for _, record, _ in tar_shards.read_records(shard, limit=count - len(records)):
+      records.append(record)
+    if len(records) == count:
+      break
+  return records
+
+
 def _inspect(args) -> int:
   # pylint: disable=import-outside-toplevel
   from ipadapter_jax.data.image_text import read_build_report, resolve_dataset_dir
-  from ipadapter_jax.data.input_pipeline import (decode_image, decode_text, is_cached,
-                                                 open_source, source_metadata)
-  dataset_dir = resolve_dataset_dir(args.path)
-  source = open_source(dataset_dir, split=args.split)
-  info = source.dataset_info
-  print(f"{dataset_dir}: {info.name} {info.version}, {info.file_format.value}")
-  for name, split in info.splits.items():
-    print(f"  split {name}: {split.num_examples} examples")
-  for key, feature in info.features.items():
-    print(f"  feature {key}: {type(feature).__name__} {feature.shape} {np.dtype(feature.np_dtype)}")
-  report = read_build_report(dataset_dir)
-  if report is not None:
-    print(f"  built from {report['num_annotations']} annotations, {report['num_skipped']} "
-          "skipped")
-    for entry in report["skipped"][:10]:
-      print(f"    skipped {entry['image_file']}: {entry['reason']}")
+  from ipadapter_jax.data.input_pipeline import (
+    decode_image,
+    decode_text,
+    is_cached,
+    lookup,
+    open_source,
+    source_format,
+    source_metadata,
+  )
+
+  kind = source_format(args.path)
+  where = resolve_dataset_dir(args.path) if kind == "tfds" else args.path
+  source = open_source(where, split=args.split)
+  if kind == "tfds":
+    info = source.dataset_info
+    print(f"{where}: {info.name} {info.version}, {info.file_format.value}")
+    for name, split in info.splits.items():
+      print(f"  split {name}: {split.num_examples} examples")
+    for key, feature in info.features.items():
+      print(
+        f"  feature {key}: {type(feature).__name__} {feature.shape} {np.dtype(feature.np_dtype)}"
+      )
+    report = read_build_report(where)
+    if report is not None:
+      print(
+        f"  built from {report['num_annotations']} annotations, {report['num_skipped']} skipped"
+      )
+      for entry in report["skipped"][:10]:
+        print(f"    skipped {entry['image_file']}: {entry['reason']}")
+  else:
+    print(source.describe())
+    if kind == "cache":
+      for key, (shape, dtype) in source.layout.fields.items():
+        print(f"  feature {key}: {list(shape)} {dtype}")
   metadata = source_metadata(source)
   if metadata:
     print("  metadata: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
   if is_cached(source):
     if args.grid:
-      print(f"{dataset_dir}: an embedding cache has no images to draw", file=sys.stderr)
+      print(f"{where}: an embedding cache has no images to draw", file=sys.stderr)
       return 1
     return 0
-  count = min(args.num, len(source))
   images, captions = [], []
-  for i in range(count):
-    record = source[i]
-    images.append(decode_image(record[args.image_key], f"example {i}"))
-    captions.append(decode_text(record[args.caption_key], f"example {i}"))
+  for i, record in enumerate(_first_records(source, args.num)):
+    try:
+      images.append(decode_image(lookup(record, args.image_key, i), f"example {i}"))
+      captions.append(decode_text(lookup(record, args.caption_key, i), f"example {i}"))
+    except (ValueError, KeyError) as e:
+      print(f"  [{i}] does not decode: {e}")
+      continue
     example_id = decode_text(record["id"]) if "id" in record else str(i)
     print(f"  [{i}] {example_id} {images[-1].width}x{images[-1].height}: {captions[-1]!r}")
   if args.grid:
     caption_grid(images, captions).save(args.grid)
-    print(f"wrote {args.grid} ({count} examples)")
+    print(f"wrote {args.grid} ({len(images)} examples)")
   return 0
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ipadapter_jax.data", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = Parser(
+    prog="ipadapter-jax data",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   build = sub.add_parser("build", help="annotation file + image folder -> ArrayRecord dataset")
@@ -124,7 +215,7 @@ def main(argv=None) -> int:
   build.set_defaults(run=_build)
 
   inspect = sub.add_parser("inspect", help="counts, features, examples and a caption grid")
-  inspect.add_argument("path", help="a built dataset folder (or its data_dir)")
+  inspect.add_argument("path", help="a dataset folder, shards or cache (what data.source takes)")
   inspect.add_argument("--grid", help="write a PNG grid of the first examples here")
   inspect.add_argument("--num", type=int, default=16, help="examples to list and draw")
   inspect.add_argument("--split", default="train")
@@ -133,24 +224,60 @@ def main(argv=None) -> int:
   inspect.set_defaults(run=_inspect)
 
   cache = sub.add_parser("cache", help="run the frozen encoders once -> embedding cache")
-  cache.add_argument("--source", required=True, help="a built image-text dataset folder")
+  cache.add_argument(
+    "--source", required=True, help="images and captions: what data.source takes (not a cache)"
+  )
   cache.add_argument("--model", required=True, help="Stable Diffusion folder or hub id")
   cache.add_argument("--image_encoder", required=True, help="CLIP image encoder folder or id")
-  cache.add_argument("--out", required=True)
+  cache.add_argument("--out", required=True, help="the cache folder (local or gs://)")
   cache.add_argument("--resolution", type=int, required=True)
-  cache.add_argument("--image_features", default="image_embeds",
-                     choices=["image_embeds", "hidden_states"])
+  cache.add_argument(
+    "--image_features", default="image_embeds", choices=["image_embeds", "hidden_states"]
+  )
   cache.add_argument("--batch_size", type=int, default=16)
-  cache.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  cache.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="stored arrays; bfloat16 halves the cache (training upcasts)",
+  )
+  cache.add_argument(
+    "--compute_dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="the encoders' compute dtype",
+  )
+  cache.add_argument("--split", default="train")
+  cache.add_argument("--image_key", default="image")
+  cache.add_argument("--caption_key", default="text")
+  cache.add_argument(
+    "--examples_per_part",
+    type=int,
+    default=4096,
+    help="records per part file (a webdataset source: one part per shard)",
+  )
+  cache.add_argument(
+    "--process_index",
+    type=int,
+    default=-1,
+    help="this host's index among those building the cache (default: JAX's)",
+  )
+  cache.add_argument(
+    "--process_count",
+    type=int,
+    default=-1,
+    help="how many hosts build it together (default: JAX's)",
+  )
+  cache.add_argument(
+    "--distributed",
+    action="store_true",
+    help="join the cluster first (jax.distributed.initialize())",
+  )
   cache.add_argument("--name", default="embedding_cache")
   cache.set_defaults(run=_cache)
 
   args = parser.parse_args(argv)
-  try:
-    return args.run(args)
-  except (ValueError, OSError) as e:  # a bad annotation file, folder or image: one line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return run_command(lambda: args.run(args))  # a bad annotation file, folder or image: one line
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import types
 import warnings
 from typing import Any, Iterator
 
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 from tqdm import tqdm
 
 from ipadapter_jax.preprocessing import ImageFileError, decode_image_file, to_rgb
@@ -36,6 +36,7 @@ REPORT_FILE = "build_report.json"
 @dataclasses.dataclass(frozen=True)
 class BuildReport:
   """What a build wrote and what it skipped."""
+
   name: str
   version: str
   dataset_dir: str
@@ -49,8 +50,9 @@ class BuildReport:
 
   def skipped_by_kind(self) -> dict[str, int]:
     """{"corrupt": 2, "missing": 1, ...}: the skips counted by the reason's part before ':'."""
-    return dict(sorted(collections.Counter(s["reason"].split(":")[0]
-                                           for s in self.skipped).items()))
+    return dict(
+      sorted(collections.Counter(s["reason"].split(":")[0] for s in self.skipped).items())
+    )
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-serialisable dict (what build_report.json holds)."""
@@ -87,14 +89,17 @@ def read_annotations(path: str) -> list[dict[str, Any]]:
 def _check_entry(entry, location: str) -> None:
   """Raises for an entry without a string image_file and text."""
   if not isinstance(entry, dict):
-    raise ValueError(f"{location} is {type(entry).__name__}, expected an object with "
-                     "'image_file' and 'text'")
+    raise ValueError(
+      f"{location} is {type(entry).__name__}, expected an object with 'image_file' and 'text'"
+    )
   for key in ("image_file", "text"):
     if not isinstance(entry.get(key), str):
       raise ValueError(f"{location}: '{key}' is missing or not a string")
   if _leaves_root(entry["image_file"]):
-    raise ValueError(f"{location}: 'image_file' {entry['image_file']!r} leaves the data root "
-                     "(an absolute path or one through '..'); give a path inside it")
+    raise ValueError(
+      f"{location}: 'image_file' {entry['image_file']!r} leaves the data root "
+      "(an absolute path or one through '..'); give a path inside it"
+    )
   if "id" in entry and not isinstance(entry["id"], (str, int)):
     raise ValueError(f"{location}: 'id' must be a string or an integer")
 
@@ -113,8 +118,7 @@ def load_image_bytes(path: str) -> bytes:
   with open(path, "rb") as f:
     data = f.read()
   with decode_image_file(data, path) as image:
-    if (image.format in ("JPEG", "PNG") and image.mode == "RGB"
-        and "transparency" not in image.info):
+    if image.format in ("JPEG", "PNG") and image.mode == "RGB" and "transparency" not in image.info:
       return data
     buffer = io.BytesIO()
     to_rgb(image).save(buffer, format="PNG")  # lossless, with alpha composited onto white
@@ -145,8 +149,14 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(DEFAULT_VERSION)
   RELEASE_NOTES = {DEFAULT_VERSION: "Images (RGB JPEG or PNG), captions and ids."}
 
-  def __init__(self, *, annotations: str | list[dict[str, Any]] | None = None,
-               data_root: str | None = None, num_threads: int = 8, **kwargs):
+  def __init__(
+    self,
+    *,
+    annotations: str | list[dict[str, Any]] | None = None,
+    data_root: str | None = None,
+    num_threads: int = 8,
+    **kwargs,
+  ):
     self._annotations = annotations
     self._data_root = data_root
     self._num_threads = num_threads
@@ -156,14 +166,16 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Image-text pairs from an IP-Adapter annotation file.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "text": tfds.features.Text(),
-            "id": tfds.features.Text(),
-        }),
-        disable_shuffling=True,  # keep the annotation order: the input pipeline shuffles
+      builder=self,
+      description="Image-text pairs from an IP-Adapter annotation file.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "text": tfds.features.Text(),
+          "id": tfds.features.Text(),
+        }
+      ),
+      disable_shuffling=True,  # keep the annotation order: the input pipeline shuffles
     )
 
   def _split_generators(self, dl_manager):
@@ -173,38 +185,58 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-    entries = (read_annotations(self._annotations) if isinstance(self._annotations, str)
-               else self._annotations)
+    entries = (
+      read_annotations(self._annotations)
+      if isinstance(self._annotations, str)
+      else self._annotations
+    )
     self.num_annotations = len(entries)
     self.skipped = []
     chunk = 4 * self._num_threads
-    with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool, \
-        tqdm(total=len(entries), desc=f"{self.name}: reading images", unit="img") as bar:
+    with (
+      concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool,
+      tqdm(total=len(entries), desc=f"{self.name}: reading images", unit="img") as bar,
+    ):
       for start in range(0, len(entries), chunk):  # in chunks: bounded memory, in order
-        batch = entries[start:start + chunk]
+        batch = entries[start : start + chunk]
         results = pool.map(lambda e: _read_one(self._data_root, e), batch)
         for offset, (entry, (data, reason)) in enumerate(zip(batch, results)):
           bar.update(1)
           if data is None:
             self.skipped.append({"image_file": entry["image_file"], "reason": reason})
             continue
-          yield start + offset, {"image": data, "text": entry["text"],
-                                 "id": str(entry.get("id", entry["image_file"]))}
+          yield (
+            start + offset,
+            {"image": data, "text": entry["text"], "id": str(entry.get("id", entry["image_file"]))},
+          )
         bar.set_postfix(skipped=len(self.skipped))
 
 
 def _named_builder_class(name: str, version: str) -> type[ImageTextFolder]:
   """An unregistered ImageTextFolder subclass called `name` at `version`."""
+
   def body(ns):
-    ns.update(name=name, VERSION=tfds.core.Version(version), __module__=__name__,
-              RELEASE_NOTES={version: ImageTextFolder.RELEASE_NOTES[DEFAULT_VERSION]})
-  return types.new_class(f"ImageTextFolder_{name}", (ImageTextFolder,),
-                         {"skip_registration": True}, body)
+    ns.update(
+      name=name,
+      VERSION=tfds.core.Version(version),
+      __module__=__name__,
+      RELEASE_NOTES={version: ImageTextFolder.RELEASE_NOTES[DEFAULT_VERSION]},
+    )
+
+  return types.new_class(
+    f"ImageTextFolder_{name}", (ImageTextFolder,), {"skip_registration": True}, body
+  )
 
 
-def build_image_text_dataset(annotations: str, data_root: str, out_dir: str, *,
-                             name: str = "image_text", version: str = DEFAULT_VERSION,
-                             num_threads: int = 8) -> BuildReport:
+def build_image_text_dataset(
+  annotations: str,
+  data_root: str,
+  out_dir: str,
+  *,
+  name: str = "image_text",
+  version: str = DEFAULT_VERSION,
+  num_threads: int = 8,
+) -> BuildReport:
   """Builds `out_dir/name/version/` (ArrayRecord) from an annotation file and returns the report.
 
   Read it back with `open_source(out_dir)` or `tfds.data_source(name, data_dir=out_dir)`.
@@ -215,20 +247,29 @@ def build_image_text_dataset(annotations: str, data_root: str, out_dir: str, *,
     raise FileNotFoundError(f"{data_root}: no such data root folder")
   entries = read_annotations(annotations)  # every entry checked before anything is written
   builder = _named_builder_class(name, version)(
-      annotations=entries, data_root=data_root, num_threads=num_threads, data_dir=out_dir,
-      file_format="array_record")
+    annotations=entries,
+    data_root=data_root,
+    num_threads=num_threads,
+    data_dir=out_dir,
+    file_format="array_record",
+  )
   if os.path.isdir(builder.data_dir):
-    raise FileExistsError(f"{builder.data_dir}: already built; remove it or choose another "
-                          "name/version")
+    raise FileExistsError(
+      f"{builder.data_dir}: already built; remove it or choose another name/version"
+    )
   with tempfile.TemporaryDirectory() as downloads, warnings.catch_warnings():
     # Oversized images are skipped and reported; PIL's warning for each is noise. Set here, in
     # the calling thread, for the reading threads too (the filters are process-wide).
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     builder.download_and_prepare(download_dir=downloads)  # downloads: out of out_dir
-  report = BuildReport(name=name, version=version, dataset_dir=str(builder.data_dir),
-                       num_annotations=builder.num_annotations,
-                       num_examples=builder.info.splits["train"].num_examples,
-                       skipped=list(builder.skipped))
+  report = BuildReport(
+    name=name,
+    version=version,
+    dataset_dir=str(builder.data_dir),
+    num_annotations=builder.num_annotations,
+    num_examples=builder.info.splits["train"].num_examples,
+    skipped=list(builder.skipped),
+  )
   with open(os.path.join(report.dataset_dir, REPORT_FILE), "w") as f:
     json.dump(report.to_json(), f, indent=2)
   return report

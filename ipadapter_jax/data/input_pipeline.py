@@ -1,4 +1,10 @@
-"""Random-access sources -> globally shuffled, per-host sharded batches of `jax.Array`s (grain).
+"""Data sources -> globally shuffled, per-host sharded batches of `jax.Array`s (grain).
+
+`open_source` tells the formats apart by what `data.source` names: an embedding cache folder
+(cache.json), an imagefolder (metadata.jsonl / metadata.csv), webdataset tar shards (a folder of
+.tar files or a pattern of them), a built TFDS folder or a TFDS dataset name. Every one but the
+shards is random access and goes through the grain pipeline below; shards are a stream
+(streaming.py), resumable exactly as well.
 
 The whole stream is one grain `MapDataset`: shuffled over all examples with `seed` (a new
 permutation each epoch), preprocessed with the example's stream position as its index (so a
@@ -15,10 +21,12 @@ stops the run, naming the record, once more than `max_bad_records` have been ski
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
@@ -26,14 +34,30 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from ipadapter_jax import storage
+from ipadapter_jax.data import cache_files, imagefolder, paths, tar_shards
 from ipadapter_jax.data.image_text import resolve_dataset_dir
-from ipadapter_jax.preprocessing import (CLIPImageConfig, clip_pixels, decode_image_file,
-                                         shortest_side_size, to_rgb, vae_pixels)
+from ipadapter_jax.data.paths import Unreadable
+from ipadapter_jax.preprocessing import (
+  CLIPImageConfig,
+  clip_pixels,
+  decode_image_file,
+  shortest_side_size,
+  to_rgb,
+  vae_pixels,
+)
 from ipadapter_jax.tokenizer import tokenize
 
 # Keys of an embedding-cache record (see cache.py) that become batch arrays.
-CACHED_KEYS = ("latent_mean", "latent_logvar", "image_embeds", "image_hidden_states",
-               "text_context", "text_pooled", "time_ids")
+CACHED_KEYS = (
+  "latent_mean",
+  "latent_logvar",
+  "image_embeds",
+  "image_hidden_states",
+  "text_context",
+  "text_pooled",
+  "time_ids",
+)
 STATE_FORMAT = "ipadapter_jax.TrainIterator/1"
 # Per-example entry of a raw batch that the iterator takes out: the example's stream position
 # when its own record did not decode (and the next one that did took its place), else -1.
@@ -43,12 +67,13 @@ SKIPPED_KEY = "skipped_position"
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
   """What the trainer asks of the raw examples."""
-  resolution: int                # VAE pixel size (square)
-  random_crop: bool              # centre crop if False
-  clip: CLIPImageConfig | None   # None = no CLIP pixels
-  tokenizer: Any                 # transformers CLIPTokenizer; None = no captions (a VAE)
-  tokenizer_2: Any = None        # SDXL's second tokenizer
-  image_key: str = "image"       # feature keys; "a/b" reaches into nested features
+
+  resolution: int  # VAE pixel size (square)
+  random_crop: bool  # centre crop if False
+  clip: CLIPImageConfig | None  # None = no CLIP pixels
+  tokenizer: Any  # transformers CLIPTokenizer; None = no captions (a VAE)
+  tokenizer_2: Any = None  # SDXL's second tokenizer
+  image_key: str = "image"  # feature keys; "a/b" reaches into nested features
   caption_key: str = "text"
 
 
@@ -56,14 +81,52 @@ class DataSpec:
 # Sources
 
 
-def open_source(path_or_name: str, *, split: str = "train", data_dir: str | None = None):
-  """A random-access source (len + getitem) for grain: a built dataset folder (image-text or
-  embedding cache), or a prepared TFDS dataset by name (with `data_dir`).
+# The sources this package reads itself (the others are TFDS's): each says its features.
+_OWN_SOURCES = (cache_files.CacheSource, imagefolder.ImageFolderSource, tar_shards.WebDatasetSource)
 
-  Image features come back as encoded bytes, decoded by the pipeline with PIL. Datasets stored
-  as tfrecord are converted to ArrayRecord first, which needs TensorFlow.
+
+def source_format(path_or_name: str) -> str:
+  """What `data.source` names: "cache", "imagefolder", "webdataset" or "tfds" (a built folder
+  or a dataset name)."""
+  if not path_or_name:
+    raise ValueError("data.source is empty: give a dataset folder, shards or a TFDS name")
+  storage.check_path(path_or_name, "data.source")
+  if tar_shards.is_pattern(path_or_name) or path_or_name.endswith(".tar"):
+    if not path_or_name.endswith(".tar"):
+      raise ValueError(f"{path_or_name}: a pattern names webdataset shards, which end in .tar")
+    return "webdataset"
+  if paths.isdir(path_or_name):
+    if cache_files.is_cache_folder(path_or_name):
+      return "cache"
+    if imagefolder.has_metadata(path_or_name):
+      return "imagefolder"
+    if tar_shards.looks_like_shards(path_or_name):
+      return "webdataset"
+  if storage.is_remote(path_or_name):
+    raise FileNotFoundError(
+      f"{path_or_name}: no embedding cache (cache.json), imagefolder (metadata.jsonl/csv) or "
+      ".tar shards there; a built TFDS dataset is read from local disk only (copy it there)"
+    )
+  return "tfds"
+
+
+def open_source(path_or_name: str, *, split: str = "train", data_dir: str | None = None):
+  """The source `data.source` names (see `source_format`), local or at a gs:// URI (TFDS
+  datasets: local only): random access (len + getitem) for grain, or a WebDatasetSource.
+
+  Image features come back as encoded bytes, decoded by the pipeline with PIL. TFDS datasets
+  stored as tfrecord are converted to ArrayRecord first, which needs TensorFlow. `split` picks
+  an imagefolder's split subfolder or a TFDS split.
   """
+  kind = source_format(path_or_name)
+  if kind == "cache":
+    return cache_files.CacheSource(path_or_name)
+  if kind == "imagefolder":
+    return imagefolder.ImageFolderSource(path_or_name, split)
+  if kind == "webdataset":
+    return tar_shards.WebDatasetSource(path_or_name)
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   if os.path.isdir(path_or_name):
     builder = tfds.builder_from_directory(resolve_dataset_dir(path_or_name))
   elif os.sep in path_or_name and data_dir is None:
@@ -72,14 +135,20 @@ def open_source(path_or_name: str, *, split: str = "train", data_dir: str | None
     try:
       builder = tfds.builder(path_or_name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-      raise FileNotFoundError(f"{path_or_name}: no such folder, and no TFDS dataset of that "
-                              f"name in {data_dir or 'the default data_dir'}") from None
+      raise FileNotFoundError(
+        f"{path_or_name}: no such folder, and no TFDS dataset of that "
+        f"name in {data_dir or 'the default data_dir'}"
+      ) from None
     if not builder.is_prepared():
       raise FileNotFoundError(
-          f"{path_or_name}: not prepared in {builder.data_dir}; build it first (as ArrayRecord: "
-          f"tfds build {path_or_name} --file_format=array_record)")
-  decoders = {key: tfds.decode.SkipDecoding() for key, feature in builder.info.features.items()
-              if isinstance(feature, tfds.features.Image)}
+        f"{path_or_name}: not prepared in {builder.data_dir}; build it first (as ArrayRecord: "
+        f"tfds build {path_or_name} --file_format=array_record)"
+      )
+  decoders = {
+    key: tfds.decode.SkipDecoding()
+    for key, feature in builder.info.features.items()
+    if isinstance(feature, tfds.features.Image)
+  }
   try:
     return builder.as_data_source(split=split, decoders=decoders or None)
   except NotImplementedError:  # stored without random access (tfrecord)
@@ -90,24 +159,33 @@ def _convert_with_tensorflow(builder, split: str, decoders):
   """The tf.data route: converts a tfrecord dataset to ArrayRecord in place, then opens it."""
   # pylint: disable=import-outside-toplevel,unused-import
   import tensorflow_datasets as tfds
+
   file_format = builder.info.file_format.value if builder.info.file_format else "unknown"
   try:
-    import tensorflow
+    import tensorflow  # noqa: F401  # only whether it is installed
   except ImportError:
     raise RuntimeError(
-        f"{builder.data_dir}: stored as {file_format}, which only TensorFlow reads; install it "
-        "(pip install -e '.[tf]') so it can be converted to ArrayRecord, or rebuild the dataset "
-        "with file_format='array_record'") from None
+      f"{builder.data_dir}: stored as {file_format}, which only TensorFlow reads; install it "
+      "(pip install -e '.[tf]') so it can be converted to ArrayRecord, or rebuild the dataset "
+      "with file_format='array_record'"
+    ) from None
   from tensorflow_datasets.scripts.cli import convert_format_utils
+
   print(f"{builder.data_dir}: converting {file_format} to array_record (once, in place)")
-  convert_format_utils.convert_dataset(out_dir=None, out_file_format="array_record",
-                                       dataset_version_dir=str(builder.data_dir), num_workers=1)
+  convert_format_utils.convert_dataset(
+    out_dir=None,
+    out_file_format="array_record",
+    dataset_version_dir=str(builder.data_dir),
+    num_workers=1,
+  )
   builder = tfds.builder_from_directory(str(builder.data_dir))
   return builder.as_data_source(split=split, decoders=decoders or None)
 
 
 def source_features(source) -> dict[str, Any]:
   """{feature key: TFDS feature or None} of a source, from its dataset info or its first record."""
+  if isinstance(source, _OWN_SOURCES):
+    return dict(source.features)
   info = getattr(source, "dataset_info", None)
   if info is not None:
     return dict(info.features.items())
@@ -118,6 +196,8 @@ def source_features(source) -> dict[str, Any]:
 
 def source_metadata(source) -> dict[str, Any]:
   """The dataset's TFDS metadata (the embedding cache's settings), or {}."""
+  if isinstance(source, _OWN_SOURCES):
+    return dict(source.metadata)
   info = getattr(source, "dataset_info", None)
   return dict(info.metadata or {}) if info is not None else {}
 
@@ -145,14 +225,17 @@ def decode_image(value, where: str = "image") -> Image.Image:
   """Encoded bytes, a uint8 [H, W(, C)] array or a PIL image -> a PIL image."""
   if isinstance(value, Image.Image):
     return value
+  if isinstance(value, Unreadable):  # the source could not read it
+    raise ValueError(f"{where}: {value.reason}")
   if isinstance(value, (bytes, np.bytes_)):
     return decode_image_file(value, where)  # an ImageFileError (a ValueError) when it fails
   array = np.asarray(value)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.dtype != np.uint8 or array.ndim not in (2, 3):
-    raise ValueError(f"{where}: expected encoded bytes or a uint8 image array, got "
-                     f"{array.dtype} {array.shape}")
+    raise ValueError(
+      f"{where}: expected encoded bytes or a uint8 image array, got {array.dtype} {array.shape}"
+    )
   return Image.fromarray(array)
 
 
@@ -167,22 +250,25 @@ def decode_text(value, where: str = "text") -> str:
   raise ValueError(f"{where}: expected a string caption, got {type(value).__name__}")
 
 
-def crop_offsets(width: int, height: int, resolution: int,
-                 rng: np.random.Generator | None) -> tuple[int, int]:
+def crop_offsets(
+  width: int, height: int, resolution: int, rng: np.random.Generator | None
+) -> tuple[int, int]:
   """(top, left) of the crop in the resized image: centred as torchvision rounds, or random."""
   resized_w, resized_h = shortest_side_size(width, height, resolution)
   if rng is None:
-    return (int(round((resized_h - resolution) / 2.0)),
-            int(round((resized_w - resolution) / 2.0)))
-  return (int(rng.integers(0, resized_h - resolution + 1)),
-          int(rng.integers(0, resized_w - resolution + 1)))
+    return (int(round((resized_h - resolution) / 2.0)), int(round((resized_w - resolution) / 2.0)))
+  return (
+    int(rng.integers(0, resized_h - resolution + 1)),
+    int(rng.integers(0, resized_w - resolution + 1)),
+  )
 
 
 def crop_pixels(image: Image.Image, resolution: int, top: int, left: int) -> np.ndarray:
   """vae_pixels with the crop at (top, left) of the resized image instead of the centre."""
   image = to_rgb(image)
-  image = image.resize(shortest_side_size(image.width, image.height, resolution),
-                       resample=Image.Resampling.BILINEAR)
+  image = image.resize(
+    shortest_side_size(image.width, image.height, resolution), resample=Image.Resampling.BILINEAR
+  )
   array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.float32)
   return (array / 255.0 - 0.5) / 0.5
 
@@ -196,6 +282,7 @@ class RawExample:
   in the source), it is replaced by the next record of the stream that decodes, looking at most
   max_bad_records + 1 ahead, and the example's SKIPPED_KEY holds its position.
   """
+
   spec: DataSpec
   seed: int
   records: Any = None
@@ -205,8 +292,12 @@ class RawExample:
   def decode(self, position: int, record: dict[str, Any]) -> tuple[Image.Image, str]:
     """(image, caption) of a record; ValueError naming it when either does not decode."""
     where = f"example {position}"
-    image = decode_image(lookup(record, self.spec.image_key, position), where)
-    return image, decode_text(lookup(record, self.spec.caption_key, position), where)
+    try:
+      image = lookup(record, self.spec.image_key, position)
+      caption = lookup(record, self.spec.caption_key, position)
+    except KeyError as e:  # a record without the key (the source has it): skipped like others
+      raise ValueError(e.args[0]) from None
+    return decode_image(image, where), decode_text(caption, where)
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
     if self.records is None:
@@ -222,9 +313,11 @@ class RawExample:
         except ValueError:
           continue
       else:
-        raise ValueError(f"{self.describe(index)}; neither does any of the "
-                         f"{self.max_bad_records + 1} records after it in the stream, more than "
-                         f"max_bad_records={self.max_bad_records}") from None
+        raise ValueError(
+          f"{self.describe(index)}; neither does any of the "
+          f"{self.max_bad_records + 1} records after it in the stream, more than "
+          f"max_bad_records={self.max_bad_records}"
+        ) from None
     return dict(self._example(index, *decoded), **{SKIPPED_KEY: np.int64(skipped)})
 
   def describe(self, position: int) -> str:
@@ -249,8 +342,7 @@ class RawExample:
     rng = np.random.default_rng([self.seed, index]) if spec.random_crop else None
     top, left = crop_offsets(width, height, R, rng)
     pixels = crop_pixels(image, R, top, left) if rng is not None else vae_pixels(image, R)
-    out = {"pixels": pixels,
-           "time_ids": np.asarray([height, width, top, left, R, R], np.float32)}
+    out = {"pixels": pixels, "time_ids": np.asarray([height, width, top, left, R, R], np.float32)}
     if spec.tokenizer is not None:
       out["input_ids"] = tokenize(spec.tokenizer, caption)[0]
     if spec.tokenizer_2 is not None:
@@ -263,6 +355,7 @@ class RawExample:
 @dataclasses.dataclass(frozen=True)
 class CachedExample:
   """(stream index, embedding-cache record) -> its batch entries (float32)."""
+
   keys: tuple[str, ...]
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -270,29 +363,55 @@ class CachedExample:
     return {key: np.asarray(record[key], np.float32) for key in self.keys}
 
 
-def example_transform(source, spec: DataSpec, seed: int, records=None, indices=None,
-                      max_bad_records: int = 0):
+def example_transform(
+  source, spec: DataSpec, seed: int, records=None, indices=None, max_bad_records: int = 0
+):
   """The per-example transform for a source: RawExample (skipping undecodable records of
   `records`, when given), or CachedExample for a cache."""
   features = source_features(source)
   if "latent_mean" in features:
     if spec.random_crop:
-      raise ValueError("an embedding cache holds one centre crop per image; use "
-                       "random_crop=False with it")
+      raise ValueError(
+        "an embedding cache holds one centre crop per image; use random_crop=False with it"
+      )
     cached_resolution = source_metadata(source).get("resolution")
     if cached_resolution is not None and cached_resolution != spec.resolution:
-      raise ValueError(f"the embedding cache was made at resolution {cached_resolution}, "
-                       f"the spec asks for {spec.resolution}")
+      raise ValueError(
+        f"the embedding cache was made at resolution {cached_resolution}, "
+        f"the spec asks for {spec.resolution}"
+      )
     return CachedExample(tuple(k for k in CACHED_KEYS if k in features))
   for key in (spec.image_key, spec.caption_key):
     if features and key.split("/")[0] not in features:
-      raise KeyError(f"the source has no feature '{key}' (it has {sorted(features)}); set "
-                     "DataSpec.image_key / caption_key")
+      raise KeyError(
+        f"the source has no feature '{key}' (it has {sorted(features)}); set "
+        "DataSpec.image_key / caption_key"
+      )
   return RawExample(spec, seed, records, indices, max_bad_records)
 
 
 # ---------------------------------------------------------------------------------------------
 # Global batches
+
+
+def ordered_map(
+  submit: Callable[[Any], Future], items: Iterable, window: int
+) -> Iterator[tuple[Any, Any]]:
+  """(item, result) for each item, in order, where `submit(item)` starts its work in a pool:
+  at most `window` items are in flight."""
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append((item, submit(item)))
+      if len(pending) >= window:
+        done, future = pending.popleft()
+        yield done, future.result()
+    while pending:
+      done, future = pending.popleft()
+      yield done, future.result()
+  finally:
+    for _, future in pending:
+      future.cancel()
 
 
 class TrainIterator:
@@ -307,10 +426,19 @@ class TrainIterator:
   without communication; a state saved by one process restores its count on all.
   """
 
-  def __init__(self, batches: grain.MapDataset, *, sharding: NamedSharding,
-               global_batch_size: int, worker_count: int, num_threads: int,
-               config: dict[str, Any], real_processes: bool, max_bad_records: int = 0,
-               describe: Callable[[int], str] | None = None):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    *,
+    sharding: NamedSharding,
+    global_batch_size: int,
+    worker_count: int,
+    num_threads: int,
+    config: dict[str, Any],
+    real_processes: bool,
+    max_bad_records: int = 0,
+    describe: Callable[[int], str] | None = None,
+  ):
     self._batches = batches
     self._sharding = sharding
     self._global_batch_size = global_batch_size
@@ -329,8 +457,9 @@ class TrainIterator:
 
   def _open(self):
     """A grain iterator over the batches from the current step on."""
-    ds = self._batches[self._step:].to_iter_dataset(grain.ReadOptions(
-        num_threads=self._num_threads, prefetch_buffer_size=self._num_threads))
+    ds = self._batches[self._step :].to_iter_dataset(
+      grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=self._num_threads)
+    )
     if self._worker_count > 0:
       _mark_absl_flags_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
@@ -347,10 +476,11 @@ class TrainIterator:
       for position in np.asarray(positions)[np.asarray(positions) >= 0]:
         self._skipped += 1
         if self._skipped > self._max_bad_records:
-          named = (self._describe(int(position)) if self._describe
-                   else f"stream position {position}")
-          raise ValueError(f"{self._skipped} records skipped as undecodable, more than "
-                           f"max_bad_records={self._max_bad_records}; the last: {named}")
+          named = self._describe(int(position)) if self._describe else f"stream position {position}"
+          raise ValueError(
+            f"{self._skipped} records skipped as undecodable, more than "
+            f"max_bad_records={self._max_bad_records}; the last: {named}"
+          )
     return batch
 
   def next_local(self) -> dict[str, np.ndarray]:
@@ -381,16 +511,22 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable state; set_state(state) continues with exactly the next batch."""
-    return {"format": STATE_FORMAT, "step": self._step, "skipped_records": self._skipped,
-            "config": dict(self._config)}
+    return {
+      "format": STATE_FORMAT,
+      "step": self._step,
+      "skipped_records": self._skipped,
+      "config": dict(self._config),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a get_state() of an iterator over the same data with the same settings."""
     if state.get("format") != STATE_FORMAT:
-      raise ValueError(f"not a TrainIterator state (format {state.get('format')!r}, expected "
-                       f"{STATE_FORMAT!r})")
-    changed = {k: (v, self._config.get(k)) for k, v in state["config"].items()
-               if self._config.get(k) != v}
+      raise ValueError(
+        f"not a TrainIterator state (format {state.get('format')!r}, expected {STATE_FORMAT!r})"
+      )
+    changed = {
+      k: (v, self._config.get(k)) for k, v in state["config"].items() if self._config.get(k) != v
+    }
     if changed:
       detail = ", ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
       raise ValueError(f"iterator state does not fit this data pipeline ({detail})")
@@ -409,6 +545,7 @@ class TrainIterator:
 def _mark_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; mark them parsed when no absl app did."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -417,17 +554,28 @@ def mesh_batch_axes(mesh: jax.sharding.Mesh, batch_axes: Sequence[str]) -> tuple
   """Those of `batch_axes` the mesh has (a data-only mesh needs no "fsdp" axis)."""
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   if not axes:
-    raise ValueError(f"none of the batch axes {tuple(batch_axes)} is a mesh axis "
-                     f"{tuple(mesh.axis_names)}")
+    raise ValueError(
+      f"none of the batch axes {tuple(batch_axes)} is a mesh axis {tuple(mesh.axis_names)}"
+    )
   return axes
 
 
-def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
-                        mesh: jax.sharding.Mesh, seed: int,
-                        batch_axes: Sequence[str] = ("data", "fsdp"),
-                        num_epochs: int | None = None, worker_count: int = 0,
-                        process_index: int | None = None, process_count: int | None = None,
-                        num_threads: int | None = None, max_bad_records: int = 0) -> TrainIterator:
+def make_train_iterator(
+  source,
+  spec: DataSpec,
+  *,
+  global_batch_size: int,
+  mesh: jax.sharding.Mesh,
+  seed: int,
+  batch_axes: Sequence[str] = ("data", "fsdp"),
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_threads: int | None = None,
+  max_bad_records: int = 0,
+  shuffle_buffer: int = 1000,
+) -> TrainIterator:
   """Shuffled (seed), per-process sharded global batches of a source from `open_source`.
 
   Raw sources give pixels, time_ids, input_ids (and input_ids_2, clip_pixels); an embedding
@@ -435,12 +583,14 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
   ends after the last whole global batch. `worker_count` > 0 preprocesses in that many
   processes (same batches). Up to `max_bad_records` undecodable records are skipped (replaced by
   the next record of the stream); one more stops the iteration with a ValueError naming it.
+  Webdataset shards are streamed instead (streaming.py: each process reads its own shards
+  through a `shuffle_buffer`-record shuffle buffer).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  if not 0 <= seed < 2 ** 32:
+  if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
@@ -449,9 +599,31 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
   axes = mesh_batch_axes(mesh, batch_axes)
   shards = math.prod(mesh.shape[a] for a in axes)
   if global_batch_size % process_count or global_batch_size % shards:
-    raise ValueError(f"global_batch_size {global_batch_size} must divide evenly over "
-                     f"{process_count} processes and the {shards} devices of the batch axes "
-                     f"{axes}")
+    raise ValueError(
+      f"global_batch_size {global_batch_size} must divide evenly over "
+      f"{process_count} processes and the {shards} devices of the batch axes "
+      f"{axes}"
+    )
+  # Reading from an object store is latency bound: more requests in flight.
+  remote = isinstance(source, _OWN_SOURCES) and source.remote
+  num_threads = num_threads or (32 if remote else min(8, os.cpu_count() or 1))
+  if isinstance(source, tar_shards.WebDatasetSource):
+    from ipadapter_jax.data import streaming  # pylint: disable=import-outside-toplevel
+
+    return streaming.make_stream_iterator(
+      source,
+      spec,
+      global_batch_size=global_batch_size,
+      sharding=NamedSharding(mesh, PartitionSpec(axes)),
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_epochs=num_epochs,
+      worker_count=worker_count,
+      num_threads=num_threads,
+      max_bad_records=max_bad_records,
+      shuffle_buffer=shuffle_buffer,
+    )
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError("the source has no examples")
@@ -463,18 +635,22 @@ def make_train_iterator(source, spec: DataSpec, *, global_batch_size: int,
   transform = example_transform(source, spec, seed, records, indices, max_bad_records)
   stream = records.map_with_index(transform)  # index = position in the global stream
   if num_epochs is not None:  # every process gets the same number of whole batches
-    stream = stream[:len(stream) // global_batch_size * global_batch_size]
+    stream = stream[: len(stream) // global_batch_size * global_batch_size]
   # Global batch b is chunks b*P .. b*P+P-1 of the stream cut into local-size chunks, and
   # process i takes chunk b*P+i: the global batches (and the iterator state) are the same
   # whatever the number of processes, so a run resumes on any number of hosts.
   batches = stream.batch(local_batch, drop_remainder=True)[process_index::process_count]
-  config = dict(num_examples=num_examples, seed=seed, global_batch_size=global_batch_size,
-                num_epochs=num_epochs)
+  config = dict(
+    num_examples=num_examples, seed=seed, global_batch_size=global_batch_size, num_epochs=num_epochs
+  )
   return TrainIterator(
-      batches, sharding=NamedSharding(mesh, PartitionSpec(axes)),
-      global_batch_size=global_batch_size,
-      worker_count=worker_count, num_threads=num_threads or min(8, os.cpu_count() or 1),
-      config=config, real_processes=process_count == jax.process_count(),
-      max_bad_records=max_bad_records,
-      describe=transform.describe if isinstance(transform, RawExample) else None)
-
+    batches,
+    sharding=NamedSharding(mesh, PartitionSpec(axes)),
+    global_batch_size=global_batch_size,
+    worker_count=worker_count,
+    num_threads=num_threads,
+    config=config,
+    real_processes=process_count == jax.process_count(),
+    max_bad_records=max_bad_records,
+    describe=transform.describe if isinstance(transform, RawExample) else None,
+  )

@@ -22,20 +22,29 @@ from typing import Any, NamedTuple, Protocol
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.diffusion.schedule import (SPACINGS, NoiseSchedule, add_noise, alpha_bar_at,
-                                              pick_fields, predicted_x0,
-                                              predicted_x0_sigma_space, spaced_timesteps)
+from ipadapter_jax.diffusion.schedule import (
+  SPACINGS,
+  NoiseSchedule,
+  add_noise,
+  alpha_bar_at,
+  pick_fields,
+  predicted_x0,
+  predicted_x0_sigma_space,
+  spaced_timesteps,
+)
 
 
 class Tables(NamedTuple):
   """A run's per-step values: model timesteps [n] and sigmas [n + 1] (the last one 0; all 0 for
   the samplers that work with timesteps alone)."""
+
   timesteps: np.ndarray
   sigmas: np.ndarray
 
 
 class Sampler(Protocol):
   """What the sampling loop asks of a sampler (every class in this module provides it)."""
+
   schedule: NoiseSchedule
   needs_noise: bool  # fresh standard normal noise at every step
 
@@ -84,29 +93,40 @@ def _explicit(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _from_config(cls, raw: dict[str, Any], source: str, overrides: dict[str, Any]):
   raw = _explicit(raw)
-  for key in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-              "use_flow_sigmas"):
+  for key in (
+    "thresholding",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+  ):
     if {**raw, **overrides}.get(key):
       raise ValueError(f"{source}: '{key}'=True is not supported by {cls.__name__}")
   overrides.pop("thresholding", None)
   schedule = NoiseSchedule.from_diffusers(raw, source, **NoiseSchedule.split(overrides))
   fields = pick_fields(cls, raw, overrides)
   if fields.get("timestep_spacing", "leading") not in SPACINGS:
-    raise ValueError(f"{source}: timestep_spacing={fields['timestep_spacing']!r} is not "
-                     f"supported {SPACINGS}")
+    raise ValueError(
+      f"{source}: timestep_spacing={fields['timestep_spacing']!r} is not supported {SPACINGS}"
+    )
   return cls(schedule=schedule, **fields)
 
 
 def _multistep_timesteps(sampler, n: int) -> np.ndarray:
   """The integer timesteps diffusers' multistep solvers (DPM-Solver, UniPC) space n steps on:
   linspace and leading divide T into n + 1 parts and drop the last."""
-  return spaced_timesteps(sampler.schedule.num_train_timesteps, n, sampler.timestep_spacing,
-                          sampler.steps_offset, parts=n + 1).astype(np.int64)
+  return spaced_timesteps(
+    sampler.schedule.num_train_timesteps,
+    n,
+    sampler.timestep_spacing,
+    sampler.steps_offset,
+    parts=n + 1,
+  ).astype(np.int64)
 
 
 def _alpha_sigma(sigma):
   """(alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t eps from the sigma-space sigma."""
-  alpha = 1 / jnp.sqrt(sigma ** 2 + 1)
+  alpha = 1 / jnp.sqrt(sigma**2 + 1)
   return alpha, sigma * alpha
 
 
@@ -134,8 +154,9 @@ class _Timestepped(_OnXt):
     return add_noise(self.schedule.alphas_cumprod(), x0, noise, tables.timesteps[i])
 
   def _timestep_tables(self, n: int) -> Tables:
-    ts = spaced_timesteps(self.schedule.num_train_timesteps, n, self.timestep_spacing,
-                          self.steps_offset)
+    ts = spaced_timesteps(
+      self.schedule.num_train_timesteps, n, self.timestep_spacing, self.steps_offset
+    )
     return Tables(ts.astype(np.int32), np.zeros((n + 1,), np.float32))
 
 
@@ -143,6 +164,7 @@ class _Timestepped(_OnXt):
 class DDIM(_Timestepped):
   """The DDIM sampler (Song et al., 2021) with diffusers' DDIMScheduler semantics; eta > 0 takes
   the step's noise."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   clip_sample: bool = True
   clip_sample_range: float = 1.0
@@ -159,12 +181,20 @@ class DDIM(_Timestepped):
   def stable_diffusion(cls, **overrides) -> "DDIM":
     """DDIM as Stable Diffusion uses it (docs/reference.md §6)."""
     schedule = NoiseSchedule.stable_diffusion(**NoiseSchedule.split(overrides))
-    return cls(**{"schedule": schedule, "clip_sample": False, "set_alpha_to_one": False,
-                  "steps_offset": 1, **overrides})
+    return cls(
+      **{
+        "schedule": schedule,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        **overrides,
+      }
+    )
 
   @classmethod
-  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config",
-                     **overrides) -> "DDIM":
+  def from_diffusers(
+    cls, raw: dict[str, Any], source: str = "scheduler config", **overrides
+  ) -> "DDIM":
     """From any diffusers scheduler_config.json (as `DDIMScheduler.from_config` reads it)."""
     return _from_config(cls, raw, source, overrides)
 
@@ -185,8 +215,9 @@ class DDIM(_Timestepped):
     # diffusers steps back by T // n whatever the spacing; below 0 it uses the final alpha.
     t_prev = jnp.asarray(t) - self.schedule.num_train_timesteps // num_inference_steps
     final = 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
-    a_prev = jnp.where(t_prev >= 0, alpha_bar_at(self.alphas_cumprod, jnp.maximum(t_prev, 0), x_t),
-                       final)
+    a_prev = jnp.where(
+      t_prev >= 0, alpha_bar_at(self.alphas_cumprod, jnp.maximum(t_prev, 0), x_t), final
+    )
     x_t, out = x_t.astype(jnp.float32), model_output.astype(jnp.float32)
     sigma_t, sqrt_a_t = jnp.sqrt(1.0 - a_t), jnp.sqrt(a_t)
     x0_hat = predicted_x0(self.schedule.prediction_type, out, x_t, sqrt_a_t, sigma_t)
@@ -201,20 +232,22 @@ class DDIM(_Timestepped):
 
     variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     std = eta * jnp.sqrt(variance)
-    x_prev = jnp.sqrt(a_prev) * x0_hat + jnp.sqrt(1.0 - a_prev - std ** 2) * eps_hat
+    x_prev = jnp.sqrt(a_prev) * x0_hat + jnp.sqrt(1.0 - a_prev - std**2) * eps_hat
     if noise is not None:
       x_prev = x_prev + std * noise.astype(jnp.float32)
     return x_prev
 
   def advance(self, out, i, x, state, tables: Tables, *, eta=0.0, noise=None, start=0):
     n = tables.timesteps.shape[0]
-    return self.step(out, tables.timesteps[i], x, num_inference_steps=n, eta=eta,
-                     noise=noise), state
+    return self.step(
+      out, tables.timesteps[i], x, num_inference_steps=n, eta=eta, noise=noise
+    ), state
 
 
 @dataclasses.dataclass(frozen=True)
 class Euler(_OnXt):
   """Euler's method on the probability-flow ODE (diffusers' EulerDiscreteScheduler, s_churn = 0)."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
@@ -236,8 +269,9 @@ class Euler(_OnXt):
     return sampler
 
   def tables(self, n: int) -> Tables:
-    ts = spaced_timesteps(self.schedule.num_train_timesteps, n, self.timestep_spacing,
-                          self.steps_offset, integer=False).astype(np.float32)
+    ts = spaced_timesteps(
+      self.schedule.num_train_timesteps, n, self.timestep_spacing, self.steps_offset, integer=False
+    ).astype(np.float32)
     train = self.schedule.train_sigmas()
     log_sigmas = np.log(train)
     if self.interpolation_type == "linear":
@@ -247,16 +281,16 @@ class Euler(_OnXt):
     else:
       raise ValueError(f"interpolation_type={self.interpolation_type!r} is not supported")
     if self.use_karras_sigmas:
-      sigmas = karras_sigmas(self.sigma_max or float(sigmas[0]), self.sigma_min or float(sigmas[-1]),
-                             n)
+      sigmas = karras_sigmas(
+        self.sigma_max or float(sigmas[0]), self.sigma_min or float(sigmas[-1]), n
+      )
       ts = sigma_to_t(sigmas, log_sigmas)
     last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
-    return Tables(np.asarray(ts, np.float32),
-                  np.concatenate([sigmas, [last]]).astype(np.float32))
+    return Tables(np.asarray(ts, np.float32), np.concatenate([sigmas, [last]]).astype(np.float32))
 
   def init_noise_sigma(self, tables: Tables) -> float:
     top = float(tables.sigmas.max())
-    return top if self.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+    return top if self.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
   def scale_model_input(self, x, i, tables: Tables):
     return x / jnp.sqrt(tables.sigmas[i] ** 2 + 1)
@@ -283,8 +317,15 @@ class _Multistep(_OnXt):
     alpha, sigma = _alpha_sigma(tables.sigmas[i])
     return alpha * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
 
-  def _sigma_tables(self, n: int, sigma_max=None, sigma_min=None, *, round_karras: bool = True,
-                    karras_last: bool = False) -> Tables:
+  def _sigma_tables(
+    self,
+    n: int,
+    sigma_max=None,
+    sigma_min=None,
+    *,
+    round_karras: bool = True,
+    karras_last: bool = False,
+  ) -> Tables:
     """Timesteps and n + 1 sigmas: interpolated at the spaced timesteps, or Karras sigmas
     between `sigma_max` and `sigma_min` (default: the training range) with their timesteps;
     the last sigma 0 ("zero") or the smallest (training or, with `karras_last`, Karras)."""
@@ -299,14 +340,17 @@ class _Multistep(_OnXt):
     else:
       sigmas = np.interp(ts, np.arange(len(train)), train)
     last = 0.0 if self.final_sigmas_type == "zero" else last
-    return Tables(np.asarray(ts).astype(np.int64).astype(np.int32),
-                  np.concatenate([sigmas, [last]]).astype(np.float32))
+    return Tables(
+      np.asarray(ts).astype(np.int64).astype(np.int32),
+      np.concatenate([sigmas, [last]]).astype(np.float32),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP(_Multistep):
   """DPM-Solver++ (Lu et al., 2022), multistep, order 2, midpoint (diffusers'
   DPMSolverMultistepScheduler with its defaults); `use_karras_sigmas` gives "DPM++ 2M Karras"."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
@@ -324,9 +368,14 @@ class DPMSolverPP(_Multistep):
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
     sampler = _from_config(cls, raw, source, overrides)
     if (sampler.solver_order, sampler.algorithm_type, sampler.solver_type) != (
-        2, "dpmsolver++", "midpoint") or sampler.lambda_min_clipped != -float("inf"):
-      raise ValueError(f"{source}: only DPM-Solver++ of order 2 with the midpoint solver (and no "
-                       "lambda_min_clipped) is supported")
+      2,
+      "dpmsolver++",
+      "midpoint",
+    ) or sampler.lambda_min_clipped != -float("inf"):
+      raise ValueError(
+        f"{source}: only DPM-Solver++ of order 2 with the midpoint solver (and no "
+        "lambda_min_clipped) is supported"
+      )
     return sampler
 
   def tables(self, n: int) -> Tables:
@@ -353,11 +402,17 @@ class DPMSolverPP(_Multistep):
     alpha_p, sigma_p = _alpha_sigma(sigmas[jnp.maximum(i - 1, 0)])
     r0 = (lam_s - (jnp.log(alpha_p) - jnp.log(sigma_p))) / h
     d1 = (x0 - previous_x0) / r0
-    second = ((sigma_t / sigma_s) * x - alpha_t * (jnp.exp(-h) - 1.0) * x0
-              - 0.5 * alpha_t * (jnp.exp(-h) - 1.0) * d1)
+    second = (
+      (sigma_t / sigma_s) * x
+      - alpha_t * (jnp.exp(-h) - 1.0) * x0
+      - 0.5 * alpha_t * (jnp.exp(-h) - 1.0) * d1
+    )
     last = i == n - 1
-    low_final = self.euler_at_final or (self.lower_order_final and n < 15) or (
-        self.final_sigmas_type == "zero")
+    low_final = (
+      self.euler_at_final
+      or (self.lower_order_final and n < 15)
+      or (self.final_sigmas_type == "zero")
+    )
     use_first = (i == start) | (last & low_final)
     return jnp.where(use_first, first, second), x0
 
@@ -366,6 +421,7 @@ class DPMSolverPP(_Multistep):
 class EulerAncestral(_OnXt):
   """Euler ancestral (diffusers' EulerAncestralDiscreteScheduler): each step goes down to
   sigma_down deterministically and adds fresh noise of size sigma_up."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
@@ -375,8 +431,9 @@ class EulerAncestral(_OnXt):
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
     sampler = _from_config(cls, raw, source, overrides)
     if sampler.schedule.prediction_type == "sample":
-      raise ValueError(f"{source}: Euler ancestral does not support prediction_type='sample' "
-                       "(as diffusers)")
+      raise ValueError(
+        f"{source}: Euler ancestral does not support prediction_type='sample' (as diffusers)"
+      )
     return sampler
 
   def _euler(self) -> Euler:
@@ -398,8 +455,8 @@ class EulerAncestral(_OnXt):
     sigma, sigma_to = tables.sigmas[i], tables.sigmas[i + 1]
     x, out = x.astype(jnp.float32), out.astype(jnp.float32)
     x0 = predicted_x0_sigma_space(self.schedule.prediction_type, out, x, sigma)
-    sigma_up = jnp.sqrt(sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2)
-    sigma_down = jnp.sqrt(sigma_to ** 2 - sigma_up ** 2)
+    sigma_up = jnp.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+    sigma_down = jnp.sqrt(sigma_to**2 - sigma_up**2)
     x = x + (x - x0) / sigma * (sigma_down - sigma)
     return x + noise.astype(jnp.float32) * sigma_up, state
 
@@ -408,6 +465,7 @@ class EulerAncestral(_OnXt):
 class DDPM(_Timestepped):
   """Ancestral DDPM sampling (diffusers' DDPMScheduler, fixed_small variance): each step goes to
   the next timestep of the run through the posterior q(x_prev | x_t, x0_hat), plus its noise."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   timestep_spacing: str = "leading"
   steps_offset: int = 0
@@ -420,8 +478,10 @@ class DDPM(_Timestepped):
   def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config", **overrides):
     sampler = _from_config(cls, raw, source, overrides)
     if sampler.variance_type != "fixed_small":
-      raise ValueError(f"{source}: DDPM with variance_type={sampler.variance_type!r} is not "
-                       "supported (only 'fixed_small')")
+      raise ValueError(
+        f"{source}: DDPM with variance_type={sampler.variance_type!r} is not "
+        "supported (only 'fixed_small')"
+      )
     return sampler
 
   def tables(self, n: int) -> Tables:
@@ -439,7 +499,9 @@ class DDPM(_Timestepped):
     if self.clip_sample:
       x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
     alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-    mean = (jnp.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (jnp.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
+    mean = (jnp.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (
+      jnp.sqrt(alpha) * (1 - a_prev) / (1 - a_t)
+    ) * x
     variance = jnp.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20)
     return mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise.astype(jnp.float32), state
 
@@ -452,6 +514,7 @@ class UniPC(_Multistep):
   Each step first corrects the sample the previous step predicted, with the model output just
   computed there (UniC), then predicts the next sample (UniP). State: the x0 estimates of the
   two previous steps and the previous step's sample before its predictor."""
+
   schedule: NoiseSchedule = NoiseSchedule()
   timestep_spacing: str = "linspace"
   steps_offset: int = 0
@@ -472,28 +535,39 @@ class UniPC(_Multistep):
     for key in ("use_dynamic_shifting", "solver_p", "shift_terminal"):
       if merged.get(key):
         raise ValueError(f"{source}: '{key}' is not supported by UniPC")
-    overrides = {k: v for k, v in overrides.items()
-                 if k not in ("use_dynamic_shifting", "solver_p", "shift_terminal")}
+    overrides = {
+      k: v
+      for k, v in overrides.items()
+      if k not in ("use_dynamic_shifting", "solver_p", "shift_terminal")
+    }
     if merged.get("solver_type") in ("midpoint", "heun", "logrho"):  # diffusers' own mapping
       overrides["solver_type"] = "bh2"
     if merged.get("disable_corrector") is not None:
       overrides["disable_corrector"] = tuple(int(k) for k in merged["disable_corrector"])
     sampler = _from_config(cls, raw, source, overrides)
     if sampler.solver_order not in (1, 2):
-      raise ValueError(f"{source}: UniPC 'solver_order'={sampler.solver_order} is not supported "
-                       "(1 or 2)")
+      raise ValueError(
+        f"{source}: UniPC 'solver_order'={sampler.solver_order} is not supported (1 or 2)"
+      )
     if sampler.solver_type != "bh2":
-      raise ValueError(f"{source}: UniPC 'solver_type'={sampler.solver_type!r} is not supported "
-                       "(only 'bh2')")
+      raise ValueError(
+        f"{source}: UniPC 'solver_type'={sampler.solver_type!r} is not supported (only 'bh2')"
+      )
     if not sampler.predict_x0:
       raise ValueError(f"{source}: UniPC 'predict_x0'=False is not supported")
     if sampler.final_sigmas_type not in ("zero", "sigma_min"):
-      raise ValueError(f"{source}: 'final_sigmas_type'={sampler.final_sigmas_type!r} is not "
-                       "supported")
-    if (sampler.solver_order == 2 and not sampler.lower_order_final
-        and sampler.final_sigmas_type == "zero"):
-      raise ValueError(f"{source}: UniPC 'lower_order_final'=False with a zero final sigma "
-                       "divides by zero at the last step (in diffusers too)")
+      raise ValueError(
+        f"{source}: 'final_sigmas_type'={sampler.final_sigmas_type!r} is not supported"
+      )
+    if (
+      sampler.solver_order == 2
+      and not sampler.lower_order_final
+      and sampler.final_sigmas_type == "zero"
+    ):
+      raise ValueError(
+        f"{source}: UniPC 'lower_order_final'=False with a zero final sigma "
+        "divides by zero at the last step (in diffusers too)"
+      )
     return sampler
 
   def tables(self, n: int) -> Tables:
@@ -555,21 +629,32 @@ class UniPC(_Multistep):
     correct = i > start
     for k in self.disable_corrector:
       correct = correct & (i - 1 != k)
-    corrected = self._update(last_x, m1, m2, back1, back2, s, self._order2(i - 1, start, n),
-                             corrector_d=x0 - m1)
+    corrected = self._update(
+      last_x, m1, m2, back1, back2, s, self._order2(i - 1, start, n), corrector_d=x0 - m1
+    )
     x = jnp.where(correct, corrected, x)
     x_next = self._update(x, x0, m1, s, back1, sigmas[i + 1], self._order2(i, start, n))
     return x_next, (x0, m1, x)
 
 
 # sample.py's --scheduler names -> (class, settings added to the folder's scheduler config).
-SAMPLERS = {"ddim": (DDIM, {}), "euler": (Euler, {}), "euler_a": (EulerAncestral, {}),
-            "dpmpp_2m": (DPMSolverPP, {}),
-            "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}), "ddpm": (DDPM, {}),
-            "unipc": (UniPC, {})}
-_BY_CLASS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-             "EulerAncestralDiscreteScheduler": "euler_a", "DDPMScheduler": "ddpm",
-             "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc"}
+SAMPLERS = {
+  "ddim": (DDIM, {}),
+  "euler": (Euler, {}),
+  "euler_a": (EulerAncestral, {}),
+  "dpmpp_2m": (DPMSolverPP, {}),
+  "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}),
+  "ddpm": (DDPM, {}),
+  "unipc": (UniPC, {}),
+}
+_BY_CLASS = {
+  "DDIMScheduler": "ddim",
+  "EulerDiscreteScheduler": "euler",
+  "EulerAncestralDiscreteScheduler": "euler_a",
+  "DDPMScheduler": "ddpm",
+  "DPMSolverMultistepScheduler": "dpmpp_2m",
+  "UniPCMultistepScheduler": "unipc",
+}
 
 
 def default_sampler(config: dict) -> str:

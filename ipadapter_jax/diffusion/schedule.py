@@ -21,6 +21,8 @@ import numpy as np
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
+# Stable Diffusion's training schedule (docs/reference.md §5), as a scheduler config.
+STABLE_DIFFUSION = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 def pick_fields(cls, raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +38,7 @@ def pick_fields(cls, raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
   """The DDPM forward process: betas over `num_train_timesteps` steps."""
+
   num_train_timesteps: int = 1000
   beta_start: float = 0.0001
   beta_end: float = 0.02
@@ -47,18 +50,19 @@ class NoiseSchedule:
     if self.beta_schedule not in BETA_SCHEDULES:
       raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported {BETA_SCHEDULES}")
     if self.prediction_type not in PREDICTION_TYPES:
-      raise ValueError(f"prediction_type={self.prediction_type!r} is not supported "
-                       f"{PREDICTION_TYPES}")
+      raise ValueError(
+        f"prediction_type={self.prediction_type!r} is not supported {PREDICTION_TYPES}"
+      )
 
   @classmethod
   def stable_diffusion(cls, **overrides) -> "NoiseSchedule":
     """scaled_linear 0.00085..0.012 over 1000 steps, epsilon prediction (docs/reference.md §5)."""
-    return cls(**{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  **overrides})
+    return cls(**{**STABLE_DIFFUSION, **overrides})
 
   @classmethod
-  def from_diffusers(cls, raw: dict[str, Any], source: str = "scheduler config",
-                     **overrides) -> "NoiseSchedule":
+  def from_diffusers(
+    cls, raw: dict[str, Any], source: str = "scheduler config", **overrides
+  ) -> "NoiseSchedule":
     if raw.get("trained_betas") is not None:
       raise ValueError(f"{source}: 'trained_betas' is not supported")
     return cls(**pick_fields(cls, raw, overrides))
@@ -73,11 +77,12 @@ class NoiseSchedule:
     if self.beta_schedule == "linear":
       betas = np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
     elif self.beta_schedule == "scaled_linear":
-      betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, T, dtype=np.float64) ** 2
+      betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=np.float64) ** 2
     else:  # squaredcos_cap_v2: the cosine alpha_bar of improved DDPM, betas capped at 0.999
       alpha_bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-      betas = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999)
-                        for i in range(T)])
+      betas = np.array(
+        [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+      )
     betas = betas.astype(np.float32)  # diffusers keeps betas in float32
     if self.rescale_betas_zero_snr:
       betas = _zero_terminal_snr(betas)
@@ -94,7 +99,7 @@ class NoiseSchedule:
     (a zero terminal SNR schedule's last alpha_bar is 2^-24 there, so that sigma stays finite)."""
     a = self.alphas_cumprod()
     if self.rescale_betas_zero_snr:
-      a[-1] = 2.0 ** -24
+      a[-1] = 2.0**-24
     return (((1 - a) / a) ** 0.5).astype(np.float32)
 
 
@@ -106,13 +111,20 @@ def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   sqrt_ab = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
   first, last = sqrt_ab[0], sqrt_ab[-1]
   sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-  alpha_bar = sqrt_ab ** 2
+  alpha_bar = sqrt_ab**2
   alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
   return (1.0 - alphas).astype(np.float32)
 
 
-def spaced_timesteps(T: int, n: int, spacing: str, steps_offset: int = 0, *,
-                     parts: int | None = None, integer: bool = True) -> np.ndarray:
+def spaced_timesteps(
+  T: int,
+  n: int,
+  spacing: str,
+  steps_offset: int = 0,
+  *,
+  parts: int | None = None,
+  integer: bool = True,
+) -> np.ndarray:
   """The training timesteps of an n-step run, noisiest first (float64), by diffusers' spacing
   rules. `parts`: how many parts linspace and leading divide T into (n; the multistep solvers
   use n + 1 and keep the first n); `integer=False` leaves linspace's values unrounded (the Euler
@@ -175,5 +187,5 @@ def predicted_x0_sigma_space(prediction_type: str, output, x, sigma):
   if prediction_type == "epsilon":
     return x - sigma * output
   if prediction_type == "v_prediction":
-    return output * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+    return output * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
   return output

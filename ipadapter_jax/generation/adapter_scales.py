@@ -44,6 +44,7 @@ def preset(name: str, names: list[str]) -> dict:
 
   def one_at(count: int, index: int) -> list[float]:
     return [1.0 if j == min(index, count - 1) else 0.0 for j in range(count)]
+
   up, down = _blocks(names, "up_blocks"), _blocks(names, "down_blocks")
   first_up = next(iter(up))
   out = {"up": {f"block_{first_up}": one_at(up[first_up], 1)}}
@@ -65,8 +66,9 @@ def _expand_dict(scale: dict, names: list[str]) -> dict[str, float]:
   """{attention path: value} for every attention holding cross-attention layers."""
   unknown = set(scale) - {"down", "up", "mid"}
   if unknown:
-    raise ValueError(f"scale: unknown part {sorted(unknown)[0]!r}; a block dictionary has "
-                     "'down', 'up' and 'mid'")
+    raise ValueError(
+      f"scale: unknown part {sorted(unknown)[0]!r}; a block dictionary has 'down', 'up' and 'mid'"
+    )
   values = {name: 0.0 for name in names}  # diffusers: whatever is not named gets 0
   if "mid" in scale:
     mid = scale["mid"]
@@ -83,18 +85,20 @@ def _expand_dict(scale: dict, names: list[str]) -> dict[str, float]:
     if not isinstance(given, dict):
       given = {f"block_{b}": given for b in blocks}
     for key, value in given.items():
-      block = int(key[len("block_"):]) if key.startswith("block_") and key[6:].isdigit() else None
+      block = int(key[len("block_") :]) if key.startswith("block_") and key[6:].isdigit() else None
       if block not in blocks:
         have = ", ".join(f"block_{b}" for b in blocks)
-        raise ValueError(f"scale {part}.{key}: no such {part} block with attention layers "
-                         f"(this UNet has {have})")
+        raise ValueError(
+          f"scale {part}.{key}: no such {part} block with attention layers (this UNet has {have})"
+        )
       count = blocks[block]
       if isinstance(value, list):
         if len(value) == 1:
           value = value * count
         if len(value) != count:
-          raise ValueError(f"scale {part}.{key}: expected {count} values (one per attention), "
-                           f"got {len(value)}")
+          raise ValueError(
+            f"scale {part}.{key}: expected {count} values (one per attention), got {len(value)}"
+          )
       else:
         value = [value] * count
       for j, v in enumerate(value):
@@ -118,8 +122,9 @@ def parse_scale(text: str) -> Any:
   try:
     value = json.loads(text)
   except json.JSONDecodeError:
-    raise ValueError(f"--scale {text!r}: not a number, a preset ({', '.join(PRESETS)}) or a "
-                     "JSON block dictionary") from None
+    raise ValueError(
+      f"--scale {text!r}: not a number, a preset ({', '.join(PRESETS)}) or a JSON block dictionary"
+    ) from None
   if not isinstance(value, (dict, list)):
     raise ValueError(f"--scale {text!r}: expected a number, a preset or a block dictionary")
   return value
@@ -135,9 +140,11 @@ def expand_scale(scale, names: list[str]) -> np.ndarray:
     return np.asarray([values[name] for name in names], np.float32)
   array = np.asarray(scale, np.float32)
   if array.shape not in ((), (len(names),)):
-    raise ValueError(f"adapter scale must be a number, a preset, a block dictionary or "
-                     f"{len(names)} values (one per cross-attention layer), got shape "
-                     f"{list(array.shape)}")
+    raise ValueError(
+      f"adapter scale must be a number, a preset, a block dictionary or "
+      f"{len(names)} values (one per cross-attention layer), got shape "
+      f"{list(array.shape)}"
+    )
   if not np.all(np.isfinite(array)):
     raise ValueError(f"adapter scale must be finite, got {scale!r}")
   return np.broadcast_to(array, (len(names),)).astype(np.float32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-IMAGE_EMBEDS = "image_embeds"    # CLIP image_embeds [B, E] (the basic adapter)
+IMAGE_EMBEDS = "image_embeds"  # CLIP image_embeds [B, E] (the basic adapter)
 HIDDEN_STATES = "hidden_states"  # the vision tower's hidden_states[-2] [B, T, E] (Plus, Full-face)
 IMAGE_FEATURES = (IMAGE_EMBEDS, HIDDEN_STATES)
 CACHE_KEYS = {IMAGE_EMBEDS: "image_embeds", HIDDEN_STATES: "image_hidden_states"}  # data.cache

@@ -20,7 +20,8 @@ import numpy as np
 from flax import struct
 from PIL import Image
 
-from ipadapter_jax.generation import adapter_scales, masks as mask_ops
+from ipadapter_jax.generation import adapter_scales
+from ipadapter_jax.generation import masks as mask_ops
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, load_image, to_pil
 from ipadapter_jax.storage import atomic_path
 
@@ -44,6 +45,7 @@ class AdapterPrompt:
     start <= i / S < end.
   negative_image: replaces the unconditional image in the guidance's negative branch.
   """
+
   images: Sequence[Any] = ()
   embeds: np.ndarray | None = None
   scale: Any = 1.0
@@ -60,23 +62,25 @@ class AdapterPrompt:
 @dataclasses.dataclass(frozen=True)
 class AdapterPlan:
   """The static part of one adapter's prompt: what a compiled program is specialised to."""
-  image_features: str   # what the adapter reads (AdapterConfig.image_features)
+
+  image_features: str  # what the adapter reads (AdapterConfig.image_features)
   num_images: int
   masked: bool
   weighted: bool
-  precomputed: bool     # saved embeddings instead of pixels
+  precomputed: bool  # saved embeddings instead of pixels
   negative_image: bool
 
 
 @struct.dataclass
 class AdapterInputs:
   """The traced part of one adapter's prompt (I images, L decoupled layers, S steps)."""
-  scale: np.ndarray                         # [L] per decoupled layer
-  window: np.ndarray                        # [S] 1 where the image prompt acts
-  pixels: np.ndarray | None = None          # [R or 1, I, h, w, 3] CLIP pixels
-  embeds: np.ndarray | None = None          # [2, I, ...] saved (negative, positive) features
+
+  scale: np.ndarray  # [L] per decoupled layer
+  window: np.ndarray  # [S] 1 where the image prompt acts
+  pixels: np.ndarray | None = None  # [R or 1, I, h, w, 3] CLIP pixels
+  embeds: np.ndarray | None = None  # [2, I, ...] saved (negative, positive) features
   negative_pixels: np.ndarray | None = None  # [1, h, w, 3] the negative image's CLIP pixels
-  weights: np.ndarray | None = None         # [I] per-image weights
+  weights: np.ndarray | None = None  # [I] per-image weights
   masks: tuple[np.ndarray, ...] | None = None  # per layer [1, T, I]
 
 
@@ -103,18 +107,32 @@ def _check_embeds(embeds, kind: str, index: int, expected_tail) -> np.ndarray:
   embeds = np.asarray(embeds, np.float32)
   ndim = 3 if kind == "image_embeds" else 4
   if embeds.ndim != ndim or embeds.shape[0] != 2 or embeds.shape[1] < 1:
-    raise ValueError(f"adapter {index}: saved embeddings have shape {list(embeds.shape)}, "
-                     f"expected [2 (negative, positive), images, ...] with {ndim} dimensions "
-                     f"for an adapter reading {kind}")
+    raise ValueError(
+      f"adapter {index}: saved embeddings have shape {list(embeds.shape)}, "
+      f"expected [2 (negative, positive), images, ...] with {ndim} dimensions "
+      f"for an adapter reading {kind}"
+    )
   if expected_tail is not None and tuple(embeds.shape[2:]) != tuple(expected_tail):
-    raise ValueError(f"adapter {index}: saved embeddings have features of shape "
-                     f"{list(embeds.shape[2:])}, this adapter reads {list(expected_tail)}")
+    raise ValueError(
+      f"adapter {index}: saved embeddings have features of shape "
+      f"{list(embeds.shape[2:])}, this adapter reads {list(expected_tail)}"
+    )
   return embeds
 
 
-def adapter_inputs(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, layer_names, queries,
-                   num_steps: int, height: int, width: int, processor: CLIPImageConfig | None,
-                   has_encoder: bool, feature_shapes: dict | None = None):
+def adapter_inputs(
+  prompts: Sequence[AdapterPrompt],
+  adapters: Sequence,
+  *,
+  layer_names,
+  queries,
+  num_steps: int,
+  height: int,
+  width: int,
+  processor: CLIPImageConfig | None,
+  has_encoder: bool,
+  feature_shapes: dict | None = None,
+):
   """(plans, inputs): one `AdapterPlan` and one `AdapterInputs` per adapter.
 
   `adapters` are the loaded adapters (each with `adapter_config`), `layer_names` and `queries`
@@ -122,15 +140,19 @@ def adapter_inputs(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, laye
   encoder's {kind: feature shape} when one is loaded.
   """
   if len(prompts) != len(adapters):
-    raise ValueError(f"{len(prompts)} adapter prompts for {len(adapters)} loaded adapters: "
-                     "give one per adapter, in load order")
+    raise ValueError(
+      f"{len(prompts)} adapter prompts for {len(adapters)} loaded adapters: "
+      "give one per adapter, in load order"
+    )
   processor = processor or CLIPImageConfig()
   plans, inputs = [], []
   for a, (prompt, adapter) in enumerate(zip(prompts, adapters)):
     kind = adapter.adapter_config.image_features
     where = f"adapter {a}"
-    x: dict[str, Any] = {"scale": adapter_scales.expand_scale(prompt.scale, layer_names),
-                         "window": window_table(prompt.window, num_steps, f"{where}: window")}
+    x: dict[str, Any] = {
+      "scale": adapter_scales.expand_scale(prompt.scale, layer_names),
+      "window": window_table(prompt.window, num_steps, f"{where}: window"),
+    }
     if prompt.embeds is not None:
       if len(prompt.images):
         raise ValueError(f"{where}: give images or saved embeddings, not both")
@@ -148,25 +170,37 @@ def adapter_inputs(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, laye
         raise ValueError(f"{where}: saved embeddings already hold the negative image")
       if not has_encoder:
         raise ValueError(f"{where}: a negative image needs a CLIP image encoder")
-      x["negative_pixels"] = np.asarray(clip_pixels(
-          [_pil(prompt.negative_image, f"{where}: negative image")], processor))
+      x["negative_pixels"] = np.asarray(
+        clip_pixels([_pil(prompt.negative_image, f"{where}: negative image")], processor)
+      )
     if prompt.weights is not None:
       weights = np.asarray(prompt.weights, np.float32)
       if weights.shape != (count,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"{where}: {count} images need {count} finite weights >= 0, got "
-                         f"{list(np.atleast_1d(weights))}")
+        raise ValueError(
+          f"{where}: {count} images need {count} finite weights >= 0, got "
+          f"{list(np.atleast_1d(weights))}"
+        )
       x["weights"] = weights
     if prompt.masks is not None:
       if len(prompt.masks) != count:
-        raise ValueError(f"{where}: {len(prompt.masks)} masks for {count} images: give one "
-                         "mask per image")
-      prepared = [mask_ops.preprocess_mask(_pil(m, f"{where}: mask {i}"), height, width)
-                  for i, m in enumerate(prompt.masks)]
+        raise ValueError(
+          f"{where}: {len(prompt.masks)} masks for {count} images: give one mask per image"
+        )
+      prepared = [
+        mask_ops.preprocess_mask(_pil(m, f"{where}: mask {i}"), height, width)
+        for i, m in enumerate(prompt.masks)
+      ]
       x["masks"] = mask_ops.layer_masks(prepared, queries)
-    plans.append(AdapterPlan(image_features=kind, num_images=count,
-                             masked=prompt.masks is not None, weighted=prompt.weights is not None,
-                             precomputed=prompt.embeds is not None,
-                             negative_image=prompt.negative_image is not None))
+    plans.append(
+      AdapterPlan(
+        image_features=kind,
+        num_images=count,
+        masked=prompt.masks is not None,
+        weighted=prompt.weights is not None,
+        precomputed=prompt.embeds is not None,
+        negative_image=prompt.negative_image is not None,
+      )
+    )
     inputs.append(AdapterInputs(**x))
   return tuple(plans), tuple(inputs)
 
@@ -174,10 +208,12 @@ def adapter_inputs(prompts: Sequence[AdapterPrompt], adapters: Sequence, *, laye
 def save_image_embeds(path: str, embeds: Sequence[np.ndarray], kinds: Sequence[str]) -> None:
   """Writes one [2, I, ...] array (negative, positive) per adapter to a .safetensors file."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
   if not path.endswith(".safetensors"):
     raise ValueError(f"{path}: image embeddings are written as .safetensors")
-  tensors = {EMBEDS_KEY.format(a): np.ascontiguousarray(e, np.float32)
-             for a, e in enumerate(embeds)}
+  tensors = {
+    EMBEDS_KEY.format(a): np.ascontiguousarray(e, np.float32) for a, e in enumerate(embeds)
+  }
   with atomic_path(path) as tmp:
     save_file(tensors, tmp, metadata={"image_features": json.dumps(list(kinds))})
 
@@ -185,6 +221,7 @@ def save_image_embeds(path: str, embeds: Sequence[np.ndarray], kinds: Sequence[s
 def load_image_embeds(path: str) -> list[np.ndarray]:
   """The per-adapter arrays of a file written by `save_image_embeds`."""
   from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   try:
@@ -193,8 +230,10 @@ def load_image_embeds(path: str) -> list[np.ndarray]:
       count = len(keys)
       expected = {EMBEDS_KEY.format(a) for a in range(count)}
       if keys != expected or not keys:
-        raise ValueError(f"{path}: not an image-embeddings file (keys {sorted(keys)[:3]}, "
-                         f"expected {EMBEDS_KEY.format(0)}, ...)")
+        raise ValueError(
+          f"{path}: not an image-embeddings file (keys {sorted(keys)[:3]}, "
+          f"expected {EMBEDS_KEY.format(0)}, ...)"
+        )
       return [f.get_tensor(EMBEDS_KEY.format(a)) for a in range(count)]
   except (OSError, SafetensorError) as e:
     raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None

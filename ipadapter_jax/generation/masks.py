@@ -22,11 +22,13 @@ _MULTIPLE = 8  # diffusers' IPAdapterMaskProcessor default vae_scale_factor
 
 
 def preprocess_mask(mask: Image.Image, height: int, width: int) -> np.ndarray:
-  """[H', W'] float32 of 0s and 1s: the mask at the output size (rounded down to a multiple of 8)."""
+  """[H', W'] float32 of 0s and 1s: the mask at the output size (rounded down to a multiple of
+  8)."""
   h, w = height - height % _MULTIPLE, width - width % _MULTIPLE
   if h < 1 or w < 1:
-    raise ValueError(f"a mask needs an output of at least {_MULTIPLE}x{_MULTIPLE}, "
-                     f"got {height}x{width}")
+    raise ValueError(
+      f"a mask needs an output of at least {_MULTIPLE}x{_MULTIPLE}, got {height}x{width}"
+    )
   grey = mask.resize((w, h), resample=Image.LANCZOS).convert("L")
   values = np.asarray(grey, np.float32) / 255.0
   return (values >= 0.5).astype(np.float32)
@@ -35,8 +37,8 @@ def preprocess_mask(mask: Image.Image, height: int, width: int) -> np.ndarray:
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
   """[..., 4] weights of the samples at offsets -1, 0, 1, 2 for fractional positions t."""
   a = _CUBIC_A
-  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1          # |x| <= 1
-  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a     # 1 < |x| < 2
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
   return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
@@ -45,7 +47,7 @@ def _resize_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
   n = x.shape[axis]
   real = (np.arange(size, dtype=np.float64) + 0.5) * (n / size) - 0.5
   base = np.floor(real)
-  weights = _cubic_weights(real - base)                                   # [size, 4]
+  weights = _cubic_weights(real - base)  # [size, 4]
   index = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n - 1)  # [size, 4]
   moved = np.moveaxis(x, axis, -1)
   out = np.sum(moved[..., index] * weights, axis=-1)

@@ -13,27 +13,40 @@ T2I-Adapter's features are computed once per generation, outside the denoising l
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
 
-from ipadapter_jax.generation.conditioning import encode_image, encode_text, null_image_features
 from ipadapter_jax.diffusion.samplers import Sampler, Tables, default_sampler, make_sampler
+from ipadapter_jax.generation.conditioning import encode_image, encode_text, null_image_features
 from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt
+from ipadapter_jax.generation.request import (
+  INPAINT,
+  TEXT2IMG,
+  Inputs,
+  Plan,
+  Request,
+  default_size,
+  image_prompt_inputs,
+  plan_generation,
+  vae_scale_factor,
+)
 from ipadapter_jax.models.vae import scale_latents, unscale_latents
-from ipadapter_jax.generation.request import (INPAINT, TEXT2IMG, Inputs, Plan, Request, default_size,
-                                   image_prompt_inputs, plan_generation, vae_scale_factor)
 from ipadapter_jax.weights.stable_diffusion import StableDiffusion
 
 
 class TextConditioning(NamedTuple):
   """What the UNet (and the ControlNets) read of the text, for every row of its batch."""
-  context: jax.Array   # [rows, S, D]
-  added: dict          # SDXL: text_embeds and time_ids; else empty
+
+  context: jax.Array  # [rows, S, D]
+  added: dict  # SDXL: text_embeds and time_ids; else empty
 
 
 def _repeat_pairs(x, n: int):
@@ -42,7 +55,7 @@ def _repeat_pairs(x, n: int):
 
 
 def _positive_half(x):
-  return x[x.shape[0] // 2:]
+  return x[x.shape[0] // 2 :]
 
 
 def image_features(image_encoder, plan: AdapterPlan, x: AdapterInputs):
@@ -53,8 +66,9 @@ def image_features(image_encoder, plan: AdapterPlan, x: AdapterInputs):
     return x.embeds[:1], x.embeds[1:]
   pixels = x.pixels
   rows, images = pixels.shape[:2]
-  positive = encode_image(image_encoder, pixels.reshape((-1,) + pixels.shape[2:]),
-                          plan.image_features)
+  positive = encode_image(
+    image_encoder, pixels.reshape((-1,) + pixels.shape[2:]), plan.image_features
+  )
   positive = positive.reshape((rows, images) + positive.shape[1:])
   if plan.negative_image:
     negative = encode_image(image_encoder, x.negative_pixels, plan.image_features)
@@ -69,22 +83,30 @@ def _image_prompts(models, plan: Plan, adapter_inputs, requests: int):
   prompts = []
   for adapter, a_plan, x in zip(models.adapters(), plan.adapters, adapter_inputs):
     negative, positive = image_features(models.image_encoder, a_plan, x)
-    features = jnp.concatenate([jnp.broadcast_to(f, (requests,) + f.shape[1:])
-                                for f in (negative, positive)])
+    features = jnp.concatenate(
+      [jnp.broadcast_to(f, (requests,) + f.shape[1:]) for f in (negative, positive)]
+    )
     features = _repeat_pairs(features, plan.num_samples)
     if not plan.guidance:
       features = _positive_half(features)
-    prompts.append(adapter.encode_image_prompt(
-        features.reshape((-1,) + features.shape[2:]), x.scale, num_images=a_plan.num_images,
-        weights=x.weights, masks=x.masks))
+    prompts.append(
+      adapter.encode_image_prompt(
+        features.reshape((-1,) + features.shape[2:]),
+        x.scale,
+        num_images=a_plan.num_images,
+        weights=x.weights,
+        masks=x.masks,
+      )
+    )
   return tuple(prompts)
 
 
 def _text_conditioning(models, plan: Plan, inputs: Inputs) -> TextConditioning:
   """The prompts' tokens and (SDXL) pooled embeddings and size conditioning, each request
   `num_samples` times; the positive half only without guidance."""
-  context, pooled = encode_text(models.text_encoder, models.text_encoder_2, inputs.ids,
-                                inputs.ids_2)
+  context, pooled = encode_text(
+    models.text_encoder, models.text_encoder_2, inputs.ids, inputs.ids_2
+  )
   if plan.sdxl_zero_negative:  # the first half of the rows are the (empty) negative prompts
     negatives = context.shape[0] // 2
     context, pooled = context.at[:negatives].set(0.0), pooled.at[:negatives].set(0.0)
@@ -103,8 +125,9 @@ def _encode(vae, pixels, noise):
   if vae is None:
     return pixels
   mean, logvar = vae.encode(pixels)
-  return scale_latents(mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32))
-                       * noise, vae.config)
+  return scale_latents(
+    mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise, vae.config
+  )
 
 
 def _initial_latents(models, plan: Plan, inputs: Inputs, tables: Tables, host_tables: Tables):
@@ -117,8 +140,9 @@ def _initial_latents(models, plan: Plan, inputs: Inputs, tables: Tables, host_ta
   from_noise = noise * sampler.init_noise_sigma(host_tables)
   if plan.task == TEXT2IMG:
     return from_noise, None
-  image = jnp.repeat(_encode(models.vae, init.pixels, init.posterior_noise), plan.num_samples,
-                     axis=0)
+  image = jnp.repeat(
+    _encode(models.vae, init.pixels, init.posterior_noise), plan.num_samples, axis=0
+  )
   noised = sampler.add_noise(image, noise, init.start, tables)
   if plan.task == INPAINT:
     noised = jnp.where(init.from_noise, from_noise, noised)
@@ -139,14 +163,17 @@ def _inpainting_channels(models, plan: Plan, inputs: Inputs, latent_channels: in
 def _keep_known(plan: Plan, inputs: Inputs, tables: Tables, i, latents, image_latents, mask):
   """Inpainting with a regular UNet: the known part (where `mask` is 0) put back after step i,
   noised to the next step (or clean after the last)."""
-  known = jnp.where(i + 1 < plan.num_inference_steps,
-                    plan.sampler.add_noise(image_latents, inputs.latents, i + 1, tables),
-                    image_latents)
+  known = jnp.where(
+    i + 1 < plan.num_inference_steps,
+    plan.sampler.add_noise(image_latents, inputs.latents, i + 1, tables),
+    image_latents,
+  )
   return (1 - mask) * known + mask * latents
 
 
-def _control_residuals(controlnets, plan: Plan, inputs: Inputs, i, x, x_positive, t,
-                       text: TextConditioning):
+def _control_residuals(
+  controlnets, plan: Plan, inputs: Inputs, i, x, x_positive, t, text: TextConditioning
+):
   """The ControlNets' (down residuals, mid residual) at step i, summed over the nets. They see
   the text tokens only, never the image prompt; in guess mode only the positive half, with
   zeros for the negative one (diffusers' semantics)."""
@@ -159,8 +186,15 @@ def _control_residuals(controlnets, plan: Plan, inputs: Inputs, i, x, x_positive
   down = mid = None
   for k, net in enumerate(controlnets):
     image = jnp.broadcast_to(control.images[k], (x.shape[0],) + control.images[k].shape[1:])
-    d, m = net(x, t, context, image, conditioning_scale=control.scales[k] * control.keep[k, i],
-               guess_mode=plan.guess_mode, **added)
+    d, m = net(
+      x,
+      t,
+      context,
+      image,
+      conditioning_scale=control.scales[k] * control.keep[k, i],
+      guess_mode=plan.guess_mode,
+      **added,
+    )
     down = list(d) if down is None else [a + b for a, b in zip(down, d)]
     mid = m if mid is None else mid + m
   if half_only:
@@ -175,13 +209,15 @@ def _t2i_features(t2i_adapter, inputs: Inputs, batch: int):
   return [jnp.broadcast_to(f * inputs.t2i.scale, (batch,) + f.shape[1:]) for f in features]
 
 
-def _structure_residuals(models, plan: Plan, inputs: Inputs, i, x, x_positive, t,
-                         text: TextConditioning, t2i_features) -> dict:
+def _structure_residuals(
+  models, plan: Plan, inputs: Inputs, i, x, x_positive, t, text: TextConditioning, t2i_features
+) -> dict:
   """The UNet's residual inputs at step i: the ControlNets' and the T2I-Adapter's."""
   residuals = {}
   if plan.controlnets:
     residuals["down_residuals"], residuals["mid_residual"] = _control_residuals(
-        models.controlnets, plan, inputs, i, x, x_positive, t, text)
+      models.controlnets, plan, inputs, i, x, x_positive, t, text
+    )
   if t2i_features is not None:
     on = inputs.t2i.steps[i]
     residuals["intrablock_residuals"] = [f * on for f in t2i_features]
@@ -190,8 +226,10 @@ def _structure_residuals(models, plan: Plan, inputs: Inputs, i, x, x_positive, t
 
 def _windowed(image_prompts, inputs: Inputs, i):
   """The image prompts of step i: each adapter's scale times its timestep window."""
-  return tuple(p._replace(scale=p.scale * a.window[i])
-               for p, a in zip(image_prompts, inputs.adapters)) or None
+  return (
+    tuple(p._replace(scale=p.scale * a.window[i]) for p, a in zip(image_prompts, inputs.adapters))
+    or None
+  )
 
 
 def _guided(out, plan: Plan, guidance_scale):
@@ -219,8 +257,9 @@ def generate(graphdef, state, inputs: Inputs, *, plan: Plan, on_step=None):
   # The image tokens' keys/values and the T2I-Adapter's features: once, outside the loop.
   requests = inputs.ids.shape[0] // 2
   image_prompts = _image_prompts(models, plan, inputs.adapters, requests)
-  t2i_features = (_t2i_features(models.t2i_adapter, inputs, text.context.shape[0])
-                  if plan.t2i_adapter else None)
+  t2i_features = (
+    _t2i_features(models.t2i_adapter, inputs, text.context.shape[0]) if plan.t2i_adapter else None
+  )
 
   host_tables = sampler.tables(plan.num_inference_steps)
   tables = Tables(*(jnp.asarray(a) for a in host_tables))
@@ -238,20 +277,33 @@ def generate(graphdef, state, inputs: Inputs, *, plan: Plan, on_step=None):
     residuals = _structure_residuals(models, plan, inputs, i, x, positive, t, text, t2i_features)
     if extra_channels is not None:
       x = jnp.concatenate([x, extra_channels], axis=-1)
-    out = unet(x, t, text.context, image_prompt=_windowed(image_prompts, inputs, i),
-               **text.added, **residuals).astype(jnp.float32)
-    latents, state = sampler.advance(_guided(out, plan, inputs.guidance_scale), i, latents,
-                                     state, tables, eta=inputs.eta,
-                                     noise=_step_noise(plan, inputs, i, latents.shape),
-                                     start=inputs.start)
+    out = unet(
+      x,
+      t,
+      text.context,
+      image_prompt=_windowed(image_prompts, inputs, i),
+      **text.added,
+      **residuals,
+    ).astype(jnp.float32)
+    latents, state = sampler.advance(
+      _guided(out, plan, inputs.guidance_scale),
+      i,
+      latents,
+      state,
+      tables,
+      eta=inputs.eta,
+      noise=_step_noise(plan, inputs, i, latents.shape),
+      start=inputs.start,
+    )
     if keep_known:
       latents = _keep_known(plan, inputs, tables, i, latents, image_latents, mask)
     if on_step is not None:
       jax.debug.callback(on_step, i)
     return latents, state
 
-  latents, _ = jax.lax.fori_loop(inputs.start, plan.num_inference_steps, denoise,
-                                 (latents, sampler.init_state(latents)))
+  latents, _ = jax.lax.fori_loop(
+    inputs.start, plan.num_inference_steps, denoise, (latents, sampler.init_state(latents))
+  )
   images = latents if vae is None else vae.decode(unscale_latents(latents, vae.config))
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -259,8 +311,10 @@ def generate(graphdef, state, inputs: Inputs, *, plan: Plan, on_step=None):
 def encode_embeds(graphdef, state, adapter_inputs, *, plans):
   """Per adapter its [2, I, ...] (negative, positive) image features, for saving."""
   models = nnx.merge(graphdef, state)
-  return tuple(jnp.concatenate(image_features(models.image_encoder, p, x))
-               for p, x in zip(plans, adapter_inputs))
+  return tuple(
+    jnp.concatenate(image_features(models.image_encoder, p, x))
+    for p, x in zip(plans, adapter_inputs)
+  )
 
 
 def latents_sharding(mesh, images: int) -> NamedSharding:
@@ -269,11 +323,33 @@ def latents_sharding(mesh, images: int) -> NamedSharding:
   return NamedSharding(mesh, P("data") if images % mesh.size == 0 else P())
 
 
+OUTPUT_TYPES = ("pil", "np")
+
+
+def pil_images(images: np.ndarray) -> list[Image.Image]:
+  """[N, H, W, 3] floats in [0, 1] -> N RGB images, each value rounded to the nearest of 256
+  levels (as diffusers' `output_type="pil"` and `preprocessing.image_grid` round)."""
+  return [Image.fromarray(image) for image in (np.asarray(images) * 255).round().astype(np.uint8)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOutput:
+  """What a pipeline call returns, like diffusers' pipeline outputs: `images` is a list of PIL
+  images (`output_type="pil"`) or one float32 array [N, H, W, 3] in [0, 1] (`"np"`)."""
+
+  images: list[Image.Image] | np.ndarray
+
+
 class IPAdapterPipeline:
   """Sampling with a Stable Diffusion model and IP-Adapters (or none), with CFG."""
 
-  def __init__(self, models: StableDiffusion, *, scheduler: str | Sampler | None = None,
-               on_step: Callable[[int], None] | None = None):
+  def __init__(
+    self,
+    models: StableDiffusion,
+    *,
+    scheduler: str | Sampler | None = None,
+    on_step: Callable[[int], None] | None = None,
+  ):
     """`scheduler` (named as in diffusers' pipelines): a sampler name (`diffusion.SAMPLERS`:
     ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, unipc), built from the model folder's
     scheduler config as diffusers' `from_config` builds it, or a sampler of
@@ -286,8 +362,9 @@ class IPAdapterPipeline:
     self.vae_scale_factor = vae_scale_factor(models)
     self._graphdef, state = nnx.split(models.networks())
     devices = jax.local_devices()  # sampling runs within one process, also in multi-host runs
-    self.mesh = jax.make_mesh((len(devices),), ("data",),
-                              axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    self.mesh = jax.make_mesh(
+      (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
     self._generate = jax.jit(generate, static_argnames=("graphdef", "plan", "on_step"))
     self._encode_embeds = jax.jit(encode_embeds, static_argnames=("graphdef", "plans"))
@@ -298,9 +375,17 @@ class IPAdapterPipeline:
     trainable part), each cast to the dtype it replaces, so nothing recompiles."""
     current = dict(nnx.to_flat_state(self._state))
     replicated = NamedSharding(self.mesh, P())
-    new = [(path, variable.replace(jax.device_put(
-               jnp.asarray(variable.get_value(), current[path].get_value().dtype), replicated)))
-           for path, variable in nnx.to_flat_state(weights)]
+    new = [
+      (
+        path,
+        variable.replace(
+          jax.device_put(
+            jnp.asarray(variable.get_value(), current[path].get_value().dtype), replicated
+          )
+        ),
+      )
+      for path, variable in nnx.to_flat_state(weights)
+    ]
     self._state = nnx.merge_state(self._state, nnx.from_flat_state(new))
 
   @property
@@ -323,26 +408,40 @@ class IPAdapterPipeline:
     `image_prompts.save_image_embeds` and reuse as `AdapterPrompt(embeds=...)`."""
     h, w = self.default_size
     plans, inputs = image_prompt_inputs(self.models, None, 1.0, adapters, 1, h, w)
-    return [np.asarray(e) for e in self._encode_embeds(self._graphdef, self._state, inputs,
-                                                       plans=plans)]
+    return [
+      np.asarray(e) for e in self._encode_embeds(self._graphdef, self._state, inputs, plans=plans)
+    ]
 
   def _shard(self, inputs: Inputs) -> Inputs:
-    return inputs.replace(latents=jax.device_put(
-        inputs.latents, latents_sharding(self.mesh, inputs.latents.shape[0])))
+    return inputs.replace(
+      latents=jax.device_put(inputs.latents, latents_sharding(self.mesh, inputs.latents.shape[0]))
+    )
 
   def compile(self, **request):
     """Compiles (without running) the program for a request; returns the compiled executable."""
     plan, inputs = self.prepare(**request)
-    return self._generate.lower(self._graphdef, self._state, self._shard(inputs), plan=plan,
-                                on_step=self._on_step).compile()
+    return self._generate.lower(
+      self._graphdef, self._state, self._shard(inputs), plan=plan, on_step=self._on_step
+    ).compile()
 
-  def __call__(self, prompt: str | Sequence[str] = "", image=None, **request) -> np.ndarray:
-    """Images [requests x num_samples, H, W, 3] float32 in [0, 1] (diffusers' output_type="np"),
-    grouped by request. The arguments are `request.Request`'s: diffusers' names and defaults."""
+  def __call__(
+    self, prompt: str | Sequence[str] = "", image=None, *, output_type: str = "pil", **request
+  ) -> PipelineOutput:
+    """The images of a request, requests x num_samples of them grouped by request, in
+    `.images`: PIL images, or with `output_type="np"` one float32 array [N, H, W, 3] in [0, 1]
+    (as diffusers returns them). The other arguments are `request.Request`'s: diffusers' names
+    and defaults."""
+    if output_type not in OUTPUT_TYPES:
+      raise ValueError(
+        f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
+      )
     plan, inputs = self.prepare(prompt, image, **request)
-    images = self._generate(self._graphdef, self._state, self._shard(inputs), plan=plan,
-                            on_step=self._on_step)
-    return np.asarray(images)
+    images = np.asarray(
+      self._generate(
+        self._graphdef, self._state, self._shard(inputs), plan=plan, on_step=self._on_step
+      )
+    )
+    return PipelineOutput(pil_images(images) if output_type == "pil" else images)
 
   def cache_size(self) -> int:
     """How many programs have been compiled (for checking that nothing recompiles)."""

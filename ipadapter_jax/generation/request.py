@@ -18,10 +18,23 @@ import numpy as np
 from flax import struct
 
 from ipadapter_jax.diffusion.samplers import Sampler
-from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan, AdapterPrompt, adapter_inputs
+from ipadapter_jax.generation.image_prompts import (
+  AdapterInputs,
+  AdapterPlan,
+  AdapterPrompt,
+  adapter_inputs,
+)
+from ipadapter_jax.generation.structure import (
+  ControlInputs,
+  InitInputs,
+  T2IInputs,
+  control_inputs,
+  finite,
+  image_size,
+  init_inputs,
+  t2i_inputs,
+)
 from ipadapter_jax.preprocessing import CLIPImageConfig, clip_pixels, to_pil
-from ipadapter_jax.generation.structure import (ControlInputs, InitInputs, T2IInputs, control_inputs, finite,
-                                     image_size, init_inputs, t2i_inputs)
 from ipadapter_jax.tokenizer import tokenize
 
 TEXT2IMG, IMG2IMG, INPAINT = "text2img", "img2img", "inpaint"
@@ -30,32 +43,34 @@ TEXT2IMG, IMG2IMG, INPAINT = "text2img", "img2img", "inpaint"
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The static shape of a generation: what one compiled program is specialised to."""
+
   sampler: Sampler
   num_inference_steps: int
   num_samples: int
-  guidance: bool                      # classifier-free guidance (guidance_scale > 1)
-  stochastic: bool                    # eta > 0, or an ancestral sampler: noise at every step
-  adapters: tuple[AdapterPlan, ...]   # one per adapter given an image prompt (none: text only)
-  sdxl_zero_negative: bool            # SDXL: zero negative embeddings for an empty negative
-  task: str = TEXT2IMG                # text2img | img2img | inpaint
-  controlnets: int = 0                # how many ControlNets act (their residuals are summed)
-  guess_mode: bool = False            # ControlNet guess mode (the positive half only)
-  t2i_adapter: bool = False           # a T2I-Adapter's feature maps are added
+  guidance: bool  # classifier-free guidance (guidance_scale > 1)
+  stochastic: bool  # eta > 0, or an ancestral sampler: noise at every step
+  adapters: tuple[AdapterPlan, ...]  # one per adapter given an image prompt (none: text only)
+  sdxl_zero_negative: bool  # SDXL: zero negative embeddings for an empty negative
+  task: str = TEXT2IMG  # text2img | img2img | inpaint
+  controlnets: int = 0  # how many ControlNets act (their residuals are summed)
+  guess_mode: bool = False  # ControlNet guess mode (the positive half only)
+  t2i_adapter: bool = False  # a T2I-Adapter's feature maps are added
 
 
 @struct.dataclass
 class Inputs:
   """The traced inputs of one generation. R requests, N = R x num_samples images; latents are
   NHWC ([N, h, w, C]); rows of text are all negatives, then all positives."""
-  ids: jax.Array                       # [2R, S] token ids
-  latents: jax.Array                   # [N, h, w, C] standard normal start noise
-  key: jax.Array                       # the seed's key for the noise of stochastic steps
+
+  ids: jax.Array  # [2R, S] token ids
+  latents: jax.Array  # [N, h, w, C] standard normal start noise
+  key: jax.Array  # the seed's key for the noise of stochastic steps
   guidance_scale: jax.Array
   eta: jax.Array
-  ids_2: jax.Array | None = None       # SDXL's second tokenizer's ids [2R, S]
-  time_ids: jax.Array | None = None    # SDXL's size conditioning [2N, 6]
+  ids_2: jax.Array | None = None  # SDXL's second tokenizer's ids [2R, S]
+  time_ids: jax.Array | None = None  # SDXL's size conditioning [2N, 6]
   step_noise: jax.Array | None = None  # [steps, N, h, w, C]: replaces the drawn step noise
-  init: InitInputs | None = None       # img2img / inpainting
+  init: InitInputs | None = None  # img2img / inpainting
   control: ControlInputs | None = None
   t2i: T2IInputs | None = None
   adapters: tuple[AdapterInputs, ...] = ()
@@ -97,6 +112,7 @@ class Request:
   steps. Without height/width the output takes the control (or adapter) image's size, as
   diffusers' ControlNet and T2I-Adapter pipelines do.
   """
+
   prompt: str | Sequence[str] = ""
   image: Any = None
   adapters: Sequence[AdapterPrompt] | None = None
@@ -149,8 +165,9 @@ def split_requests(prompt, image) -> tuple[list[str], list | None]:
   count = max(len(prompts), len(images or ()))
   for name, values in (("prompt", prompts), ("image", images)):
     if values is not None and len(values) not in (1, count):
-      raise ValueError(f"{len(prompts)} prompts and {len(images)} images: give one of each or "
-                       f"equally many")
+      raise ValueError(
+        f"{len(prompts)} prompts and {len(images)} images: give one of each or equally many"
+      )
     if values is not None and not values:
       raise ValueError(f"an empty list of {name}s")
   return prompts * (count // len(prompts)), images and images * (count // len(images))
@@ -168,8 +185,7 @@ def output_size(models, request: Request) -> tuple[int, int]:
     elif request.control_images:
       height, width = image_size(first(request.control_images), f)
     elif request.adapter_image is not None and models.t2i_adapter is not None:
-      height, width = image_size(request.adapter_image,
-                                 models.t2i_adapter.config.downscale_factor)
+      height, width = image_size(request.adapter_image, models.t2i_adapter.config.downscale_factor)
   height, width = height or default_size(models)[0], width or default_size(models)[1]
   if height % f or width % f:
     raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
@@ -183,8 +199,10 @@ def start_noise(given, shape, key) -> jax.Array:
   given = np.asarray(given, np.float32)
   expected = (shape[0], shape[3]) + shape[1:3]
   if given.shape != expected:
-    raise ValueError(f"initial latents have shape {list(given.shape)}, expected "
-                     f"{list(expected)} (prompts x num_samples, C, height/f, width/f)")
+    raise ValueError(
+      f"initial latents have shape {list(given.shape)}, expected "
+      f"{list(expected)} (prompts x num_samples, C, height/f, width/f)"
+    )
   return jnp.asarray(given.transpose(0, 2, 3, 1))
 
 
@@ -195,8 +213,9 @@ def step_noise(given, steps: int, shape) -> jax.Array | None:
   given = np.asarray(given, np.float32)
   expected = (steps,) + shape[:1] + shape[3:] + shape[1:3]
   if given.shape != expected:
-    raise ValueError(f"step_noise has shape {list(given.shape)}, expected "
-                     f"{list(expected)} (steps, N, C, h, w)")
+    raise ValueError(
+      f"step_noise has shape {list(given.shape)}, expected {list(expected)} (steps, N, C, h, w)"
+    )
   return jnp.asarray(given.transpose(0, 1, 3, 4, 2))
 
 
@@ -214,12 +233,16 @@ def text_inputs(models, prompts, negative_prompt, images: int, height: int, widt
 
 def zero_negative(models, negative_prompt) -> bool:
   """SDXL's `force_zeros_for_empty_prompt`: zero negative embeddings when none is given."""
-  return bool(models.is_sdxl and negative_prompt is None
-              and models.model_index.get("force_zeros_for_empty_prompt", True))
+  return bool(
+    models.is_sdxl
+    and negative_prompt is None
+    and models.model_index.get("force_zeros_for_empty_prompt", True)
+  )
 
 
-def image_prompt_inputs(models, images, scale, adapters, num_steps: int, height: int,
-                        width: int) -> tuple[tuple[AdapterPlan, ...], tuple[AdapterInputs, ...]]:
+def image_prompt_inputs(
+  models, images, scale, adapters, num_steps: int, height: int, width: int
+) -> tuple[tuple[AdapterPlan, ...], tuple[AdapterInputs, ...]]:
   """Per loaded adapter its plan and inputs: from `adapters` (one `AdapterPrompt` each), or the
   shorthand of one image per request (its own CLIP pixels) for a single loaded adapter."""
   loaded = models.adapters()
@@ -231,21 +254,27 @@ def image_prompt_inputs(models, images, scale, adapters, num_steps: int, height:
   if models.image_encoder is not None:
     c = models.image_encoder.config
     tokens = (c.image_size // c.patch_size) ** 2 + 1
-    feature_shapes = {"image_embeds": (c.projection_dim,),
-                      "hidden_states": (tokens, c.hidden_size)}
+    feature_shapes = {"image_embeds": (c.projection_dim,), "hidden_states": (tokens, c.hidden_size)}
   f = vae_scale_factor(models)
-  context = dict(layer_names=models.unet.cross_attention_names(),
-                 queries=models.unet.cross_attention_queries(height // f, width // f),
-                 num_steps=num_steps, height=height, width=width,
-                 processor=models.image_processor, has_encoder=models.image_encoder is not None,
-                 feature_shapes=feature_shapes)
+  context = dict(
+    layer_names=models.unet.cross_attention_names(),
+    queries=models.unet.cross_attention_queries(height // f, width // f),
+    num_steps=num_steps,
+    height=height,
+    width=width,
+    processor=models.image_processor,
+    has_encoder=models.image_encoder is not None,
+    feature_shapes=feature_shapes,
+  )
   if adapters is not None:
     return adapter_inputs(list(adapters), loaded, **context)
   if len(loaded) > 1:
-    raise ValueError(f"{len(loaded)} adapters are loaded: give one AdapterPrompt each "
-                     "(adapters=[...])")
-  plans, (inputs,) = adapter_inputs([AdapterPrompt(images=images[:1], scale=scale)], loaded,
-                                    **context)
+    raise ValueError(
+      f"{len(loaded)} adapters are loaded: give one AdapterPrompt each (adapters=[...])"
+    )
+  plans, (inputs,) = adapter_inputs(
+    [AdapterPrompt(images=images[:1], scale=scale)], loaded, **context
+  )
   processor = models.image_processor or CLIPImageConfig()
   pixels = clip_pixels([to_pil(i) for i in images], processor)[:, None]
   return plans, (dataclasses.replace(inputs, pixels=pixels),)
@@ -270,35 +299,81 @@ def plan_generation(models, sampler: Sampler, request: Request) -> tuple[Plan, I
 
   init = None
   if r.task != TEXT2IMG:
-    init = init_inputs(r.init_image, r.mask_image, r.strength, steps, len(prompts), height,
-                       width, r.posterior_noise, init_key, vae_scale_factor=f,
-                       latent_channels=channels, sdxl=m.is_sdxl,
-                       given_latents=r.latents is not None)
+    init = init_inputs(
+      r.init_image,
+      r.mask_image,
+      r.strength,
+      steps,
+      len(prompts),
+      height,
+      width,
+      r.posterior_noise,
+      init_key,
+      vae_scale_factor=f,
+      latent_channels=channels,
+      sdxl=m.is_sdxl,
+      given_latents=r.latents is not None,
+    )
   elif m.unet.config.in_channels != channels:
-    raise ValueError(f"this UNet takes {m.unet.config.in_channels} input channels (an "
-                     "inpainting model): give an init_image and a mask_image")
+    raise ValueError(
+      f"this UNet takes {m.unet.config.in_channels} input channels (an "
+      "inpainting model): give an init_image and a mask_image"
+    )
   start = 0 if init is None else int(init.start)
   control = t2i = None
   if r.control_images is not None or m.controlnets:
-    control = control_inputs(m.controlnets, r.control_images, r.controlnet_conditioning_scale,
-                             r.control_guidance_start, r.control_guidance_end, steps, start,
-                             height, width)
+    control = control_inputs(
+      m.controlnets,
+      r.control_images,
+      r.controlnet_conditioning_scale,
+      r.control_guidance_start,
+      r.control_guidance_end,
+      steps,
+      start,
+      height,
+      width,
+    )
   if r.adapter_image is not None or m.t2i_adapter is not None:
-    t2i = t2i_inputs(m.t2i_adapter, r.adapter_image, r.adapter_conditioning_scale,
-                     r.adapter_conditioning_factor, steps, start, height, width)
+    t2i = t2i_inputs(
+      m.t2i_adapter,
+      r.adapter_image,
+      r.adapter_conditioning_scale,
+      r.adapter_conditioning_factor,
+      steps,
+      start,
+      height,
+      width,
+    )
   adapter_plans, adapters = (), ()
   if images is not None or r.adapters is not None:
-    adapter_plans, adapters = image_prompt_inputs(m, images, r.scale, r.adapters, steps, height,
-                                                  width)
+    adapter_plans, adapters = image_prompt_inputs(
+      m, images, r.scale, r.adapters, steps, height, width
+    )
 
   guess_mode = bool(r.guess_mode) or any(n.config.global_pool_conditions for n in m.controlnets)
-  plan = Plan(sampler=sampler, num_inference_steps=steps, num_samples=r.num_samples,
-              guidance=r.guidance_scale > 1, stochastic=r.eta > 0 or sampler.needs_noise,
-              adapters=adapter_plans, sdxl_zero_negative=zero_negative(m, r.negative_prompt),
-              task=r.task, controlnets=len(m.controlnets),
-              guess_mode=guess_mode and bool(m.controlnets), t2i_adapter=m.t2i_adapter is not None)
-  inputs = Inputs(latents=latents, key=key, guidance_scale=jnp.float32(r.guidance_scale),
-                  eta=jnp.float32(r.eta), step_noise=noise, init=init, control=control, t2i=t2i,
-                  adapters=adapters,
-                  **text_inputs(m, prompts, r.negative_prompt, total, height, width))
+  plan = Plan(
+    sampler=sampler,
+    num_inference_steps=steps,
+    num_samples=r.num_samples,
+    guidance=r.guidance_scale > 1,
+    stochastic=r.eta > 0 or sampler.needs_noise,
+    adapters=adapter_plans,
+    sdxl_zero_negative=zero_negative(m, r.negative_prompt),
+    task=r.task,
+    controlnets=len(m.controlnets),
+    guess_mode=guess_mode and bool(m.controlnets),
+    t2i_adapter=m.t2i_adapter is not None,
+  )
+  inputs = Inputs(
+    latents=latents,
+    key=key,
+    guidance_scale=jnp.float32(r.guidance_scale),
+    eta=jnp.float32(r.eta),
+    step_noise=noise,
+    init=init,
+    control=control,
+    t2i=t2i,
+    adapters=adapters,
+    **text_inputs(m, prompts, r.negative_prompt, total, height, width),
+  )
   return plan, inputs

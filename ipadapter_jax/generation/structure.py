@@ -17,9 +17,8 @@ import numpy as np
 from flax import struct
 from PIL import Image
 
-from ipadapter_jax.preprocessing import preprocess_adapter_image
-from ipadapter_jax.preprocessing import to_pil, to_rgb
 from ipadapter_jax.diffusion.samplers import first_step
+from ipadapter_jax.preprocessing import preprocess_adapter_image, to_pil, to_rgb
 
 # Relative difference of width/height ratios beyond which an init image is refused.
 _ASPECT_TOLERANCE = 0.01
@@ -28,29 +27,32 @@ _ASPECT_TOLERANCE = 0.01
 @struct.dataclass
 class InitInputs:
   """img2img and inpainting: R init images, their latents' size h x w x C."""
-  pixels: jax.Array                     # [R, H, W, 3] in [-1, 1]
-  posterior_noise: jax.Array            # [R, h, w, C] the VAE posterior sample's noise
-  start: jax.Array                      # the first step that runs (from strength)
+
+  pixels: jax.Array  # [R, H, W, 3] in [-1, 1]
+  posterior_noise: jax.Array  # [R, h, w, C] the VAE posterior sample's noise
+  start: jax.Array  # the first step that runs (from strength)
   latent_mask: jax.Array | None = None  # inpainting: [R, h, w, 1], 1 where repainted
   masked_pixels: jax.Array | None = None  # [R, H, W, 3] the init pixels with the hole zeroed
-  masked_noise: jax.Array | None = None   # [R, h, w, C] its posterior sample's noise
-  from_noise: jax.Array | None = None     # start from pure noise (strength 1 or latents= given)
+  masked_noise: jax.Array | None = None  # [R, h, w, C] its posterior sample's noise
+  from_noise: jax.Array | None = None  # start from pure noise (strength 1 or latents= given)
 
 
 @struct.dataclass
 class ControlInputs:
   """K ControlNets over S steps."""
+
   images: tuple[jax.Array, ...]  # per net [1, H, W, 3] in [0, 1]
-  scales: jax.Array              # [K]
-  keep: jax.Array                # [K, S] 1 where a net acts
+  scales: jax.Array  # [K]
+  keep: jax.Array  # [K, S] 1 where a net acts
 
 
 @struct.dataclass
 class T2IInputs:
   """The T2I-Adapter over S steps."""
-  image: jax.Array   # [1, H, W, C]
+
+  image: jax.Array  # [1, H, W, C]
   scale: jax.Array
-  steps: jax.Array   # [S] 1 where its features are added
+  steps: jax.Array  # [S] 1 where its features are added
 
 
 def finite(name: str, value) -> None:
@@ -79,9 +81,11 @@ def check_aspect(image, height: int, width: int, what: str = "init image") -> No
   image = to_pil(image)
   ours, theirs = image.width / image.height, width / height
   if abs(ours - theirs) > _ASPECT_TOLERANCE * theirs:
-    raise ValueError(f"the {what} is {image.width}x{image.height} (width x height), another aspect "
-                     f"ratio than the {width}x{height} output; crop it or pass a matching "
-                     "height/width")
+    raise ValueError(
+      f"the {what} is {image.width}x{image.height} (width x height), another aspect "
+      f"ratio than the {width}x{height} output; crop it or pass a matching "
+      "height/width"
+    )
 
 
 def vae_image(image, height: int, width: int) -> np.ndarray:
@@ -119,7 +123,9 @@ def control_image(image, height: int, width: int) -> np.ndarray:
   return np.asarray(image, np.float32) / 255.0
 
 
-def guidance_window(start: float, end: float, steps: int, what: str = "control guidance") -> np.ndarray:
+def guidance_window(
+  start: float, end: float, steps: int, what: str = "control guidance"
+) -> np.ndarray:
   """[steps] of 0/1: 1 where a ControlNet acts, as diffusers keeps it (off at step i when
   i / steps < start or (i + 1) / steps > end)."""
   if not 0.0 <= start < end <= 1.0:
@@ -128,16 +134,19 @@ def guidance_window(start: float, end: float, steps: int, what: str = "control g
   return 1.0 - ((i / steps < start) | ((i + 1) / steps > end)).astype(np.float32)
 
 
-def control_inputs(nets, images, scales, starts, ends, num_steps, start, height,
-                   width) -> ControlInputs:
+def control_inputs(
+  nets, images, scales, starts, ends, num_steps, start, height, width
+) -> ControlInputs:
   """Each ControlNet's conditioning pixels [1, H, W, 3], scale and per-step 0/1 table (the
   windows are fractions of the steps that run, from `start`)."""
   if not nets:
     raise ValueError("control images need a ControlNet (load the model with controlnet=...)")
   images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
   if len(images) != len(nets):
-    raise ValueError(f"{len(images)} control images for {len(nets)} ControlNets: give one "
-                     "per ControlNet, in load order")
+    raise ValueError(
+      f"{len(images)} control images for {len(nets)} ControlNets: give one "
+      "per ControlNet, in load order"
+    )
 
   def per_net(value, what):
     values = list(value) if isinstance(value, (list, tuple)) else [value] * len(nets)
@@ -146,6 +155,7 @@ def control_inputs(nets, images, scales, starts, ends, num_steps, start, height,
     for v in values:
       finite(what, v)
     return values
+
   scales = per_net(scales, "controlnet_conditioning_scale")
   starts = per_net(starts, "control_guidance_start")
   ends = per_net(ends, "control_guidance_end")
@@ -156,8 +166,10 @@ def control_inputs(nets, images, scales, starts, ends, num_steps, start, height,
   for k, (s, e) in enumerate(zip(starts, ends)):
     keep[k, start:] = guidance_window(float(s), float(e), run)
   return ControlInputs(
-      images=tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
-      scales=jnp.asarray(scales, jnp.float32), keep=jnp.asarray(keep))
+    images=tuple(jnp.asarray(control_image(i, height, width)[None]) for i in images),
+    scales=jnp.asarray(scales, jnp.float32),
+    keep=jnp.asarray(keep),
+  )
 
 
 def t2i_inputs(adapter, image, scale, factor, num_steps, start, height, width) -> T2IInputs:
@@ -171,14 +183,30 @@ def t2i_inputs(adapter, image, scale, factor, num_steps, start, height, width) -
     raise ValueError(f"adapter_conditioning_factor must be in [0, 1], got {factor}")
   check_aspect(image, height, width, "adapter image")
   steps = np.zeros((num_steps,), np.float32)
-  steps[start:start + int((num_steps - start) * factor)] = 1.0
-  return T2IInputs(image=jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
-                   scale=jnp.float32(scale), steps=jnp.asarray(steps))
+  steps[start : start + int((num_steps - start) * factor)] = 1.0
+  return T2IInputs(
+    image=jnp.asarray(preprocess_adapter_image(image, height, width)[None]),
+    scale=jnp.float32(scale),
+    steps=jnp.asarray(steps),
+  )
 
 
-def init_inputs(init_image, mask_image, strength, num_steps, requests, height, width,
-                posterior_noise, key, *, vae_scale_factor: int, latent_channels: int, sdxl: bool,
-                given_latents: bool) -> InitInputs:
+def init_inputs(
+  init_image,
+  mask_image,
+  strength,
+  num_steps,
+  requests,
+  height,
+  width,
+  posterior_noise,
+  key,
+  *,
+  vae_scale_factor: int,
+  latent_channels: int,
+  sdxl: bool,
+  given_latents: bool,
+) -> InitInputs:
   """The traced inputs of img2img and inpainting: init pixels, the posterior noise, the first
   step, and for inpainting the mask (at the latents' size) and the masked pixels."""
   if init_image is None:
@@ -204,8 +232,9 @@ def init_inputs(init_image, mask_image, strength, num_steps, requests, height, w
   given = dict(posterior_noise or {})
   unknown = set(given) - {"init_image", "masked_image"}
   if unknown:
-    raise ValueError(f"posterior_noise keys are 'init_image' and 'masked_image', got "
-                     f"{sorted(unknown)}")
+    raise ValueError(
+      f"posterior_noise keys are 'init_image' and 'masked_image', got {sorted(unknown)}"
+    )
 
   def noise(name, k):
     if name not in given:
@@ -213,19 +242,28 @@ def init_inputs(init_image, mask_image, strength, num_steps, requests, height, w
     array = np.asarray(given[name], np.float32)
     expected = (latent_shape[0], latent_shape[3]) + latent_shape[1:3]
     if array.shape != expected:
-      raise ValueError(f"posterior_noise['{name}'] has shape {list(array.shape)}, expected "
-                       f"{list(expected)} (requests, C, h, w)")
+      raise ValueError(
+        f"posterior_noise['{name}'] has shape {list(array.shape)}, expected "
+        f"{list(expected)} (requests, C, h, w)"
+      )
     return jnp.asarray(array.transpose(0, 2, 3, 1))
 
-  init = InitInputs(pixels=jnp.asarray(pixels), posterior_noise=noise("init_image", noise_keys[0]),
-                    start=jnp.int32(start))
+  init = InitInputs(
+    pixels=jnp.asarray(pixels),
+    posterior_noise=noise("init_image", noise_keys[0]),
+    start=jnp.int32(start),
+  )
   if not inpaint:
     return init
-  masks = np.stack([inpaint_mask(mask, height, width) for mask in
-                    per_request(mask_image, "mask image")])[..., None]
-  latent_mask = np.stack([nearest_downsample(mask[..., 0], height // f, width // f)
-                          for mask in masks])[..., None]
-  return init.replace(latent_mask=jnp.asarray(latent_mask),
-                      masked_pixels=jnp.asarray(pixels * (masks < 0.5)),
-                      masked_noise=noise("masked_image", noise_keys[1]),
-                      from_noise=jnp.asarray(strength == 1.0 or given_latents))
+  masks = np.stack(
+    [inpaint_mask(mask, height, width) for mask in per_request(mask_image, "mask image")]
+  )[..., None]
+  latent_mask = np.stack(
+    [nearest_downsample(mask[..., 0], height // f, width // f) for mask in masks]
+  )[..., None]
+  return init.replace(
+    latent_mask=jnp.asarray(latent_mask),
+    masked_pixels=jnp.asarray(pixels * (masks < 0.5)),
+    masked_noise=noise("masked_image", noise_keys[1]),
+    from_noise=jnp.asarray(strength == 1.0 or given_latents),
+  )

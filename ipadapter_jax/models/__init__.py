@@ -11,7 +11,11 @@ Tensor names end in one letter per axis (docs/conventions.md), the same letters 
 
 from ipadapter_jax.models.adapters import IPAdapter
 from ipadapter_jax.models.attention import ImagePrompt
-from ipadapter_jax.models.image_proj import (AdapterConfig, FullFaceProjection, ImageProjection,
-                                             Resampler)
+from ipadapter_jax.models.image_proj import (
+  AdapterConfig,
+  FullFaceProjection,
+  ImageProjection,
+  Resampler,
+)
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig

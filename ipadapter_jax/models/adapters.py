@@ -24,14 +24,24 @@ def layer_scales(scale, num_layers: int):
   """A scalar or one value per decoupled layer (checkpoint order) -> [num_layers] float32."""
   scale = jnp.asarray(scale, jnp.float32)
   if scale.shape not in ((), (num_layers,)):
-    raise ValueError(f"adapter scale must be a scalar or have {num_layers} entries "
-                     f"(one per cross-attention layer), got shape {scale.shape}")
+    raise ValueError(
+      f"adapter scale must be a scalar or have {num_layers} entries "
+      f"(one per cross-attention layer), got shape {scale.shape}"
+    )
   return jnp.broadcast_to(scale, (num_layers,))
 
 
-def encode_image_prompt(image_proj, layers: Sequence, image_features, scale=1.0, *,
-                        num_images: int = 1, weights=None, masks=None,
-                        dtype=jnp.float32) -> ImagePrompt:
+def encode_image_prompt(
+  image_proj,
+  layers: Sequence,
+  image_features,
+  scale=1.0,
+  *,
+  num_images: int = 1,
+  weights=None,
+  masks=None,
+  dtype=jnp.float32,
+) -> ImagePrompt:
   """Image features -> image tokens -> every layer's keys/values; once per generation.
 
   `image_features` has num_images rows per example ([B * I, E] or [B * I, T, E], each example's
@@ -45,16 +55,21 @@ def encode_image_prompt(image_proj, layers: Sequence, image_features, scale=1.0,
     weights = jnp.asarray(weights, jnp.float32)
     if weights.shape != (num_images,):
       raise ValueError(f"image weights have shape {weights.shape}, expected ({num_images},)")
-  return ImagePrompt(kv=tuple(layer.image_kv(tokens_BND) for layer in layers),
-                     scale=layer_scales(scale, len(layers)), weights=weights, masks=masks)
+  return ImagePrompt(
+    kv=tuple(layer.image_kv(tokens_BND) for layer in layers),
+    scale=layer_scales(scale, len(layers)),
+    weights=weights,
+    masks=masks,
+  )
 
 
 class ImageKeyValue(nnx.Module):
   """One cross-attention layer's `to_k_ip`/`to_v_ip` for an adapter outside the UNet."""
 
   def __init__(self, context_dim: int, inner: int, heads: int, *, dtype, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, param_type=AdapterParam,
-              rngs=rngs)
+    kw = dict(
+      use_bias=False, dtype=dtype, param_dtype=jnp.float32, param_type=AdapterParam, rngs=rngs
+    )
     self.to_k_ip = Linear(context_dim, inner, **kw)
     self.to_v_ip = Linear(context_dim, inner, **kw)
     self.heads = heads
@@ -71,15 +86,23 @@ class IPAdapter(nnx.Module):
   (`weights.load_extra_adapter` reads them from the UNet it is loaded for).
   """
 
-  def __init__(self, config: AdapterConfig, context_dim: int, layers: Sequence[tuple[int, int]],
-               *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: AdapterConfig,
+    context_dim: int,
+    layers: Sequence[tuple[int, int]],
+    *,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if config.attention != "decoupled":
       raise ValueError("only decoupled adapters can be combined with others")
     self.adapter_config = config
     self.context_dim = context_dim
     self.image_proj = make_image_projection(config, context_dim, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([ImageKeyValue(context_dim, inner, heads, dtype=dtype, rngs=rngs)
-                            for inner, heads in layers])
+    self.layers = nnx.List(
+      [ImageKeyValue(context_dim, inner, heads, dtype=dtype, rngs=rngs) for inner, heads in layers]
+    )
     self.dtype = dtype
 
   def decoupled_layers(self) -> list[ImageKeyValue]:
@@ -87,5 +110,6 @@ class IPAdapter(nnx.Module):
 
   def encode_image_prompt(self, image_features, scale=1.0, **kw) -> ImagePrompt:
     """As `UNet2DConditionModel.encode_image_prompt`, with this adapter's weights."""
-    return encode_image_prompt(self.image_proj, self.decoupled_layers(), image_features, scale,
-                               dtype=self.dtype, **kw)
+    return encode_image_prompt(
+      self.image_proj, self.decoupled_layers(), image_features, scale, dtype=self.dtype, **kw
+    )

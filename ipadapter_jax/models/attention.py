@@ -25,14 +25,16 @@ class ImagePrompt(NamedTuple):
   region at that layer's resolution (docs/composition.md). All are ordinary traced values, so new
   images, scales, weights or masks of the same shapes never recompile.
   """
+
   kv: tuple
   scale: jax.Array
   weights: jax.Array | None = None
   masks: tuple | None = None
 
 
-def dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, *,
-                          bias=None, is_causal: bool = False):
+def dot_product_attention(
+  q_BTHK, k_BSHK, v_BSHK, implementation: str | None = None, *, bias=None, is_causal: bool = False
+):
   """softmax(q k^T / sqrt(K) + bias) v; logits and softmax are float32 whatever the input dtype.
 
   Every attention of the project goes through here. `implementation` None picks the kernel per
@@ -77,9 +79,19 @@ class Attention(nnx.Module):
   linear in s. s <= 0 removes the image tokens: the output is the base attention bit for bit.
   """
 
-  def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
-               image_context_dim: int | None = None, implementation: str | None = None,
-               dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    heads: int,
+    head_dim: int,
+    *,
+    context_dim: int | None = None,
+    image_context_dim: int | None = None,
+    implementation: str | None = None,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     inner = heads * head_dim
     context_dim = context_dim or query_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -87,8 +99,9 @@ class Attention(nnx.Module):
     self.to_k = Linear(context_dim, inner, use_bias=False, **kw)
     self.to_v = Linear(context_dim, inner, use_bias=False, **kw)
     self.to_out = Linear(inner, query_dim, **kw)
-    ip_kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, param_type=AdapterParam,
-                 rngs=rngs)
+    ip_kw = dict(
+      use_bias=False, dtype=dtype, param_dtype=jnp.float32, param_type=AdapterParam, rngs=rngs
+    )
     with_adapter = image_context_dim is not None
     self.to_k_ip = Linear(image_context_dim, inner, **ip_kw) if with_adapter else None
     self.to_v_ip = Linear(image_context_dim, inner, **ip_kw) if with_adapter else None
@@ -103,8 +116,10 @@ class Attention(nnx.Module):
 
   def image_kv(self, image_tokens_BND):
     """Keys and values [B, N, H, K] of the image tokens; they do not depend on the timestep."""
-    return (self._split_heads(self.to_k_ip(image_tokens_BND)),
-            self._split_heads(self.to_v_ip(image_tokens_BND)))
+    return (
+      self._split_heads(self.to_k_ip(image_tokens_BND)),
+      self._split_heads(self.to_v_ip(image_tokens_BND)),
+    )
 
   def __call__(self, x_BTD, context_BSD=None, image_prompt=None):
     """`image_prompt`: an `ImagePrompt`, a tuple of them (one per adapter) or None."""
@@ -143,9 +158,10 @@ class Attention(nnx.Module):
     for i in range(images):
       tokens = slice(i * per_image, (i + 1) * per_image)
       weight = scale if prompt.weights is None else scale * prompt.weights[i].astype(scale.dtype)
-      attended_BTHK = dot_product_attention(q_BTHK, k_BSHK[:, tokens], v_BSHK[:, tokens],
-                                            self.implementation)
-      out_BTHK = out_BTHK + weight * (attended_BTHK * mask_BTI[:, :, None, i:i + 1])
+      attended_BTHK = dot_product_attention(
+        q_BTHK, k_BSHK[:, tokens], v_BSHK[:, tokens], self.implementation
+      )
+      out_BTHK = out_BTHK + weight * (attended_BTHK * mask_BTI[:, :, None, i : i + 1])
     return out_BTHK
 
   def _joint_attention(self, q_BTHK, k_BSHK, v_BSHK, text_BTHK, prompt: ImagePrompt):
@@ -153,11 +169,16 @@ class Attention(nnx.Module):
     k_BNHK, v_BNHK = (a.astype(q_BTHK.dtype) for a in prompt.kv[self.ip_index])
     scale = prompt.scale[self.ip_index]
     S, N = k_BSHK.shape[1], k_BNHK.shape[1]
-    bias = jnp.concatenate([jnp.zeros((S,), jnp.float32),
-                            jnp.broadcast_to(_log_scale(scale), (N,))])
+    bias = jnp.concatenate(
+      [jnp.zeros((S,), jnp.float32), jnp.broadcast_to(_log_scale(scale), (N,))]
+    )
     joint_BTHK = dot_product_attention(
-        q_BTHK, jnp.concatenate([k_BSHK, k_BNHK], axis=1),
-        jnp.concatenate([v_BSHK, v_BNHK], axis=1), self.implementation, bias=bias)
+      q_BTHK,
+      jnp.concatenate([k_BSHK, k_BNHK], axis=1),
+      jnp.concatenate([v_BSHK, v_BNHK], axis=1),
+      self.implementation,
+      bias=bias,
+    )
     # The image keys' weights are exactly 0 at scale 0, but the softmax over S + N keys sums in
     # another order than over S: the text-only result keeps scale 0 bit-exact.
     return jnp.where(scale > 0, joint_BTHK, text_BTHK)
@@ -189,16 +210,27 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   """Pre-LN self-attention (attn1), cross-attention (attn2) and feed-forward, each residual."""
 
-  def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *,
-               image_context_dim: int | None, implementation: str | None, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    heads: int,
+    head_dim: int,
+    context_dim: int,
+    *,
+    image_context_dim: int | None,
+    implementation: str | None,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     attn_kw = dict(implementation=implementation, rngs=rngs, **kw)
     self.norm1 = LayerNorm(dim, **kw)
     self.attn1 = Attention(dim, heads, head_dim, **attn_kw)
     self.norm2 = LayerNorm(dim, **kw)
-    self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim,
-                           image_context_dim=image_context_dim, **attn_kw)
+    self.attn2 = Attention(
+      dim, heads, head_dim, context_dim=context_dim, image_context_dim=image_context_dim, **attn_kw
+    )
     self.norm3 = LayerNorm(dim, **kw)
     self.ff = FeedForward(dim, rngs=rngs, **kw)
 
@@ -215,10 +247,22 @@ class Transformer2DModel(nnx.Module):
   on NHWC both act on the channel axis, so the only difference is the stored kernel's layout.
   """
 
-  def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int, *,
-               num_layers: int, norm_groups: int, use_linear_projection: bool,
-               image_context_dim: int | None, implementation: str | None, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    heads: int,
+    head_dim: int,
+    context_dim: int,
+    *,
+    num_layers: int,
+    norm_groups: int,
+    use_linear_projection: bool,
+    image_context_dim: int | None,
+    implementation: str | None,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     inner = heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm = GroupNorm(norm_groups, channels, eps=1e-6, **kw)
@@ -228,11 +272,21 @@ class Transformer2DModel(nnx.Module):
     else:
       self.proj_in = Conv2d(channels, inner, 1, rngs=rngs, **kw)
       self.proj_out = Conv2d(inner, channels, 1, rngs=rngs, **kw)
-    self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(inner, heads, head_dim, context_dim,
-                              image_context_dim=image_context_dim, implementation=implementation,
-                              rngs=rngs, **kw)
-        for _ in range(num_layers)])
+    self.transformer_blocks = nnx.List(
+      [
+        BasicTransformerBlock(
+          inner,
+          heads,
+          head_dim,
+          context_dim,
+          image_context_dim=image_context_dim,
+          implementation=implementation,
+          rngs=rngs,
+          **kw,
+        )
+        for _ in range(num_layers)
+      ]
+    )
 
   def __call__(self, x_BHWC, context_BSD, image_prompt=None):
     B, H, W, _ = x_BHWC.shape

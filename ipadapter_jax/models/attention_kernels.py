@@ -96,19 +96,28 @@ def choose(implementation: str | None, q_BTHK, k_BSHK, *, has_bias: bool) -> dic
       return {"default": per_platform.get(platform, "xla")}
     return {p: k for p, k in per_platform.items() if k != "xla"} | {"default": "xla"}
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{', '.join(IMPLEMENTATIONS)} (or None: chosen per platform)")
+    raise ValueError(
+      f"attention implementation {implementation!r} is not one of "
+      f"{', '.join(IMPLEMENTATIONS)} (or None: chosen per platform)"
+    )
   if implementation == "cudnn":
     # Where neither the mesh nor this process rules it out, lowering for another platform
     # fails in cuDNN's own lowering.
     if platform not in (None, "cuda") or not _has_cuda():
-      where = (f"this program is compiled for {platform}" if platform
-               else "this process has no CUDA backend")
-      raise ValueError(f"cuDNN attention needs an NVIDIA GPU; {where} (leave "
-                       "attention_implementation unset to choose per platform)")
+      where = (
+        f"this program is compiled for {platform}"
+        if platform
+        else "this process has no CUDA backend"
+      )
+      raise ValueError(
+        f"cuDNN attention needs an NVIDIA GPU; {where} (leave "
+        "attention_implementation unset to choose per platform)"
+      )
     if not half:
-      raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {q_BTHK.dtype} "
-                       "(run the model with dtype=jnp.bfloat16, or use 'xla')")
+      raise ValueError(
+        f"cuDNN attention needs bfloat16 or float16 inputs, got {q_BTHK.dtype} "
+        "(run the model with dtype=jnp.bfloat16, or use 'xla')"
+      )
   if implementation in ("chunked", "splash") and not blocked:
     return {"default": "xla"}
   return {"default": implementation}
@@ -179,8 +188,12 @@ def _chunk_forward(q_BHQK, k_BHSK, v_BHSK):
   top = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.exp2(logits - top)
   total = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bhqs,bhsk->bhqk", p.astype(v_BHSK.dtype), v_BHSK,
-                   preferred_element_type=jnp.float32) / total  # normalised after the product
+  out = (
+    jnp.einsum(
+      "bhqs,bhsk->bhqk", p.astype(v_BHSK.dtype), v_BHSK, preferred_element_type=jnp.float32
+    )
+    / total
+  )  # normalised after the product
   return out, (top + jnp.log2(total))[..., 0]
 
 
@@ -239,12 +252,16 @@ def _chunked_backward(chunk, residuals, dout_BTHK):
   # log2(e) / sqrt(K), so dk = ds^T q / log2(e).
   S = k_BSHK.shape[1]
   dq_BTHK = dq_BHKT.transpose(0, 3, 1, 2) / math.sqrt(K)
-  return (dq_BTHK.astype(q_BTHK.dtype), (_unchunk(dk, S) / _LOG2E).astype(k_BSHK.dtype),
-          _unchunk(dv, S).astype(v_BSHK.dtype))
+  return (
+    dq_BTHK.astype(q_BTHK.dtype),
+    (_unchunk(dk, S) / _LOG2E).astype(k_BSHK.dtype),
+    _unchunk(dv, S).astype(v_BSHK.dtype),
+  )
 
 
-chunked_attention.defvjp(lambda q, k, v, chunk: _chunked_forward(q, k, v, TRAINING_CHUNK),
-                         _chunked_backward)
+chunked_attention.defvjp(
+  lambda q, k, v, chunk: _chunked_forward(q, k, v, TRAINING_CHUNK), _chunked_backward
+)
 
 
 def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
@@ -259,8 +276,12 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
     interpret = platform != "tpu"
   if interpret is None:
     attend = lambda q, k, v: jax.lax.platform_dependent(
-        q, k, v, tpu=functools.partial(_splash_local, interpret=False),
-        default=functools.partial(_splash_local, interpret=True))
+      q,
+      k,
+      v,
+      tpu=functools.partial(_splash_local, interpret=False),
+      default=functools.partial(_splash_local, interpret=True),
+    )
   else:
     attend = functools.partial(_splash_local, interpret=interpret)
   mesh, axes = _batch_axes(q_BTHK)
@@ -269,8 +290,9 @@ def splash_attention(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool | None = None):
     return attend(q_BTHK, k_BSHK, v_BSHK)
   spec = P(axes) if q_BTHK.shape[0] % shards == 0 else P()
   # check_vma=False: the kernel's outputs carry no varying-axes annotation for shard_map to check
-  return jax.shard_map(attend, mesh=mesh, in_specs=spec, out_specs=spec,
-                       check_vma=False)(q_BTHK, k_BSHK, v_BSHK)
+  return jax.shard_map(attend, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(
+    q_BTHK, k_BSHK, v_BSHK
+  )
 
 
 def _batch_axes(x_BTHK) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
@@ -285,24 +307,34 @@ def _batch_axes(x_BTHK) -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
 
 def _splash_local(q_BTHK, k_BSHK, v_BSHK, *, interpret: bool):
   """`splash_attention` on one device's examples."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
-      splash_attention_kernel as kernel, splash_attention_mask as masks)
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   block = 128
   Tp, Sp = T + (-T % block), S + (-S % block)
   mask = masks.MultiHeadMask([masks.FullMask((Tp, Sp)) for _ in range(H)])
-  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
-  splash = kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                  interpret=interpret)
+  sizes = kernel.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  splash = kernel.make_splash_mha(
+    mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+  )
   scale = 1.0 / math.sqrt(K)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   q = pad((q_BTHK.astype(jnp.float32) * scale).astype(q_BTHK.dtype), Tp).transpose(0, 2, 1, 3)
   k = pad(k_BSHK, Sp).transpose(0, 2, 1, 3)
   v = pad(v_BSHK, Sp).transpose(0, 2, 1, 3)
-  segments = kernel.SegmentIds(q=(jnp.arange(Tp) >= T).astype(jnp.int32),
-                               kv=(jnp.arange(Sp) >= S).astype(jnp.int32))
+  segments = kernel.SegmentIds(
+    q=(jnp.arange(Tp) >= T).astype(jnp.int32), kv=(jnp.arange(Sp) >= S).astype(jnp.int32)
+  )
   out = jax.vmap(lambda q, k, v: splash(q, k, v, segment_ids=segments))(q, k, v)
   return out.transpose(0, 2, 1, 3)[:, :T].astype(q_BTHK.dtype)

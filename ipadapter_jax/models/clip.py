@@ -18,8 +18,8 @@ from ipadapter_jax.models.config_checks import require
 from ipadapter_jax.models.layers import Conv2d, Embed, LayerNorm, Linear, ParamKeys, to_nhwc
 
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
 
@@ -32,6 +32,7 @@ def _check_activation(raw, source):
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """A CLIP text tower; field names are transformers' config keys."""
+
   vocab_size: int = 49408
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -46,13 +47,24 @@ class CLIPTextConfig:
   projection_dim: int | None = None  # set for CLIPTextModelWithProjection
 
   @classmethod
-  def from_transformers(cls, raw: dict[str, Any], *, with_projection: bool,
-                        source: str = "text encoder config") -> "CLIPTextConfig":
+  def from_transformers(
+    cls, raw: dict[str, Any], *, with_projection: bool, source: str = "text encoder config"
+  ) -> "CLIPTextConfig":
     """Reads a transformers CLIPTextConfig (or the text part of a full CLIPConfig)."""
     if "text_config" in raw:  # CLIPModel projects with its top-level projection_dim
       raw = {**raw["text_config"], "projection_dim": raw.get("projection_dim", 512)}
-    require(raw, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "max_position_embeddings"), source)
+    require(
+      raw,
+      (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+      ),
+      source,
+    )
     if with_projection:
       require(raw, ("projection_dim",), source)
     _check_activation(raw, source)
@@ -73,6 +85,7 @@ class CLIPTextConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
   """A CLIP vision tower with its projection; field names are transformers' config keys."""
+
   hidden_size: int = 1280
   intermediate_size: int = 5120
   num_hidden_layers: int = 32
@@ -85,20 +98,35 @@ class CLIPVisionConfig:
   projection_dim: int = 1024
 
   @classmethod
-  def from_transformers(cls, raw: dict[str, Any],
-                        source: str = "image encoder config") -> "CLIPVisionConfig":
+  def from_transformers(
+    cls, raw: dict[str, Any], source: str = "image encoder config"
+  ) -> "CLIPVisionConfig":
     """Reads a transformers CLIPVisionConfig (or the vision part of a full CLIPConfig)."""
     if "vision_config" in raw:
       raw = {**raw["vision_config"], "projection_dim": raw.get("projection_dim", 512)}
-    require(raw, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "image_size", "patch_size", "projection_dim"), source)
+    require(
+      raw,
+      (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "projection_dim",
+      ),
+      source,
+    )
     _check_activation(raw, source)
     return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
   def to_transformers(self) -> dict[str, Any]:
     """A transformers config.json dict for this tower."""
-    return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-            **dataclasses.asdict(self)}
+    return {
+      "architectures": ["CLIPVisionModelWithProjection"],
+      "model_type": "clip_vision_model",
+      **dataclasses.asdict(self),
+    }
 
   @property
   def num_positions(self) -> int:
@@ -116,8 +144,12 @@ class CLIPAttention(nnx.Module):
 
   def __call__(self, x_BTD):
     split = lambda y: y.reshape(y.shape[:-1] + (self.heads, -1))
-    out = dot_product_attention(split(self.q_proj(x_BTD)), split(self.k_proj(x_BTD)),
-                                split(self.v_proj(x_BTD)), is_causal=self.causal)
+    out = dot_product_attention(
+      split(self.q_proj(x_BTD)),
+      split(self.k_proj(x_BTD)),
+      split(self.v_proj(x_BTD)),
+      is_causal=self.causal,
+    )
     return self.out_proj(out.reshape(x_BTD.shape))
 
 
@@ -149,9 +181,12 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
   def __init__(self, cfg, *, causal: bool, dtype, param_dtype, rngs):
-    self.layers = nnx.List([CLIPEncoderLayer(cfg, causal=causal, dtype=dtype,
-                                             param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List(
+      [
+        CLIPEncoderLayer(cfg, causal=causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(cfg.num_hidden_layers)
+      ]
+    )
 
   def __call__(self, x_BTD):
     """All hidden states: the input, then each layer's output (transformers' `hidden_states`)."""
@@ -176,14 +211,15 @@ class CLIPTextTransformer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = CLIPTextEmbeddings(cfg, **kw)
     self.encoder = CLIPEncoder(cfg, causal=True, **kw)
-    self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
-                                      param_dtype=param_dtype)
+    self.final_layer_norm = LayerNorm(
+      cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
 
 
 class TextOutput(NamedTuple):
   last_hidden_state: jax.Array  # [B, T, D], after the final LayerNorm
-  pooled: jax.Array             # [B, D], the end-of-text token of last_hidden_state
-  hidden_states: tuple          # input embeddings and every layer's output (no final LN)
+  pooled: jax.Array  # [B, D], the end-of-text token of last_hidden_state
+  hidden_states: tuple  # input embeddings and every layer's output (no final LN)
   text_embeds: jax.Array | None  # [B, P], text_projection(pooled) when the model has one
 
 
@@ -191,14 +227,24 @@ class CLIPTextModel(nnx.Module):
   """CLIP text encoder (SD1/SD2, SDXL's first encoder) or, with `projection_dim`,
   CLIPTextModelWithProjection (SDXL's second encoder)."""
 
-  def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: CLIPTextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     rngs = ParamKeys(rngs)
     self.config = config
     self.text_model = CLIPTextTransformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.text_projection = Linear(
-        config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs) if config.projection_dim else None
+    self.text_projection = (
+      Linear(
+        config.hidden_size,
+        config.projection_dim,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+      if config.projection_dim
+      else None
+    )
 
   def __call__(self, input_ids_BT) -> TextOutput:
     tm = self.text_model
@@ -207,8 +253,9 @@ class CLIPTextModel(nnx.Module):
     eos = self.config.eos_token_id
     # Configs written before transformers fixed eos_token_id say 2; those models pool at the
     # highest token id (the end-of-text token of the real vocabulary), the others at the first eos.
-    position_B = (jnp.argmax(input_ids_BT, axis=-1) if eos == 2
-                  else jnp.argmax(input_ids_BT == eos, axis=-1))
+    position_B = (
+      jnp.argmax(input_ids_BT, axis=-1) if eos == 2 else jnp.argmax(input_ids_BT == eos, axis=-1)
+    )
     pooled_BD = jnp.take_along_axis(last_BTD, position_B[:, None, None], axis=1)[:, 0]
     embeds = self.text_projection(pooled_BD) if self.text_projection is not None else None
     return TextOutput(last_BTD, pooled_BD, states, embeds)
@@ -216,13 +263,22 @@ class CLIPTextModel(nnx.Module):
 
 class CLIPVisionEmbeddings(nnx.Module):
   def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
-    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size,),
-                                                       param_dtype))
-    self.patch_embedding = Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                  stride=cfg.patch_size, use_bias=False, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
-    self.position_embedding = Embed(cfg.num_positions, cfg.hidden_size, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
+    self.class_embedding = nnx.Param(
+      jax.random.normal(rngs.params(), (cfg.hidden_size,), param_dtype)
+    )
+    self.patch_embedding = Conv2d(
+      cfg.num_channels,
+      cfg.hidden_size,
+      cfg.patch_size,
+      stride=cfg.patch_size,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.position_embedding = Embed(
+      cfg.num_positions, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.dtype = dtype
 
   def __call__(self, pixels_BHWC):
@@ -243,22 +299,30 @@ class CLIPVisionTransformer(nnx.Module):
 
 
 class VisionOutput(NamedTuple):
-  image_embeds: jax.Array    # [B, P]: visual_projection(post_layernorm(CLS)), not normalised
+  image_embeds: jax.Array  # [B, P]: visual_projection(post_layernorm(CLS)), not normalised
   last_hidden_state: jax.Array
-  hidden_states: tuple       # pre-LN'd embeddings, then every layer; [-2] feeds IP-Adapter Plus
+  hidden_states: tuple  # pre-LN'd embeddings, then every layer; [-2] feeds IP-Adapter Plus
 
 
 class CLIPVisionModelWithProjection(nnx.Module):
   """The CLIP image encoder of IP-Adapter (OpenCLIP ViT-H/14 or bigG for the released weights)."""
 
-  def __init__(self, config: CLIPVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: CLIPVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     rngs = ParamKeys(rngs)
     self.config = config
-    self.vision_model = CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype,
-                                              rngs=rngs)
-    self.visual_projection = Linear(config.hidden_size, config.projection_dim, use_bias=False,
-                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.vision_model = CLIPVisionTransformer(
+      config, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.visual_projection = Linear(
+      config.hidden_size,
+      config.projection_dim,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.dtype = dtype
 
   def __call__(self, pixel_values, *, layout: str = "NHWC") -> VisionOutput:

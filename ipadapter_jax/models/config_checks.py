@@ -1,4 +1,5 @@
-"""Shared checks for reading PyTorch-world config.json files into this project's config dataclasses."""
+"""Shared checks for reading PyTorch-world config.json files into this project's config
+dataclasses."""
 
 from __future__ import annotations
 

@@ -20,21 +20,20 @@ from ipadapter_jax.models.config_checks import check_fixed, reject_unknown, requ
 from ipadapter_jax.models.embeddings import TimestepEmbedding, conditioning_embedding
 from ipadapter_jax.models.layers import Conv2d, ParamKeys, from_nhwc, to_nhwc
 from ipadapter_jax.models.resnet import ResnetBlock2D
-from ipadapter_jax.models.unet import (DOWN_BLOCK_TYPES, DownBlock, MidBlock, UNetConfig,
-                                       _per_block)
+from ipadapter_jax.models.unet import DownBlock, EncoderConfig, MidBlock, UNetConfig, _per_block
 
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 CHANNEL_ORDERS = ("rgb", "bgr")
 
 # diffusers config keys this model does not implement, with the only value it accepts for each.
 _FIXED_KEYS = {
-    "only_cross_attention": False,
-    "act_fn": "silu",
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
+  "only_cross_attention": False,
+  "act_fn": "silu",
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "resnet_time_scale_shift": "default",
 }
 # Keys read for information only (they do not change the computation).
 _IGNORED_KEYS = ("addition_embed_type_num_heads",)
@@ -47,101 +46,78 @@ def _one_number(raw: dict, key: str, source: str) -> None:
   value = raw.get(key)
   if isinstance(value, (list, tuple)):
     if len(set(value)) != 1:
-      raise ValueError(f"{source}: '{key}'={list(value)!r} is not supported "
-                       "(a ControlNet takes one number for every block)")
+      raise ValueError(
+        f"{source}: '{key}'={list(value)!r} is not supported "
+        "(a ControlNet takes one number for every block)"
+      )
     raw[key] = value[0]
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig:
-  """The architecture of a diffusers ControlNetModel; field names are diffusers' config keys.
+class ControlNetConfig(EncoderConfig):
+  """The architecture of a diffusers ControlNetModel: the UNet encoder half's settings, with
+  `layers_per_block` and `cross_attention_dim` one number as diffusers has them, plus the
+  conditioning image's embedding and the mid block's type."""
 
-  `transformer_layers_per_block` and `num_attention_heads` hold one entry per down block
-  (`num_attention_heads` is the head count: diffusers' legacy `attention_head_dim` means the
-  same); `layers_per_block` and `cross_attention_dim` are one number, as diffusers has them.
-  """
-  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-  mid_block_type: str = "UNetMidBlock2DCrossAttn"
   layers_per_block: int = 2
-  transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
-  num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
   cross_attention_dim: int = 1280
-  in_channels: int = 4
+  mid_block_type: str = "UNetMidBlock2DCrossAttn"
   conditioning_channels: int = 3
   conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
   controlnet_conditioning_channel_order: str = "rgb"
   global_pool_conditions: bool = False
-  flip_sin_to_cos: bool = True
-  freq_shift: float = 0
-  downsample_padding: int = 1
-  mid_block_scale_factor: float = 1.0
-  norm_num_groups: int = 32
-  norm_eps: float = 1e-5
-  use_linear_projection: bool = False
-  upcast_attention: bool = False  # attention logits are always float32 here
-  addition_embed_type: str | None = None
-  addition_time_embed_dim: int | None = None
-  projection_class_embeddings_input_dim: int | None = None
 
   def __post_init__(self):
+    super().__post_init__()
     n = len(self.block_out_channels)
-    for key in ("down_block_types", "transformer_layers_per_block", "num_attention_heads"):
-      if len(getattr(self, key)) != n:
-        raise ValueError(f"'{key}' needs {n} entries, one per block, got {getattr(self, key)}")
-    for t in self.down_block_types:
-      if t not in DOWN_BLOCK_TYPES:
-        raise ValueError(f"'down_block_types' entry {t!r} is not supported "
-                         f"(supported: {DOWN_BLOCK_TYPES})")
     if self.mid_block_type not in MID_BLOCK_TYPES:
-      raise ValueError(f"'mid_block_type'={self.mid_block_type!r} is not supported "
-                       f"(supported: {MID_BLOCK_TYPES})")
-    for key in ("layers_per_block", "cross_attention_dim", "norm_num_groups",
-                "conditioning_channels"):
+      raise ValueError(
+        f"'mid_block_type'={self.mid_block_type!r} is not supported (supported: {MID_BLOCK_TYPES})"
+      )
+    for key in (
+      "layers_per_block",
+      "cross_attention_dim",
+      "norm_num_groups",
+      "conditioning_channels",
+    ):
       value = getattr(self, key)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"'{key}' must be a positive number, got {value!r}")
     attended = [i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"]
     if self.mid_block_type == "UNetMidBlock2DCrossAttn":
       attended.append(n - 1)
-    for i in attended:
-      if self.block_out_channels[i] % self.num_attention_heads[i]:
-        raise ValueError(f"{self.block_out_channels[i]} channels do not split into "
-                         f"{self.num_attention_heads[i]} heads "
-                         "('attention_head_dim' / 'num_attention_heads')")
-    if self.addition_embed_type not in (None, "text_time"):
-      raise ValueError(f"'addition_embed_type'={self.addition_embed_type!r} is not "
-                       "supported (None or 'text_time')")
-    if self.addition_embed_type == "text_time" and not (
-        self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
-      raise ValueError("'addition_embed_type'='text_time' needs "
-                       "'addition_time_embed_dim' and 'projection_class_embeddings_input_dim'")
+    self.check_heads(
+      tuple(self.block_out_channels[i] for i in attended),
+      tuple(self.num_attention_heads[i] for i in attended),
+    )
     if self.controlnet_conditioning_channel_order not in CHANNEL_ORDERS:
-      raise ValueError("'controlnet_conditioning_channel_order'="
-                       f"{self.controlnet_conditioning_channel_order!r} is not supported "
-                       f"(supported: {CHANNEL_ORDERS})")
+      raise ValueError(
+        "'controlnet_conditioning_channel_order'="
+        f"{self.controlnet_conditioning_channel_order!r} is not supported "
+        f"(supported: {CHANNEL_ORDERS})"
+      )
     if not self.conditioning_embedding_out_channels:
       raise ValueError("'conditioning_embedding_out_channels' needs at least one entry")
 
   @classmethod
-  def from_diffusers(cls, raw: dict[str, Any],
-                     source: str = "controlnet config") -> "ControlNetConfig":
+  def from_diffusers(
+    cls, raw: dict[str, Any], source: str = "controlnet config"
+  ) -> "ControlNetConfig":
     """Parses a diffusers controlnet `config.json` dict; unknown or unsupported settings raise."""
     raw = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _IGNORED_KEYS}
     check_fixed(raw, _FIXED_KEYS, source)
     require(raw, ("down_block_types", "block_out_channels"), source)
     n = len(raw["down_block_types"])
-    heads = raw.pop("num_attention_heads", None)
-    head_dim = raw.pop("attention_head_dim", 8)
-    # diffusers' legacy naming: attention_head_dim gives the number of heads when
-    # num_attention_heads is absent (SD1.5's "attention_head_dim": 8 means 8 heads).
-    raw["num_attention_heads"] = heads if heads is not None else head_dim
-    raw["upcast_attention"] = bool(raw.get("upcast_attention"))  # SDXL writes null
+    cls.read_heads(raw)
     raw.setdefault("transformer_layers_per_block", 1)
     for key in ("layers_per_block", "cross_attention_dim"):
       _one_number(raw, key, source)
-    for key in ("num_attention_heads", "transformer_layers_per_block", "block_out_channels",
-                "down_block_types"):
+    for key in (
+      "num_attention_heads",
+      "transformer_layers_per_block",
+      "block_out_channels",
+      "down_block_types",
+    ):
       raw[key] = _per_block(raw[key], n, key, source)
     if raw.get("conditioning_embedding_out_channels") is not None:
       raw["conditioning_embedding_out_channels"] = tuple(raw["conditioning_embedding_out_channels"])
@@ -159,24 +135,22 @@ class ControlNetConfig:
     the ControlNet's own fields (conditioning_embedding_out_channels, channel order, ...)."""
     for key in ("layers_per_block", "cross_attention_dim"):
       if len(set(getattr(unet, key))) != 1:
-        raise ValueError(f"a ControlNet takes one '{key}' for every block, the UNet has "
-                         f"{getattr(unet, key)}")
-    shared = {f.name: getattr(unet, f.name) for f in dataclasses.fields(cls)
-              if hasattr(unet, f.name)}
-    shared.update(layers_per_block=unet.layers_per_block[0],
-                  cross_attention_dim=unet.cross_attention_dim[0])
+        raise ValueError(
+          f"a ControlNet takes one '{key}' for every block, the UNet has {getattr(unet, key)}"
+        )
+    shared = {f.name: getattr(unet, f.name) for f in dataclasses.fields(EncoderConfig)}
+    shared.update(
+      layers_per_block=unet.layers_per_block[0], cross_attention_dim=unet.cross_attention_dim[0]
+    )
     return cls(**{**shared, **overrides})
 
   def to_diffusers(self) -> dict[str, Any]:
     """A diffusers `config.json` dict describing this architecture."""
-    out = {"_class_name": "ControlNetModel", **_FIXED_KEYS}
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if field.name in _SCALAR_WHEN_UNIFORM and len(set(value)) == 1:
-        value = value[0]
-      out[field.name] = list(value) if isinstance(value, tuple) else value
-    out["attention_head_dim"] = out.pop("num_attention_heads")  # read by every diffusers version
-    return out
+    return {
+      "_class_name": "ControlNetModel",
+      **_FIXED_KEYS,
+      **self.diffusers_fields(_SCALAR_WHEN_UNIFORM),
+    }
 
   @property
   def time_embed_dim(self) -> int:
@@ -199,21 +173,24 @@ def check_fits(controlnet: ControlNetConfig, unet: UNetConfig, source: str = "co
   n = len(controlnet.block_out_channels)
   per_block = lambda value: (value,) * n
   pairs = [
-      ("block_out_channels", controlnet.block_out_channels, unet.block_out_channels),
-      ("in_channels", controlnet.in_channels, unet.in_channels),
-      ("layers_per_block", per_block(controlnet.layers_per_block), unet.layers_per_block),
-      ("downsample_padding", controlnet.downsample_padding, unet.downsample_padding),
-      ("cross_attention_dim", per_block(controlnet.cross_attention_dim),
-       unet.cross_attention_dim),
-      ("addition_embed_type", controlnet.addition_embed_type, unet.addition_embed_type),
+    ("block_out_channels", controlnet.block_out_channels, unet.block_out_channels),
+    ("in_channels", controlnet.in_channels, unet.in_channels),
+    ("layers_per_block", per_block(controlnet.layers_per_block), unet.layers_per_block),
+    ("downsample_padding", controlnet.downsample_padding, unet.downsample_padding),
+    ("cross_attention_dim", per_block(controlnet.cross_attention_dim), unet.cross_attention_dim),
+    ("addition_embed_type", controlnet.addition_embed_type, unet.addition_embed_type),
   ]
   if controlnet.addition_embed_type is not None:
-    pairs += [(key, getattr(controlnet, key), getattr(unet, key))
-              for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")]
+    pairs += [
+      (key, getattr(controlnet, key), getattr(unet, key))
+      for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    ]
   for key, mine, theirs in pairs:
     if mine != theirs:
-      raise ValueError(f"{source}: '{key}' is {mine!r} in the ControlNet but {theirs!r} in the "
-                       "UNet, so it cannot condition that UNet")
+      raise ValueError(
+        f"{source}: '{key}' is {mine!r} in the ControlNet but {theirs!r} in the "
+        "UNet, so it cannot condition that UNet"
+      )
 
 
 def _zeroed(conv: Conv2d) -> Conv2d:
@@ -227,8 +204,16 @@ class ControlNetConditioningEmbedding(nnx.Module):
   """conv_in, then (3x3 conv, 3x3 stride-2 conv) per channel step, SiLU after each, then conv_out:
   the conditioning image brought down to the latent resolution and the UNet's first width."""
 
-  def __init__(self, conditioning_channels: int, out_channels: int, channels: tuple[int, ...], *,
-               dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    conditioning_channels: int,
+    out_channels: int,
+    channels: tuple[int, ...],
+    *,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv_in = Conv2d(conditioning_channels, channels[0], 3, padding=1, **kw)
     blocks = []
@@ -246,7 +231,8 @@ class ControlNetConditioningEmbedding(nnx.Module):
 
 
 class ResnetMidBlock(nnx.Module):
-  """diffusers' UNetMidBlock2D as ControlNets build it (no attention, no extra layers): one resnet."""
+  """diffusers' UNetMidBlock2D as ControlNets build it (no attention, no extra layers): one
+  resnet."""
 
   def __init__(self, channels: int, *, resnet: dict, rngs):
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, rngs=rngs, **resnet)])
@@ -262,42 +248,70 @@ class ControlNetModel(nnx.Module):
   latents, the text and a conditioning image. `dtype` is the compute dtype, `param_dtype` that
   of the weights."""
 
-  def __init__(self, config: ControlNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_implementation: str | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: ControlNetConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    attention_implementation: str | None = None,
+    rngs: nnx.Rngs,
+  ):
     cfg = config
     rngs = ParamKeys(rngs)
     self.config = cfg
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     c0, n = cfg.block_out_channels[0], len(cfg.block_out_channels)
-    resnet = dict(temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                  **kw)
+    resnet = dict(
+      temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, **kw
+    )
 
     def attention(block: int, channels: int) -> dict:
       heads = cfg.num_attention_heads[block]
-      return dict(heads=heads, head_dim=channels // heads, context_dim=cfg.cross_attention_dim,
-                  num_layers=cfg.transformer_layers_per_block[block],
-                  norm_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
-                  image_context_dim=None, implementation=attention_implementation, **kw)
+      return dict(
+        heads=heads,
+        head_dim=channels // heads,
+        context_dim=cfg.cross_attention_dim,
+        num_layers=cfg.transformer_layers_per_block[block],
+        norm_groups=cfg.norm_num_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        image_context_dim=None,
+        implementation=attention_implementation,
+        **kw,
+      )
 
     def head(channels: int) -> Conv2d:
       return _zeroed(Conv2d(channels, channels, 1, rngs=rngs, **kw))
 
     self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1, rngs=rngs, **kw)
     self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, rngs=rngs, **kw)
-    self.add_embedding = TimestepEmbedding(
-        cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim, rngs=rngs,
-        **kw) if cfg.addition_embed_type == "text_time" else None
+    self.add_embedding = (
+      TimestepEmbedding(
+        cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim, rngs=rngs, **kw
+      )
+      if cfg.addition_embed_type == "text_time"
+      else None
+    )
     self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
-        cfg.conditioning_channels, c0, cfg.conditioning_embedding_out_channels, rngs=rngs, **kw)
+      cfg.conditioning_channels, c0, cfg.conditioning_embedding_out_channels, rngs=rngs, **kw
+    )
 
     down_blocks, heads, out_ch = [], [head(c0)], c0
     for i, block_type in enumerate(cfg.down_block_types):
       in_ch, out_ch = out_ch, cfg.block_out_channels[i]
       attn = attention(i, out_ch) if block_type == "CrossAttnDownBlock2D" else None
-      down_blocks.append(DownBlock(
-          in_ch, out_ch, num_layers=cfg.layers_per_block, attention=attn,
-          add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding, resnet=resnet,
-          rngs=rngs))
+      down_blocks.append(
+        DownBlock(
+          in_ch,
+          out_ch,
+          num_layers=cfg.layers_per_block,
+          attention=attn,
+          add_downsample=i < n - 1,
+          downsample_padding=cfg.downsample_padding,
+          resnet=resnet,
+          rngs=rngs,
+        )
+      )
       heads += [head(out_ch) for _ in range(cfg.layers_per_block + (i < n - 1))]
     self.down_blocks = nnx.List(down_blocks)
     self.controlnet_down_blocks = nnx.List(heads)
@@ -305,16 +319,27 @@ class ControlNetModel(nnx.Module):
     c_mid = cfg.block_out_channels[-1]
     mid_resnet = dict(resnet, output_scale_factor=cfg.mid_block_scale_factor)
     if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-      self.mid_block = MidBlock(c_mid, attention=attention(n - 1, c_mid), resnet=mid_resnet,
-                                rngs=rngs)
+      self.mid_block = MidBlock(
+        c_mid, attention=attention(n - 1, c_mid), resnet=mid_resnet, rngs=rngs
+      )
     else:
       self.mid_block = ResnetMidBlock(c_mid, resnet=mid_resnet, rngs=rngs)
     self.controlnet_mid_block = head(c_mid)
     self.dtype = dtype
 
-  def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, *,
-               conditioning_scale=1.0, text_embeds=None, time_ids=None, guess_mode: bool = False,
-               layout: str = "NHWC"):
+  def __call__(
+    self,
+    sample,
+    timesteps,
+    encoder_hidden_states,
+    controlnet_cond,
+    *,
+    conditioning_scale=1.0,
+    text_embeds=None,
+    time_ids=None,
+    guess_mode: bool = False,
+    layout: str = "NHWC",
+  ):
     """The residuals to add to the UNet's skip connections and to its mid block output.
 
     Args:
@@ -338,23 +363,35 @@ class ControlNetModel(nnx.Module):
     cond_BHWC = to_nhwc(controlnet_cond, layout)
     B = x_BHWC.shape[0]
     if cond_BHWC.shape[-1] != cfg.conditioning_channels:
-      raise ValueError(f"controlnet_cond has {cond_BHWC.shape[-1]} channels, this ControlNet "
-                       f"takes {cfg.conditioning_channels} (layout={layout!r})")
+      raise ValueError(
+        f"controlnet_cond has {cond_BHWC.shape[-1]} channels, this ControlNet "
+        f"takes {cfg.conditioning_channels} (layout={layout!r})"
+      )
     if cfg.controlnet_conditioning_channel_order == "bgr":
       cond_BHWC = cond_BHWC[..., ::-1]
     context_BSD = encoder_hidden_states.astype(self.dtype)
 
-    temb_BE = conditioning_embedding(cfg, self.time_embedding, self.add_embedding, timesteps, B,
-                                     self.dtype, text_embeds=text_embeds, time_ids=time_ids,
-                                     owner="ControlNet")
+    temb_BE = conditioning_embedding(
+      cfg,
+      self.time_embedding,
+      self.add_embedding,
+      timesteps,
+      B,
+      self.dtype,
+      text_embeds=text_embeds,
+      time_ids=time_ids,
+      owner="ControlNet",
+    )
 
     x_BHWC = self.conv_in(x_BHWC.astype(self.dtype))
     hint_BHWC = self.controlnet_cond_embedding(cond_BHWC.astype(self.dtype))
     if hint_BHWC.shape[1:3] != x_BHWC.shape[1:3]:
-      raise ValueError(f"controlnet_cond of {cond_BHWC.shape[1]}x{cond_BHWC.shape[2]} pixels "
-                       f"embeds to {hint_BHWC.shape[1]}x{hint_BHWC.shape[2]}, but the latents are "
-                       f"{x_BHWC.shape[1]}x{x_BHWC.shape[2]}: the image must be "
-                       f"{cfg.conditioning_downscale}x the latent size")
+      raise ValueError(
+        f"controlnet_cond of {cond_BHWC.shape[1]}x{cond_BHWC.shape[2]} pixels "
+        f"embeds to {hint_BHWC.shape[1]}x{hint_BHWC.shape[2]}, but the latents are "
+        f"{x_BHWC.shape[1]}x{x_BHWC.shape[2]}: the image must be "
+        f"{cfg.conditioning_downscale}x the latent size"
+      )
     x_BHWC = x_BHWC + hint_BHWC
     skips = [x_BHWC]
     for block in self.down_blocks:

@@ -33,6 +33,7 @@ class AdapterConfig:
   states (plus, full_face). `num_tokens` is N for basic and plus; full_face makes one token per
   input token. The Resampler fields apply to plus only (official: depth 4, heads of 64).
   """
+
   num_tokens: int = 4
   embed_dim: int = 1024
   kind: str = "basic"
@@ -49,8 +50,9 @@ class AdapterConfig:
     if self.kind not in KINDS:
       raise ValueError(f"AdapterConfig: kind must be one of {KINDS}, got {self.kind!r}")
     if self.attention not in ATTENTIONS:
-      raise ValueError(f"AdapterConfig: attention must be one of {ATTENTIONS}, "
-                       f"got {self.attention!r}")
+      raise ValueError(
+        f"AdapterConfig: attention must be one of {ATTENTIONS}, got {self.attention!r}"
+      )
     if self.num_tokens < 1 or self.embed_dim < 1:
       raise ValueError(f"AdapterConfig: num_tokens and embed_dim must be positive, got {self}")
 
@@ -75,8 +77,9 @@ def _adapter_kw(dtype):
 class ImageProjection(nnx.Module):
   """Linear(E -> N*D) reshaped row-major to N tokens, then LayerNorm(D) (the basic adapter)."""
 
-  def __init__(self, embed_dim: int, context_dim: int, num_tokens: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, embed_dim: int, context_dim: int, num_tokens: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     kw = _adapter_kw(dtype)
     self.proj = Linear(embed_dim, num_tokens * context_dim, rngs=rngs, **kw)
     self.norm = LayerNorm(context_dim, **kw)
@@ -117,21 +120,41 @@ class Resampler(nnx.Module):
   (`layers.{j}.0.*`, `layers.{j}.1.{0,1,3}.*`).
   """
 
-  def __init__(self, embed_dim: int, context_dim: int, config: AdapterConfig, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    embed_dim: int,
+    context_dim: int,
+    config: AdapterConfig,
+    *,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = _adapter_kw(dtype)
     dim = config.resampler_dim or context_dim
     heads = config.resampler_heads or dim // config.resampler_head_dim
     hidden = config.resampler_ff_mult * dim
-    self.latents = AdapterParam(jax.random.normal(rngs.params(), (1, config.num_tokens, dim),
-                                                  jnp.float32) / dim ** 0.5)
+    self.latents = AdapterParam(
+      jax.random.normal(rngs.params(), (1, config.num_tokens, dim), jnp.float32) / dim**0.5
+    )
     self.proj_in = Linear(embed_dim, dim, rngs=rngs, **kw)
-    self.layers = nnx.List([
-        nnx.List([
+    self.layers = nnx.List(
+      [
+        nnx.List(
+          [
             PerceiverAttention(dim, heads, config.resampler_head_dim, dtype=dtype, rngs=rngs),
-            nnx.List([LayerNorm(dim, **kw), Linear(dim, hidden, use_bias=False, rngs=rngs, **kw),
-                      GELU(), Linear(hidden, dim, use_bias=False, rngs=rngs, **kw)]),
-        ]) for _ in range(config.resampler_depth)])
+            nnx.List(
+              [
+                LayerNorm(dim, **kw),
+                Linear(dim, hidden, use_bias=False, rngs=rngs, **kw),
+                GELU(),
+                Linear(hidden, dim, use_bias=False, rngs=rngs, **kw),
+              ]
+            ),
+          ]
+        )
+        for _ in range(config.resampler_depth)
+      ]
+    )
     self.proj_out = Linear(dim, context_dim, rngs=rngs, **kw)
     self.norm_out = LayerNorm(context_dim, **kw)
     self.dtype = dtype
@@ -150,13 +173,19 @@ class Resampler(nnx.Module):
 
 
 class FullFaceProjection(nnx.Module):
-  """IP-Adapter Full-face: `proj` = [Linear(E -> E), GELU, Linear(E -> D), LayerNorm(D)] per token."""
+  """IP-Adapter Full-face: `proj` = [Linear(E -> E), GELU, Linear(E -> D), LayerNorm(D)] per
+  token."""
 
   def __init__(self, embed_dim: int, context_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     kw = _adapter_kw(dtype)
-    self.proj = nnx.List([Linear(embed_dim, embed_dim, rngs=rngs, **kw), GELU(),
-                          Linear(embed_dim, context_dim, rngs=rngs, **kw),
-                          LayerNorm(context_dim, **kw)])
+    self.proj = nnx.List(
+      [
+        Linear(embed_dim, embed_dim, rngs=rngs, **kw),
+        GELU(),
+        Linear(embed_dim, context_dim, rngs=rngs, **kw),
+        LayerNorm(context_dim, **kw),
+      ]
+    )
 
   def __call__(self, features_BTE):
     x = features_BTE  # E wide, then D: one name cannot carry both suffixes
@@ -165,8 +194,9 @@ class FullFaceProjection(nnx.Module):
     return x
 
 
-def make_image_projection(config: AdapterConfig, context_dim: int, *, dtype=jnp.float32,
-                          rngs: nnx.Rngs):
+def make_image_projection(
+  config: AdapterConfig, context_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+):
   """The projection module of `config.kind`."""
   if config.kind == "plus":
     return Resampler(config.embed_dim, context_dim, config, dtype=dtype, rngs=rngs)

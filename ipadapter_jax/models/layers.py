@@ -35,7 +35,8 @@ def from_nhwc(x, layout: str):
 
 
 class ParamKeys:
-  """Parameter-initialisation keys fold_in(key, 0), fold_in(key, 1), ... drawn like `nnx.Rngs.params()`.
+  """Parameter-initialisation keys fold_in(key, 0), fold_in(key, 1), ... drawn like
+  `nnx.Rngs.params()`.
 
   Large models build their layers with this instead of `nnx.Rngs`: each `nnx.Rngs` draw updates a
   counter Variable, which under `nnx.eval_shape` costs time that grows with the traced program
@@ -51,16 +52,28 @@ class ParamKeys:
     return jax.random.fold_in(self._key, self._count)
 
 
-# PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
+# PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is
+# U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
 _torch_default_init = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class Linear(nnx.Module):
   """y = x @ kernel + bias."""
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, param_type=nnx.Param, rngs: nnx.Rngs):
-    self.kernel = param_type(_torch_default_init(rngs.params(), (in_features, out_features), param_dtype))
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    param_type=nnx.Param,
+    rngs: nnx.Rngs,
+  ):
+    self.kernel = param_type(
+      _torch_default_init(rngs.params(), (in_features, out_features), param_dtype)
+    )
     self.bias = param_type(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     self.dtype = dtype
 
@@ -74,9 +87,19 @@ class Linear(nnx.Module):
 class Conv2d(nnx.Module):
   """2-D convolution over NHWC inputs with an HWIO kernel and symmetric zero padding."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, use_bias: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = nnx.Param(_torch_default_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
@@ -86,20 +109,30 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x_BHWC):
     y = jax.lax.conv_general_dilated(
-        x_BHWC.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x_BHWC.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      window_strides=(self.stride, self.stride),
+      padding=((self.padding, self.padding), (self.padding, self.padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class Embed(nnx.Module):
   """A lookup table [num_embeddings, features] (PyTorch's nn.Embedding, same layout)."""
 
-  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features),
-                                                 param_dtype))
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.embedding = nnx.Param(
+      jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype)
+    )
     self.dtype = dtype
 
   def __call__(self, ids):
@@ -116,8 +149,15 @@ def _normalise(x, axes, eps):
 class GroupNorm(nnx.Module):
   """GroupNorm over the channels of an NHWC (or [B, T, C]) tensor, statistics in float32."""
 
-  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    num_groups: int,
+    num_channels: int,
+    *,
+    eps: float = 1e-5,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     if num_channels % num_groups:
       raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
     self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
@@ -137,8 +177,15 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in float32."""
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
-               param_dtype=jnp.float32, param_type=nnx.Param):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    eps: float = 1e-5,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    param_type=nnx.Param,
+  ):
     self.scale = param_type(jnp.ones((num_features,), param_dtype))
     self.bias = param_type(jnp.zeros((num_features,), param_dtype))
     self.eps = eps

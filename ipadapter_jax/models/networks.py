@@ -13,8 +13,18 @@ class Networks(nnx.Module):
   so a weight's path starts with the network's name ("unet", "text_encoder", ...).
   """
 
-  def __init__(self, *, unet=None, vae=None, text_encoder=None, text_encoder_2=None,
-               image_encoder=None, extra_adapters=(), controlnets=(), t2i_adapter=None):
+  def __init__(
+    self,
+    *,
+    unet=None,
+    vae=None,
+    text_encoder=None,
+    text_encoder_2=None,
+    image_encoder=None,
+    extra_adapters=(),
+    controlnets=(),
+    t2i_adapter=None,
+  ):
     self.unet = unet
     self.vae = vae
     self.text_encoder = text_encoder

@@ -15,17 +15,30 @@ class ResnetBlock2D(nnx.Module):
   With `temb_channels=None` (the VAE) there is no time embedding.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
-               eps: float, output_scale_factor: float = 1.0, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    temb_channels: int | None,
+    *,
+    groups: int,
+    eps: float,
+    output_scale_factor: float = 1.0,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, rngs=rngs, **kw)
-    self.time_emb_proj = (Linear(temb_channels, out_channels, rngs=rngs, **kw)
-                          if temb_channels is not None else None)
+    self.time_emb_proj = (
+      Linear(temb_channels, out_channels, rngs=rngs, **kw) if temb_channels is not None else None
+    )
     self.norm2 = GroupNorm(groups, out_channels, eps=eps, **kw)
     self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, rngs=rngs, **kw)
-    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, rngs=rngs, **kw)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      Conv2d(in_channels, out_channels, 1, rngs=rngs, **kw) if in_channels != out_channels else None
+    )
     self.output_scale_factor = output_scale_factor
 
   def __call__(self, x_BHWC, temb_BE=None):
@@ -44,8 +57,16 @@ class Downsample2D(nnx.Module):
   """3x3 convolution with stride 2; padding 0 means diffusers' asymmetric (0, 1) zero padding."""
 
   def __init__(self, channels: int, *, padding: int, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    self.conv = Conv2d(
+      channels,
+      channels,
+      3,
+      stride=2,
+      padding=padding,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.pad_right = padding == 0
 
   def __call__(self, x_BHWC):
@@ -66,8 +87,9 @@ class Upsample2D(nnx.Module):
   """Nearest-neighbour upsampling (x2, or to the skip connection's size) then a 3x3 convolution."""
 
   def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+    self.conv = Conv2d(
+      channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x_BHWC, size: tuple[int, int] | None = None):
     _, H, W, _ = x_BHWC.shape

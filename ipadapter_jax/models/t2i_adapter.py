@@ -34,6 +34,7 @@ def _positive_int(value) -> bool:
 @dataclasses.dataclass(frozen=True)
 class T2IAdapterConfig:
   """The architecture of a T2IAdapter; field names are diffusers' config keys."""
+
   in_channels: int = 3
   channels: tuple[int, ...] = (320, 640, 1280, 1280)
   num_res_blocks: int = 2
@@ -42,8 +43,9 @@ class T2IAdapterConfig:
 
   def __post_init__(self):
     if self.adapter_type not in ADAPTER_TYPES:
-      raise ValueError(f"'adapter_type'={self.adapter_type!r} is not supported "
-                       f"(supported: {ADAPTER_TYPES})")
+      raise ValueError(
+        f"'adapter_type'={self.adapter_type!r} is not supported (supported: {ADAPTER_TYPES})"
+      )
     for key in ("in_channels", "downscale_factor"):
       if not _positive_int(getattr(self, key)):
         raise ValueError(f"'{key}' must be a positive integer, got {getattr(self, key)!r}")
@@ -56,18 +58,23 @@ class T2IAdapterConfig:
       if not _positive_int(c):
         raise ValueError(f"'channels'[{i}] must be a positive integer, got {c!r}")
       if self.adapter_type == "light_adapter" and c < 4:
-        raise ValueError(f"'channels'[{i}]={c} is too small for a light_adapter (its blocks "
-                         "work at a quarter of the channels)")
+        raise ValueError(
+          f"'channels'[{i}]={c} is too small for a light_adapter (its blocks "
+          "work at a quarter of the channels)"
+        )
     if self.adapter_type == "full_adapter_xl":
       # diffusers builds levels 3+ with in_channels = channels[i], which only runs when equal
       for i in range(3, len(self.channels)):
         if self.channels[i] != self.channels[i - 1]:
-          raise ValueError(f"'channels'[{i}]={self.channels[i]} must equal 'channels'[{i - 1}]="
-                           f"{self.channels[i - 1]} in a full_adapter_xl")
+          raise ValueError(
+            f"'channels'[{i}]={self.channels[i]} must equal 'channels'[{i - 1}]="
+            f"{self.channels[i - 1]} in a full_adapter_xl"
+          )
 
   @classmethod
-  def from_diffusers(cls, raw: dict[str, Any],
-                     source: str = "t2i adapter config") -> "T2IAdapterConfig":
+  def from_diffusers(
+    cls, raw: dict[str, Any], source: str = "t2i adapter config"
+  ) -> "T2IAdapterConfig":
     """Parses a diffusers adapter `config.json` dict; unknown or unsupported settings raise.
 
     `in_channels` and `num_res_blocks` default as in diffusers (3 and 2); the other keys decide
@@ -94,12 +101,13 @@ class T2IAdapterConfig:
     """Each feature map's channels and downscale (relative to the input image), in output order."""
     f, ch = self.downscale_factor, self.channels
     if self.adapter_type == "full_adapter":
-      return tuple(FeatureLevel(i, c, f * 2 ** i) for i, c in enumerate(ch))
+      return tuple(FeatureLevel(i, c, f * 2**i) for i, c in enumerate(ch))
     if self.adapter_type == "full_adapter_xl":  # one downsampling block only, at level 2
       return tuple(FeatureLevel(i, c, f * (2 if i >= 2 else 1)) for i, c in enumerate(ch))
     # light_adapter: one block per entry of `channels`, then one more downsampling block
-    return (tuple(FeatureLevel(i, c, f * 2 ** i) for i, c in enumerate(ch))
-            + (FeatureLevel(len(ch) - 1, ch[-1], f * 2 ** len(ch)),))
+    return tuple(FeatureLevel(i, c, f * 2**i) for i, c in enumerate(ch)) + (
+      FeatureLevel(len(ch) - 1, ch[-1], f * 2 ** len(ch)),
+    )
 
   @property
   def total_downscale_factor(self) -> int:
@@ -112,6 +120,7 @@ class T2IAdapterConfig:
 
 class FeatureLevel(NamedTuple):
   """One output feature map: `channels[channel_index]` channels at 1/`downscale` of the image."""
+
   channel_index: int
   channels: int
   downscale: int
@@ -162,14 +171,25 @@ class AdapterBlock(nnx.Module):
   """diffusers' AdapterBlock: an optional 2x2 average pool, a 1x1 conv when the width changes,
   then the resnets."""
 
-  def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, *, down: bool,
-               dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    num_res_blocks: int,
+    *,
+    down: bool,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.down = down
-    self.in_conv = (Conv2d(in_channels, out_channels, 1, **kw)
-                    if in_channels != out_channels else None)
-    self.resnets = nnx.List([AdapterResnetBlock(out_channels, light=False, **kw)
-                             for _ in range(num_res_blocks)])
+    self.in_conv = (
+      Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+    )
+    self.resnets = nnx.List(
+      [AdapterResnetBlock(out_channels, light=False, **kw) for _ in range(num_res_blocks)]
+    )
 
   def __call__(self, x_BHWC):
     if self.down:
@@ -184,14 +204,24 @@ class AdapterBlock(nnx.Module):
 class LightAdapterBlock(nnx.Module):
   """diffusers' LightAdapterBlock: optional pool, 1x1 in to a quarter width, resnets, 1x1 out."""
 
-  def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, *, down: bool,
-               dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    num_res_blocks: int,
+    *,
+    down: bool,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     mid = out_channels // 4
     self.down = down
     self.in_conv = Conv2d(in_channels, mid, 1, **kw)
-    self.resnets = nnx.List([AdapterResnetBlock(mid, light=True, **kw)
-                             for _ in range(num_res_blocks)])
+    self.resnets = nnx.List(
+      [AdapterResnetBlock(mid, light=True, **kw) for _ in range(num_res_blocks)]
+    )
     self.out_conv = Conv2d(mid, out_channels, 1, **kw)
 
   def __call__(self, x_BHWC):
@@ -209,7 +239,7 @@ class FullAdapter(nnx.Module):
   def __init__(self, cfg: T2IAdapterConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, n = cfg.channels, cfg.num_res_blocks
-    self.conv_in = Conv2d(cfg.in_channels * cfg.downscale_factor ** 2, ch[0], 3, padding=1, **kw)
+    self.conv_in = Conv2d(cfg.in_channels * cfg.downscale_factor**2, ch[0], 3, padding=1, **kw)
     if cfg.adapter_type == "full_adapter":
       plan = [(ch[0], ch[0], False)] + [(ch[i - 1], ch[i], True) for i in range(1, len(ch))]
     else:  # the XL layout: levels 0 and 1 at the same size, one downsampling block at level 2
@@ -231,10 +261,14 @@ class LightAdapter(nnx.Module):
   def __init__(self, cfg: T2IAdapterConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, n = cfg.channels, cfg.num_res_blocks
-    plan = ([(cfg.in_channels * cfg.downscale_factor ** 2, ch[0], False)]
-            + [(ch[i], ch[i + 1], True) for i in range(len(ch) - 1)] + [(ch[-1], ch[-1], True)])
-    self.body = nnx.List([LightAdapterBlock(cin, cout, n, down=down, **kw)
-                          for cin, cout, down in plan])
+    plan = (
+      [(cfg.in_channels * cfg.downscale_factor**2, ch[0], False)]
+      + [(ch[i], ch[i + 1], True) for i in range(len(ch) - 1)]
+      + [(ch[-1], ch[-1], True)]
+    )
+    self.body = nnx.List(
+      [LightAdapterBlock(cin, cout, n, down=down, **kw) for cin, cout, down in plan]
+    )
 
   def __call__(self, x_BHWC):
     features = []
@@ -247,8 +281,9 @@ class LightAdapter(nnx.Module):
 class T2IAdapter(nnx.Module):
   """diffusers' T2IAdapter. `dtype` is the compute dtype, `param_dtype` that of the weights."""
 
-  def __init__(self, config: T2IAdapterConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: T2IAdapterConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = dtype
     kind = LightAdapter if config.adapter_type == "light_adapter" else FullAdapter
@@ -263,19 +298,23 @@ class T2IAdapter(nnx.Module):
     x_BHWC = to_nhwc(x, layout)
     cfg = self.config
     if x_BHWC.ndim != 4 or x_BHWC.shape[-1] != cfg.in_channels:
-      raise ValueError(f"T2IAdapter: expected a {layout} batch with {cfg.in_channels} channels, "
-                       f"got shape {tuple(x.shape)}")
+      raise ValueError(
+        f"T2IAdapter: expected a {layout} batch with {cfg.in_channels} channels, "
+        f"got shape {tuple(x.shape)}"
+      )
     H, W = x_BHWC.shape[1:3]
     r = cfg.downscale_factor
     if H % r or W % r:
-      raise ValueError(f"T2IAdapter: image size {H}x{W} does not divide by the adapter's "
-                       f"downscale_factor {r}")
+      raise ValueError(
+        f"T2IAdapter: image size {H}x{W} does not divide by the adapter's downscale_factor {r}"
+      )
     features = self.adapter(pixel_unshuffle(x_BHWC.astype(self.dtype), r))
     return tuple(from_nhwc(f, layout) for f in features)
 
 
 class UNetSlot(NamedTuple):
   """Where diffusers' UNet adds one adapter feature map, and the shape it needs there."""
+
   where: str
   channels: int
   downscale: int  # relative to the latents
@@ -290,17 +329,22 @@ def unet_slots(unet_config) -> tuple[tuple[UNetSlot, ...], UNetSlot]:
   for i, (kind, c) in enumerate(zip(types, chans)):
     final = i == n - 1
     if kind == "CrossAttnDownBlock2D":
-      where, scale = f"down block {i} ({kind}, before its downsampler)", 2 ** i
+      where, scale = f"down block {i} ({kind}, before its downsampler)", 2**i
     else:
       where = f"down block {i} ({kind}, {'at its output' if final else 'after its downsampler'})"
-      scale = 2 ** i if final else 2 ** (i + 1)
+      scale = 2**i if final else 2 ** (i + 1)
     slots.append(UNetSlot(where, c, scale, f"'block_out_channels'[{i}]"))
   mid = UNetSlot("the mid block", chans[-1], 2 ** (n - 1), f"'block_out_channels'[{n - 1}]")
   return tuple(slots), mid
 
 
-def check_fits(adapter_config: T2IAdapterConfig, unet_config, source: str = "T2I-Adapter", *,
-               vae_scale_factor: int = 8) -> None:
+def check_fits(
+  adapter_config: T2IAdapterConfig,
+  unet_config,
+  source: str = "T2I-Adapter",
+  *,
+  vae_scale_factor: int = 8,
+) -> None:
   """Raises a one-line ValueError when the adapter's feature maps cannot be added to the UNet.
 
   diffusers adds them in order, one per down block, then one to the mid block if its shape
@@ -313,18 +357,23 @@ def check_fits(adapter_config: T2IAdapterConfig, unet_config, source: str = "T2I
   kind = f"'adapter_type'={adapter_config.adapter_type!r}"
   if len(levels) not in (len(down), len(down) + 1):
     raise ValueError(
-        f"{source}: gives {len(levels)} feature maps ({kind}, 'channels'="
-        f"{list(adapter_config.channels)}); the UNet takes {len(down)} (one per down block, "
-        f"'block_out_channels'={list(unet_config.block_out_channels)}) or {len(down) + 1} with "
-        "the mid block")
+      f"{source}: gives {len(levels)} feature maps ({kind}, 'channels'="
+      f"{list(adapter_config.channels)}); the UNet takes {len(down)} (one per down block, "
+      f"'block_out_channels'={list(unet_config.block_out_channels)}) or {len(down) + 1} with "
+      "the mid block"
+    )
   for i, (level, slot) in enumerate(zip(levels, down + (mid,))):
     if level.channels != slot.channels:
-      raise ValueError(f"{source}: feature map {i} has 'channels'[{level.channel_index}]="
-                       f"{level.channels}, but {slot.where} of the UNet needs {slot.key}="
-                       f"{slot.channels}")
+      raise ValueError(
+        f"{source}: feature map {i} has 'channels'[{level.channel_index}]="
+        f"{level.channels}, but {slot.where} of the UNet needs {slot.key}="
+        f"{slot.channels}"
+      )
     needed = vae_scale_factor * slot.downscale
     if level.downscale != needed:
-      raise ValueError(f"{source}: feature map {i} comes at 1/{level.downscale} of the image "
-                       f"('downscale_factor'={adapter_config.downscale_factor}, {kind}), but "
-                       f"{slot.where} of the UNet needs 1/{needed} (vae_scale_factor "
-                       f"{vae_scale_factor})")
+      raise ValueError(
+        f"{source}: feature map {i} comes at 1/{level.downscale} of the image "
+        f"('downscale_factor'={adapter_config.downscale_factor}, {kind}), but "
+        f"{slot.where} of the UNet needs 1/{needed} (vae_scale_factor "
+        f"{vae_scale_factor})"
+      )

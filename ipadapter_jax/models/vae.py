@@ -11,8 +11,7 @@ from flax import nnx
 
 from ipadapter_jax.models.attention import dot_product_attention
 from ipadapter_jax.models.config_checks import check_fixed, reject_unknown, require
-from ipadapter_jax.models.layers import (Conv2d, GroupNorm, Linear, ParamKeys, from_nhwc,
-                                         to_nhwc)
+from ipadapter_jax.models.layers import Conv2d, GroupNorm, Linear, ParamKeys, from_nhwc, to_nhwc
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 _FIXED_KEYS = {"act_fn": "silu"}
@@ -24,6 +23,7 @@ _EPS = 1e-6  # every norm inside diffusers' VAE encoder/decoder
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """The architecture of an AutoencoderKL; field names are diffusers' config keys."""
+
   block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
   layers_per_block: int = 2
   in_channels: int = 3
@@ -42,22 +42,30 @@ class VAEConfig:
     check_fixed(raw, _FIXED_KEYS, source)
     require(raw, ("block_out_channels",), source)
     n = len(raw["block_out_channels"])
-    for key, block in (("down_block_types", "DownEncoderBlock2D"),
-                       ("up_block_types", "UpDecoderBlock2D")):
+    for key, block in (
+      ("down_block_types", "DownEncoderBlock2D"),
+      ("up_block_types", "UpDecoderBlock2D"),
+    ):
       types = raw.pop(key, [block] * n)
       if list(types) != [block] * n:
-        raise ValueError(f"{source}: '{key}'={types!r} is not supported (only {block!r} blocks, "
-                         "one per entry of 'block_out_channels')")
+        raise ValueError(
+          f"{source}: '{key}'={types!r} is not supported (only {block!r} blocks, "
+          "one per entry of 'block_out_channels')"
+        )
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     reject_unknown(raw, cls, source)
     return cls(**raw)
 
   def to_diffusers(self) -> dict[str, Any]:
     n = len(self.block_out_channels)
-    return {"_class_name": "AutoencoderKL", **_FIXED_KEYS, **dataclasses.asdict(self),
-            "block_out_channels": list(self.block_out_channels),
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n}
+    return {
+      "_class_name": "AutoencoderKL",
+      **_FIXED_KEYS,
+      **dataclasses.asdict(self),
+      "block_out_channels": list(self.block_out_channels),
+      "down_block_types": ["DownEncoderBlock2D"] * n,
+      "up_block_types": ["UpDecoderBlock2D"] * n,
+    }
 
 
 class SpatialSelfAttention(nnx.Module):
@@ -84,10 +92,12 @@ class MidBlock(nnx.Module):
 
   def __init__(self, channels: int, *, groups: int, add_attention: bool, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, None, groups=groups, eps=_EPS, **kw)
-                             for _ in range(2)])
-    self.attentions = nnx.List([SpatialSelfAttention(channels, groups=groups, **kw)]
-                               ) if add_attention else None
+    self.resnets = nnx.List(
+      [ResnetBlock2D(channels, channels, None, groups=groups, eps=_EPS, **kw) for _ in range(2)]
+    )
+    self.attentions = (
+      nnx.List([SpatialSelfAttention(channels, groups=groups, **kw)]) if add_attention else None
+    )
 
   def __call__(self, x_BHWC):
     x_BHWC = self.resnets[0](x_BHWC)
@@ -99,14 +109,30 @@ class MidBlock(nnx.Module):
 class EncoderBlock(nnx.Module):
   """diffusers' DownEncoderBlock2D: resnets, then a stride-2 convolution with (0, 1) padding."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int,
-               add_downsample: bool, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    num_layers: int,
+    groups: int,
+    add_downsample: bool,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups=groups,
-                      eps=_EPS, **kw) for j in range(num_layers)])
-    self.downsamplers = nnx.List([Downsample2D(out_channels, padding=0, **kw)]
-                                 ) if add_downsample else None
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if j == 0 else out_channels, out_channels, None, groups=groups, eps=_EPS, **kw
+        )
+        for j in range(num_layers)
+      ]
+    )
+    self.downsamplers = (
+      nnx.List([Downsample2D(out_channels, padding=0, **kw)]) if add_downsample else None
+    )
 
   def __call__(self, x_BHWC):
     for resnet in self.resnets:
@@ -117,12 +143,27 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
   """diffusers' UpDecoderBlock2D: resnets, then nearest x2 upsampling and a convolution."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int,
-               add_upsample: bool, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    num_layers: int,
+    groups: int,
+    add_upsample: bool,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups=groups,
-                      eps=_EPS, **kw) for j in range(num_layers)])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if j == 0 else out_channels, out_channels, None, groups=groups, eps=_EPS, **kw
+        )
+        for j in range(num_layers)
+      ]
+    )
     self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
 
   def __call__(self, x_BHWC):
@@ -138,13 +179,25 @@ class Encoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     chans, n, groups = cfg.block_out_channels, len(cfg.block_out_channels), cfg.norm_num_groups
     self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1, **kw)
-    self.down_blocks = nnx.List([
-        EncoderBlock(chans[max(i - 1, 0)], chans[i], num_layers=cfg.layers_per_block,
-                     groups=groups, add_downsample=i < n - 1, **kw) for i in range(n)])
-    self.mid_block = MidBlock(chans[-1], groups=groups, add_attention=cfg.mid_block_add_attention,
-                              **kw)
-    self.conv_norm_out = GroupNorm(groups, chans[-1], eps=_EPS, dtype=dtype,
-                                   param_dtype=param_dtype)
+    self.down_blocks = nnx.List(
+      [
+        EncoderBlock(
+          chans[max(i - 1, 0)],
+          chans[i],
+          num_layers=cfg.layers_per_block,
+          groups=groups,
+          add_downsample=i < n - 1,
+          **kw,
+        )
+        for i in range(n)
+      ]
+    )
+    self.mid_block = MidBlock(
+      chans[-1], groups=groups, add_attention=cfg.mid_block_add_attention, **kw
+    )
+    self.conv_norm_out = GroupNorm(
+      groups, chans[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype
+    )
     self.conv_out = Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
 
   def __call__(self, x_BHWC):
@@ -162,11 +215,22 @@ class Decoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     rev, n, groups = cfg.block_out_channels[::-1], len(cfg.block_out_channels), cfg.norm_num_groups
     self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, padding=1, **kw)
-    self.mid_block = MidBlock(rev[0], groups=groups, add_attention=cfg.mid_block_add_attention,
-                              **kw)
-    self.up_blocks = nnx.List([
-        DecoderBlock(rev[max(i - 1, 0)], rev[i], num_layers=cfg.layers_per_block + 1,
-                     groups=groups, add_upsample=i < n - 1, **kw) for i in range(n)])
+    self.mid_block = MidBlock(
+      rev[0], groups=groups, add_attention=cfg.mid_block_add_attention, **kw
+    )
+    self.up_blocks = nnx.List(
+      [
+        DecoderBlock(
+          rev[max(i - 1, 0)],
+          rev[i],
+          num_layers=cfg.layers_per_block + 1,
+          groups=groups,
+          add_upsample=i < n - 1,
+          **kw,
+        )
+        for i in range(n)
+      ]
+    )
     self.conv_norm_out = GroupNorm(groups, rev[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype)
     self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, **kw)
 
@@ -180,8 +244,9 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
   """The Stable Diffusion VAE. Images are in [-1, 1]; layout NHWC (or NCHW via `layout`)."""
 
-  def __init__(self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     rngs = ParamKeys(rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     moments = 2 * config.latent_channels
@@ -189,8 +254,11 @@ class AutoencoderKL(nnx.Module):
     self.encoder = Encoder(config, **kw)
     self.decoder = Decoder(config, **kw)
     self.quant_conv = Conv2d(moments, moments, 1, **kw) if config.use_quant_conv else None
-    self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1,
-                                  **kw) if config.use_post_quant_conv else None
+    self.post_quant_conv = (
+      Conv2d(config.latent_channels, config.latent_channels, 1, **kw)
+      if config.use_post_quant_conv
+      else None
+    )
     self.dtype = dtype
 
   def encode(self, images, *, layout: str = "NHWC"):
@@ -210,6 +278,7 @@ class AutoencoderKL(nnx.Module):
       z_BHWC = self.post_quant_conv(z_BHWC)
     return from_nhwc(self.decoder(z_BHWC), layout)
 
+
 def scale_latents(latents, config: VAEConfig):
   """The posterior's latents -> the diffusion model's: (z - shift_factor) * scaling_factor."""
   return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
@@ -224,4 +293,3 @@ def sample_posterior(mean, logvar, key):
   """A draw from N(mean, exp(logvar)), in float32."""
   std = jnp.exp(0.5 * logvar.astype(jnp.float32))
   return mean.astype(jnp.float32) + std * jax.random.normal(key, mean.shape, jnp.float32)
-

@@ -1,7 +1,7 @@
 r"""The toy world: IP-Adapter's whole pipeline on 32x32 procedural shapes, on a CPU, in one command.
 
-  python -m ipadapter_jax.toy --workdir runs/toy             # the paper's claims, measured
-  python -m ipadapter_jax.toy pretrain --out DIR              # the pretrained toy weights, rebuilt
+  ipadapter-jax toy --workdir runs/toy             # the paper's claims, measured
+  ipadapter-jax toy pretrain --out DIR              # the pretrained toy weights, rebuilt
 
 Like a real IP-Adapter run starts from a pretrained Stable Diffusion, the toy world starts from
 pretrained toy weights that the package ships (`toy/weights/`, with how they were made and their
@@ -16,17 +16,53 @@ text-to-image UNet) and a "community model" fine-tuned from the base on a shifte
   structure    img2img and inpainting with an image prompt
   probe        what the base's denoiser reads from its text at one noise level
   stats        the rates and intervals shared with the notebooks
-  command      `python -m ipadapter_jax.toy`
+  run          every stage, then the evaluation (the command: ipadapter_jax.cli.toy)
 """
 
-from ipadapter_jax.toy.command import main, run_world
-from ipadapter_jax.toy.evaluation import (PromptSet, Setting, adapter_settings, base_settings,
-                                          held_out, image_only, score_settings)
-from ipadapter_jax.toy.stages import (EVAL_SEED, MANIFEST, QUICK, SHIPPED, STAGES, Sizes,
-                                      build_data, prepare_world, pretrain, reconstruct,
-                                      shipped_weights, train_stage)
+from ipadapter_jax.toy.evaluation import (
+  PromptSet,
+  Setting,
+  adapter_settings,
+  base_settings,
+  held_out,
+  image_only,
+  score_settings,
+)
+from ipadapter_jax.toy.run import run_world
+from ipadapter_jax.toy.stages import (
+  EVAL_SEED,
+  MANIFEST,
+  QUICK,
+  SHIPPED,
+  STAGES,
+  Sizes,
+  build_data,
+  prepare_world,
+  pretrain,
+  reconstruct,
+  shipped_weights,
+  train_stage,
+)
 
-__all__ = ["EVAL_SEED", "MANIFEST", "QUICK", "SHIPPED", "STAGES", "PromptSet", "Setting", "Sizes",
-           "adapter_settings", "base_settings", "build_data", "held_out", "image_only", "main",
-           "prepare_world", "pretrain", "reconstruct", "run_world", "score_settings",
-           "shipped_weights", "train_stage"]
+__all__ = [
+  "EVAL_SEED",
+  "MANIFEST",
+  "QUICK",
+  "SHIPPED",
+  "STAGES",
+  "PromptSet",
+  "Setting",
+  "Sizes",
+  "adapter_settings",
+  "base_settings",
+  "build_data",
+  "held_out",
+  "image_only",
+  "prepare_world",
+  "pretrain",
+  "reconstruct",
+  "run_world",
+  "score_settings",
+  "shipped_weights",
+  "train_stage",
+]

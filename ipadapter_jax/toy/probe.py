@@ -24,13 +24,13 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import evaluate
-from ipadapter_jax.generation.conditioning import encode_text
-from ipadapter_jax.toy.configs import world as toy_world
-from ipadapter_jax.toy import shapes
-from ipadapter_jax.toy.evaluation import held_out
-from ipadapter_jax.models.vae import scale_latents, unscale_latents
 from ipadapter_jax.diffusion.schedule import NoiseSchedule, predicted_x0
+from ipadapter_jax.generation.conditioning import encode_text
+from ipadapter_jax.models.vae import scale_latents, unscale_latents
 from ipadapter_jax.tokenizer import tokenize
+from ipadapter_jax.toy import shapes
+from ipadapter_jax.toy.configs import world as toy_world
+from ipadapter_jax.toy.evaluation import held_out
 from ipadapter_jax.weights import load_stable_diffusion
 
 ATTRIBUTES = ("shape", "colour")
@@ -49,8 +49,13 @@ def swapped_values(examples, attribute: str) -> list[str]:
 def x0_prediction(model, x_t, t: int, context, alpha_bar: float):
   """The model's one-step clean image from x_t."""
   output = np.asarray(model.unet(jnp.asarray(x_t), jnp.full((x_t.shape[0],), t), context))
-  return predicted_x0(model.scheduler_config.get("prediction_type", "epsilon"), output, x_t,
-                      np.sqrt(alpha_bar), np.sqrt(1 - alpha_bar))
+  return predicted_x0(
+    model.scheduler_config.get("prediction_type", "epsilon"),
+    output,
+    x_t,
+    np.sqrt(alpha_bar),
+    np.sqrt(1 - alpha_bar),
+  )
 
 
 _encode_means = nnx.jit(lambda vae, x: vae.encode(x)[0])
@@ -82,49 +87,64 @@ def probe(model_dir: str, count: int, timesteps, seed: int = 0) -> dict:
   x0 = np.asarray(to_model_space(model, pixels.astype(np.float32) / 127.5 - 1))
   noise = np.random.default_rng(seed).standard_normal(x0.shape).astype(np.float32)
   encode = jax.jit(lambda ids: encode_text(model.text_encoder, None, ids)[0])
-  context = lambda examples: encode(tokenize(model.tokenizer, [shapes.describe(e)
-                                                               for e in examples]))
+  context = lambda examples: encode(
+    tokenize(model.tokenizer, [shapes.describe(e) for e in examples])
+  )
   result = {"model": model_dir, "count": count}
   for attribute in ATTRIBUTES:
     truth = [getattr(ex, attribute) for ex in examples]
     other = swapped_values(examples, attribute)
-    captions = {"true caption": context(examples),
-                "swapped caption": context([dataclasses.replace(ex, **{attribute: value})
-                                            for ex, value in zip(examples, other)])}
+    captions = {
+      "true caption": context(examples),
+      "swapped caption": context(
+        [dataclasses.replace(ex, **{attribute: value}) for ex, value in zip(examples, other)]
+      ),
+    }
     rows = {}
     for t in timesteps:
       x_t = np.sqrt(alphas[t]) * x0 + np.sqrt(1 - alphas[t]) * noise
       row = {"alpha_bar": round(float(alphas[t]), 4)}
       for name, ctx in captions.items():
         predicted = to_pixels(model, x0_prediction(model, x_t, t, ctx, alphas[t]))
-        judged = [shapes.judge(evaluate.to_uint8(image))[attribute] for image in
-                  np.clip(np.asarray(predicted) / 2 + 0.5, 0, 1)]
-        row[name] = {"true value": float(np.mean([j == v for j, v in zip(judged, truth)])),
-                     "swapped value": float(np.mean([j == v for j, v in zip(judged, other)]))}
+        judged = [
+          shapes.judge(evaluate.to_uint8(image))[attribute]
+          for image in np.clip(np.asarray(predicted) / 2 + 0.5, 0, 1)
+        ]
+        row[name] = {
+          "true value": float(np.mean([j == v for j, v in zip(judged, truth)])),
+          "swapped value": float(np.mean([j == v for j, v in zip(judged, other)])),
+        }
       rows[int(t)] = row
     result[attribute] = rows
   return result
 
 
 def table(result: dict) -> str:
-  lines = ["| word | t (alpha_bar) | true caption: judged true | swapped caption: judged true | "
-           "swapped caption: judged swapped |", "|---|---|---|---|---|"]
+  lines = [
+    "| word | t (alpha_bar) | true caption: judged true | swapped caption: judged true | "
+    "swapped caption: judged swapped |",
+    "|---|---|---|---|---|",
+  ]
   for attribute in ATTRIBUTES:
     for t, row in result[attribute].items():
-      lines.append(f"| {attribute} | {t} ({row['alpha_bar']}) | "
-                   f"{row['true caption']['true value']:.0%} | "
-                   f"{row['swapped caption']['true value']:.0%} | "
-                   f"{row['swapped caption']['swapped value']:.0%} |")
+      lines.append(
+        f"| {attribute} | {t} ({row['alpha_bar']}) | "
+        f"{row['true caption']['true value']:.0%} | "
+        f"{row['swapped caption']['true value']:.0%} | "
+        f"{row['swapped caption']['swapped value']:.0%} |"
+      )
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m ipadapter_jax.toy.probe",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m ipadapter_jax.toy.probe", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--model", default=toy_world.SHIPPED + "/base", help="a toy base folder")
   p.add_argument("--count", type=int, default=256, help="held-out images")
-  p.add_argument("--timesteps", default="200,400,600,800,950",
-                 help="comma-separated training timesteps")
+  p.add_argument(
+    "--timesteps", default="200,400,600,800,950", help="comma-separated training timesteps"
+  )
   p.add_argument("--out", default=None, help="also write the rates as JSON")
   args = p.parse_args(argv)
   result = probe(args.model, args.count, [int(t) for t in args.timesteps.split(",")])

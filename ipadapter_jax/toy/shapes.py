@@ -17,16 +17,29 @@ from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {  # shape colours; the background palette below is disjoint from it
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
-    "yellow": (235, 215, 50), "purple": (150, 60, 190), "orange": (245, 140, 30),
+  "red": (220, 40, 40),
+  "green": (40, 180, 60),
+  "blue": (50, 80, 230),
+  "yellow": (235, 215, 50),
+  "purple": (150, 60, 190),
+  "orange": (245, 140, 30),
 }
-BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128),
-               "brown": (110, 75, 45), "pink": (240, 175, 205), "navy": (25, 35, 95)}
+BACKGROUNDS = {
+  "white": (245, 245, 245),
+  "black": (20, 20, 20),
+  "grey": (128, 128, 128),
+  "brown": (110, 75, 45),
+  "pink": (240, 175, 205),
+  "navy": (25, 35, 95),
+}
 # Each world draws its backgrounds from its own part of the palette: the base model learns the
 # first, a "community model" fine-tuned from it the second (a shift like a real fine-tune's new
 # style); the toy CLIP sees both.
-WORLDS = {"base": ("white", "black", "grey", "brown"), "community": ("pink", "navy"),
-          "all": tuple(BACKGROUNDS)}
+WORLDS = {
+  "base": ("white", "black", "grey", "brown"),
+  "community": ("pink", "navy"),
+  "all": tuple(BACKGROUNDS),
+}
 WORDS = ("a", "an", "on", "background", "shape", *SHAPES, *COLOURS, *BACKGROUNDS)
 
 
@@ -55,16 +68,23 @@ def _mask(shape: str, size: int, radius: int, centre) -> np.ndarray:
     inside_rows = (dy >= top) & (dy <= top + height)
     return inside_rows & (np.abs(dx) <= (dy - top) / height * radius)
   arm = 0.35 * radius  # cross
-  return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+  return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | (
+    (np.abs(dy) <= arm) & (np.abs(dx) <= radius)
+  )
 
 
 FULL = 5  # the caption form naming every attribute
 
 
 def _caption(form: int, shape: str, colour: str, background: str) -> str:
-  text = ["", f"a {shape}", f"a {colour} shape", f"a {colour} {shape}",
-          f"a {shape} on a {background} background",
-          f"a {colour} {shape} on a {background} background"][form]
+  text = [
+    "",
+    f"a {shape}",
+    f"a {colour} shape",
+    f"a {colour} {shape}",
+    f"a {shape} on a {background} background",
+    f"a {colour} {shape} on a {background} background",
+  ][form]
   return "an" + text[1:] if text.startswith("a o") else text
 
 
@@ -82,8 +102,14 @@ def example(seed: int, index: int, size: int = 32, world: str = "base") -> Examp
   radius = int(rng.integers(max(2, size * 6 // 32), max(3, size * 11 // 32) + 1))
   centre = tuple(int(c) for c in rng.integers(radius + 1, size - radius - 1, size=2))
   # A random subset of the attributes (possibly none) is named.
-  return Example(shape, colour, background, radius, centre,
-                 _caption(int(rng.integers(FULL + 1)), shape, colour, background))
+  return Example(
+    shape,
+    colour,
+    background,
+    radius,
+    centre,
+    _caption(int(rng.integers(FULL + 1)), shape, colour, background),
+  )
 
 
 def render(ex: Example, size: int = 32) -> np.ndarray:
@@ -94,8 +120,15 @@ def render(ex: Example, size: int = 32) -> np.ndarray:
   return image
 
 
-def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32,
-                  full_captions: float = 0.0, world: str = "base") -> str:
+def write_dataset(
+  folder: str,
+  num_examples: int,
+  *,
+  seed: int,
+  size: int = 32,
+  full_captions: float = 0.0,
+  world: str = "base",
+) -> str:
   """Writes PNGs and the official annotation list `data.json`; returns the annotation path.
   `full_captions`: the fraction of the captions (True: all) that name every attribute instead
   of the example's random subset."""
@@ -106,9 +139,16 @@ def write_dataset(folder: str, num_examples: int, *, seed: int, size: int = 32,
     name = f"images/{i:06d}.png"
     Image.fromarray(render(ex, size)).save(os.path.join(folder, name))
     full = np.random.default_rng([seed, i, 1]).random() < full_captions
-    records.append({"image_file": name, "text": describe(ex) if full else ex.caption,
-                    "id": str(i),
-                    "shape": ex.shape, "colour": ex.colour, "background": ex.background})
+    records.append(
+      {
+        "image_file": name,
+        "text": describe(ex) if full else ex.caption,
+        "id": str(i),
+        "shape": ex.shape,
+        "colour": ex.colour,
+        "background": ex.background,
+      }
+    )
   path = os.path.join(folder, "data.json")
   with open(path, "w") as f:
     json.dump(records, f)
@@ -171,15 +211,21 @@ def judge(image: np.ndarray) -> dict:
     # Align each template's own centroid with the blob's (an empty template stays put).
     area = np.maximum(templates.sum(axis=(1, 2)), 1)
     own = [(templates * grid).sum(axis=(1, 2)) / area for grid in (grid_rows, grid_cols)]
-    shifted = [np.where(templates.any(axis=(1, 2)), 2 * c - o, c)[:, None, None]
-               for c, o in zip(centre, own)]
+    shifted = [
+      np.where(templates.any(axis=(1, 2)), 2 * c - o, c)[:, None, None] for c, o in zip(centre, own)
+    ]
     templates = _mask(shape, size, radii, shifted)
-    overlaps.append((templates & mask).sum(axis=(1, 2))
-                    / np.maximum(1, (templates | mask).sum(axis=(1, 2))))
+    overlaps.append(
+      (templates & mask).sum(axis=(1, 2)) / np.maximum(1, (templates | mask).sum(axis=(1, 2)))
+    )
   overlaps = np.stack(overlaps)  # [shape, radius]; ties go to the first shape, smallest radius
   best = np.unravel_index(np.argmax(overlaps), overlaps.shape)[0]
-  return {"background": background, "colour": colour, "shape": SHAPES[best],
-          "overlap": float(overlaps.max())}
+  return {
+    "background": background,
+    "colour": colour,
+    "shape": SHAPES[best],
+    "overlap": float(overlaps.max()),
+  }
 
 
 def blur(image: np.ndarray) -> np.ndarray:
@@ -196,8 +242,10 @@ def judge_accuracy(images, examples) -> dict[str, float]:
   """The fraction of `images` whose judged background, colour, shape and all three at once are
   their example's: the judge's own check, on renders, blurred renders or reconstructions."""
   judged = [judge(image) for image in images]
-  right = {key: [j[key] == getattr(ex, key) for j, ex in zip(judged, examples)]
-           for key in ("background", "colour", "shape")}
+  right = {
+    key: [j[key] == getattr(ex, key) for j, ex in zip(judged, examples)]
+    for key in ("background", "colour", "shape")
+  }
   right["all"] = np.logical_and.reduce([right[k] for k in ("background", "colour", "shape")])
   right["drew_a_shape"] = [j["overlap"] >= DREW_A_SHAPE for j in judged]
   return {key: float(np.mean(hits)) for key, hits in right.items()}

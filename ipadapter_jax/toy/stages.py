@@ -34,41 +34,62 @@ from ipadapter_jax.data.cache import build_embedding_cache
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import DataSpec, open_source
 from ipadapter_jax.models import AdapterParam
-from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
-                                       CLIPVisionModelWithProjection)
+from ipadapter_jax.models.clip import (
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPVisionConfig,
+  CLIPVisionModelWithProjection,
+)
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 from ipadapter_jax.toy import shapes
-from ipadapter_jax.toy.configs import (base as toy_base, clip as toy_clip,
-                                       community as toy_community,
-                                       image_encoder as toy_image_encoder, vae as toy_vae,
-                                       world as toy_world)
+from ipadapter_jax.toy.configs import base as toy_base
+from ipadapter_jax.toy.configs import clip as toy_clip
+from ipadapter_jax.toy.configs import community as toy_community
+from ipadapter_jax.toy.configs import image_encoder as toy_image_encoder
+from ipadapter_jax.toy.configs import vae as toy_vae
+from ipadapter_jax.toy.configs import world as toy_world
 from ipadapter_jax.train.checks import TrainingError
 from ipadapter_jax.train.loop import train
-from ipadapter_jax.weights import (StableDiffusion, load_clip_text, load_stable_diffusion,
-                                   save_clip_model, save_stable_diffusion)
+from ipadapter_jax.weights import (
+  StableDiffusion,
+  load_clip_text,
+  load_stable_diffusion,
+  save_clip_model,
+  save_stable_diffusion,
+)
 from ipadapter_jax.weights.diffusers import load_vae, save_vae
 from ipadapter_jax.weights.files import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """How much of everything (the training lengths are the stage configs')."""
+
   train_examples: int = 10_000
   eval_images: int = 384
   sampling_steps: int = 20
-  guidance_scale: float = 1.0         # measured on the validation set: guidance only hurts here
-  batch_size: int = 64                # prompt images per sampling call
-  validation_images: int = 64         # held-out images scored during training
-  num_steps: int | None = None        # every stage's length instead of its config's
-  vae_accuracy: float = 0.98          # the judge on the VAE's reconstructions, or no base
-  strength_pairs: int = 128           # validation pairs the img2img strength is chosen on
+  guidance_scale: float = 1.0  # measured on the validation set: guidance only hurts here
+  batch_size: int = 64  # prompt images per sampling call
+  validation_images: int = 64  # held-out images scored during training
+  num_steps: int | None = None  # every stage's length instead of its config's
+  vae_accuracy: float = 0.98  # the judge on the VAE's reconstructions, or no base
+  strength_pairs: int = 128  # validation pairs the img2img strength is chosen on
 
 
 # The CI-sized world: every stage, little work (and a VAE nobody can read).
-QUICK = Sizes(train_examples=256, eval_images=8, sampling_steps=5, batch_size=8,
-              validation_images=4, num_steps=10, vae_accuracy=0.0, strength_pairs=4)
+QUICK = Sizes(
+  train_examples=256,
+  eval_images=8,
+  sampling_steps=5,
+  batch_size=8,
+  validation_images=4,
+  num_steps=10,
+  vae_accuracy=0.0,
+  strength_pairs=4,
+)
 
 SHIPPED = toy_world.SHIPPED
 MANIFEST = "MANIFEST.json"
@@ -87,8 +108,12 @@ def log(message: str):
 # the attributes: the adapter's data ("train") leaves the image to carry what its text lacks;
 # the base model's ("base") names everything half of the time, like the rich captions a
 # text-to-image model is pretrained on.
-DATASETS = {"train": (0, "base", 0.0), "clip": (2, "all", 1.0), "base": (5, "base", 0.5),
-            "community": (3, "community", 0.5)}
+DATASETS = {
+  "train": (0, "base", 0.0),
+  "clip": (2, "all", 1.0),
+  "base": (5, "base", 0.5),
+  "community": (3, "community", 0.5),
+}
 # Validation sets (seed, world): scored during training; the evaluation's prompt images are
 # another seed (EVAL_SEED), never used to choose anything.
 HELD_OUT = {"heldout": (6, "base"), "heldout_community": (4, "community")}
@@ -106,35 +131,56 @@ def build_data(workdir: str, sizes: Sizes, names=tuple(DATASETS)):
     log(f"data: writing {sizes.train_examples} shapes and building {built}")
     raw = built + ".raw"
     shutil.rmtree(built + ".tmp", ignore_errors=True)  # what an interrupted build left
-    annotations = shapes.write_dataset(raw, sizes.train_examples, seed=seed,
-                                       size=toy_world.IMAGE_SIZE,
-                                       full_captions=full_captions, world=world)
+    annotations = shapes.write_dataset(
+      raw,
+      sizes.train_examples,
+      seed=seed,
+      size=toy_world.IMAGE_SIZE,
+      full_captions=full_captions,
+      world=world,
+    )
     build_image_text_dataset(annotations, raw, built + ".tmp")
     os.replace(built + ".tmp", built)  # a built folder is always a complete one
   for name, (seed, world) in HELD_OUT.items():
     folder = os.path.join(workdir, "data", name)
     if not os.path.exists(os.path.join(folder, "data.json")):
-      shapes.write_dataset(folder, sizes.validation_images, seed=seed,
-                           size=toy_world.IMAGE_SIZE, full_captions=True, world=world)
+      shapes.write_dataset(
+        folder,
+        sizes.validation_images,
+        seed=seed,
+        size=toy_world.IMAGE_SIZE,
+        full_captions=True,
+        world=world,
+      )
 
 
 # ----- Pretraining: the weights the toy world starts from ----------------------------------------
+
 
 def write_init_clip(folder: str):
   """A randomly initialised CLIPModel folder with the shapes tokenizer."""
   if os.path.isdir(folder):
     return
   tokenizer_dir = folder + ".tokenizer"
-  write_word_tokenizer(tokenizer_dir, shapes.WORDS,
-                       model_max_length=toy_world.TEXT_CONFIG["max_position_embeddings"])
+  write_word_tokenizer(
+    tokenizer_dir, shapes.WORDS, model_max_length=toy_world.TEXT_CONFIG["max_position_embeddings"]
+  )
   tokenizer = load_tokenizer(tokenizer_dir)
-  text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **toy_world.TEXT_CONFIG),
-                       rngs=nnx.Rngs(1))
-  vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**toy_world.VISION_CONFIG),
-                                         rngs=nnx.Rngs(2))
+  text = CLIPTextModel(
+    CLIPTextConfig(vocab_size=len(tokenizer), **toy_world.TEXT_CONFIG), rngs=nnx.Rngs(1)
+  )
+  vision = CLIPVisionModelWithProjection(
+    CLIPVisionConfig(**toy_world.VISION_CONFIG), rngs=nnx.Rngs(2)
+  )
   size = toy_world.IMAGE_SIZE
-  save_clip_model(text, vision, folder, logit_scale=float(np.log(1 / 0.07)), tokenizer=tokenizer,
-                  processor=CLIPImageConfig(size=size, crop_size=(size, size)))
+  save_clip_model(
+    text,
+    vision,
+    folder,
+    logit_scale=float(np.log(1 / 0.07)),
+    tokenizer=tokenizer,
+    processor=CLIPImageConfig(size=size, crop_size=(size, size)),
+  )
 
 
 def write_init_vae(folder: str):
@@ -153,15 +199,21 @@ def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray) -> float:
   """1 / the standard deviation of the posterior means of `images` ([N, H, W, 3] in [-1, 1]):
   the factor that gives the diffusion model unit-variance latents, chosen as Stable Diffusion's
   0.18215 was."""
-  means = np.concatenate([np.asarray(_encode_means(vae, jnp.asarray(images[i:i + 64])))
-                          for i in range(0, len(images), 64)])
+  means = np.concatenate(
+    [
+      np.asarray(_encode_means(vae, jnp.asarray(images[i : i + 64])))
+      for i in range(0, len(images), 64)
+    ]
+  )
   return float(1.0 / means.std())
 
 
 def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """The decoded posterior means of uint8 [N, H, W, 3] images, as floats in [0, 1]."""
-  out = [np.asarray(_roundtrip(vae, jnp.asarray(images[i:i + batch_size], jnp.float32)
-                              / 127.5 - 1.0)) for i in range(0, len(images), batch_size)]
+  out = [
+    np.asarray(_roundtrip(vae, jnp.asarray(images[i : i + batch_size], jnp.float32) / 127.5 - 1.0))
+    for i in range(0, len(images), batch_size)
+  ]
   return np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -176,15 +228,20 @@ def check_vae(workdir: str, vae: AutoencoderKL, minimum: float, count: int = 600
     accuracy[name] = shapes.judge_accuracy(reconstruct(vae, renders), examples)
     log(f"vae: the judge on {count} reconstructions of {name}: {accuracy[name]}")
   path = os.path.join(workdir, "vae", "stage.json")
-  record = {**stage_record(workdir, "vae"), "judge_on_reconstructions": accuracy,
-            "scaling_factor": vae.config.scaling_factor}
+  record = {
+    **stage_record(workdir, "vae"),
+    "judge_on_reconstructions": accuracy,
+    "scaling_factor": vae.config.scaling_factor,
+  }
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   worst = min(a["all"] for a in accuracy.values())
   if worst < minimum:
-    raise TrainingError(f"the toy VAE's reconstructions are judged right {worst:.1%} of the "
-                        f"time, below {minimum:.0%}: train it longer (configs/toy_vae.py) "
-                        f"before the base")
+    raise TrainingError(
+      f"the toy VAE's reconstructions are judged right {worst:.1%} of the "
+      f"time, below {minimum:.0%}: train it longer (configs/toy_vae.py) "
+      f"before the base"
+    )
   return accuracy
 
 
@@ -192,8 +249,12 @@ def calibrated_vae(vae_dir: str, count: int = 512) -> AutoencoderKL:
   """The trained VAE with its scaling factor measured on `count` images of the base's data."""
   vae = load_vae(vae_dir)
   seed, world, _ = DATASETS["base"]
-  images = np.stack([shapes.render(shapes.example(seed, i, toy_world.IMAGE_SIZE, world),
-                                   toy_world.IMAGE_SIZE) for i in range(count)])
+  images = np.stack(
+    [
+      shapes.render(shapes.example(seed, i, toy_world.IMAGE_SIZE, world), toy_world.IMAGE_SIZE)
+      for i in range(count)
+    ]
+  )
   factor = latent_scaling_factor(vae, images.astype(np.float32) / 127.5 - 1.0)
   log(f"vae: scaling factor {factor:.4f} (1 / the latents' std on {count} images)")
   vae.config = dataclasses.replace(vae.config, scaling_factor=round(factor, 5))
@@ -207,9 +268,13 @@ def write_init_base(folder: str, clip_folder: str, vae: AutoencoderKL):
   if os.path.isdir(folder):
     return
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(toy_world.UNET_CONFIG), rngs=nnx.Rngs(3))
-  sd = StableDiffusion(unet=unet, vae=vae, scheduler_config=toy_world.SCHEDULER_CONFIG,
-                       text_encoder=load_clip_text(clip_folder, with_projection=False),
-                       tokenizer=load_tokenizer(clip_folder))
+  sd = StableDiffusion(
+    unet=unet,
+    vae=vae,
+    scheduler_config=toy_world.SCHEDULER_CONFIG,
+    text_encoder=load_clip_text(clip_folder, with_projection=False),
+    tokenizer=load_tokenizer(clip_folder),
+  )
   save_stable_diffusion(sd, folder)
 
 
@@ -223,14 +288,21 @@ def build_cache(workdir: str, name: str, pipeline: str, clip_dir: str) -> str:
   shutil.rmtree(out + ".tmp", ignore_errors=True)
   models = load_stable_diffusion(pipeline, image_encoder=clip_dir)
   spec = DataSpec(resolution=toy_world.IMAGE_SIZE, random_crop=False, clip=None, tokenizer=None)
-  build_embedding_cache(open_source(os.path.join(workdir, "data", name)), spec, models,
-                        out + ".tmp", batch_size=64)
+  build_embedding_cache(
+    open_source(os.path.join(workdir, "data", name)), spec, models, out + ".tmp", batch_size=64
+  )
   os.replace(out + ".tmp", out)
   return out
 
 
-def train_stage(name: str, config_module, workdir: str, output: str | None,
-                num_steps: int | None = None, overrides: dict | None = None) -> str:
+def train_stage(
+  name: str,
+  config_module,
+  workdir: str,
+  output: str | None,
+  num_steps: int | None = None,
+  overrides: dict | None = None,
+) -> str:
   """Runs (or resumes, or reuses) one train.py stage in `workdir/name`; returns its exported
   `output` (None: the stage exports nothing, its last checkpoint is the result).
   `overrides` sets config keys, {"model.adapter.num_tokens": 8}. The stage's length, time and
@@ -254,10 +326,19 @@ def train_stage(name: str, config_module, workdir: str, output: str | None,
   seconds = time.perf_counter() - start
   log(f"{name}: loss {summary['loss']:.4f} after {summary['step']} steps, {seconds:.0f} s")
   with open(os.path.join(stage_dir, "stage.json"), "w") as f:
-    json.dump({"config": config_module.__name__, "overrides": overrides or {},
-               "steps": summary["step"], "batch_size": cfg.batch_size,
-               "seconds": round(seconds, 1), "final_loss": summary["loss"],
-               "validation": last_validation(stage_dir)}, f, indent=2)
+    json.dump(
+      {
+        "config": config_module.__name__,
+        "overrides": overrides or {},
+        "steps": summary["step"],
+        "batch_size": cfg.batch_size,
+        "seconds": round(seconds, 1),
+        "final_loss": summary["loss"],
+        "validation": last_validation(stage_dir),
+      },
+      f,
+      indent=2,
+    )
   return result
 
 
@@ -317,8 +398,12 @@ def _sha256(path: str) -> str:
 
 
 def _files(folder: str) -> list[str]:
-  return sorted(os.path.relpath(os.path.join(root, name), folder)
-                for root, _, names in os.walk(folder) for name in names if name != MANIFEST)
+  return sorted(
+    os.path.relpath(os.path.join(root, name), folder)
+    for root, _, names in os.walk(folder)
+    for name in names
+    if name != MANIFEST
+  )
 
 
 def ship(workdir: str, folders: dict[str, str], out: str, command: str):
@@ -329,10 +414,11 @@ def ship(workdir: str, folders: dict[str, str], out: str, command: str):
   for name, folder in folders.items():
     shutil.copytree(folder, os.path.join(staging, name))
   manifest = {
-      "command": command,
-      "machine": f"{platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores",
-      "stages": {name: stage_record(workdir, name) for name in STAGES},
-      "sha256": {path: _sha256(os.path.join(staging, path)) for path in _files(staging)}}
+    "command": command,
+    "machine": f"{platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores",
+    "stages": {name: stage_record(workdir, name) for name in STAGES},
+    "sha256": {path: _sha256(os.path.join(staging, path)) for path in _files(staging)},
+  }
   with open(os.path.join(staging, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2)
   shutil.rmtree(out, ignore_errors=True)
@@ -351,8 +437,10 @@ def shipped_weights(folder: str = SHIPPED) -> dict[str, str]:
   """The shipped pretrained folders, after checking every file against MANIFEST.json."""
   path = os.path.join(folder, MANIFEST)
   if not os.path.exists(path):
-    raise CheckpointError(f"{path} is missing: rebuild the toy weights with "
-                          "`python -m ipadapter_jax.toy pretrain` or pass --from_scratch")
+    raise CheckpointError(
+      f"{path} is missing: rebuild the toy weights with "
+      "`ipadapter-jax toy pretrain` or pass --from_scratch"
+    )
   with open(path) as f:
     expected = json.load(f)["sha256"]
   if sorted(expected) != _files(folder):
@@ -383,6 +471,7 @@ def trainable_parameters(folder: str, clip_dir: str, adapter_file: str) -> dict[
   """{"adapter", "full fine-tune"}: what each trains, the adapter alone or the whole UNet."""
   unet = load_stable_diffusion(folder, image_encoder=clip_dir, ip_adapter=adapter_file).unet
   count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-  return {"adapter": count(nnx.state(unet, AdapterParam)),
-          "full fine-tune": count(nnx.state(unet, nnx.Param))}
-
+  return {
+    "adapter": count(nnx.state(unet, AdapterParam)),
+    "full fine-tune": count(nnx.state(unet, nnx.Param)),
+  }

@@ -14,6 +14,7 @@ from ipadapter_jax import evaluate
 
 # ----- One run's measures ------------------------------------------------------------------------
 
+
 def rate(hits) -> dict:
   """`evaluate.rate`, which needs at least one trial, or, without any, the rate 0 with the
   interval that knows nothing: [0, 1] (a setting where the judge found nothing to count)."""
@@ -34,6 +35,7 @@ def pct(m: dict) -> str:
 
 
 # ----- Training runs -----------------------------------------------------------------------------
+
 
 def losses(stage_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, losses) logged by a train.py run in its metrics.jsonl."""
@@ -60,12 +62,13 @@ def check_training(stage_dir: str, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ----- Over the seeds ----------------------------------------------------------------------------
 
+
 def combine(measures: list[dict]) -> dict:
   """One metric of one setting over its seeds, from the per-seed {"mean" or "rate", "ci95", "n"}:
   {"mean", "ci95", "range", "values", "n"}. The mean and the range are the per-seed values'; the
   interval is, for a rate, Wilson on the hits pooled over the seeds, and for a mean, the per-seed
   half-widths h combined as the standard error of a mean of k equal means, sqrt(mean(h^2) / k).
-  ci95 is None where a seed has no interval (`evaluate.evaluate_from_flags`'s means only)."""
+  ci95 is None where a seed has no interval (`ipadapter-jax evaluate`'s means only)."""
   is_rate = "rate" in measures[0]
   values = [float(m["rate"] if is_rate else m["mean"]) for m in measures]
   mean = float(np.mean(values))
@@ -77,10 +80,9 @@ def combine(measures: list[dict]) -> dict:
     ci95 = None
   else:
     halves = np.array([(m["ci95"][1] - m["ci95"][0]) / 2 for m in measures])
-    half = float(np.sqrt(np.mean(halves ** 2) / len(measures)))
+    half = float(np.sqrt(np.mean(halves**2) / len(measures)))
     ci95 = [mean - half, mean + half]
-  return {"mean": mean, "ci95": ci95, "range": [min(values), max(values)], "values": values,
-          "n": n}
+  return {"mean": mean, "ci95": ci95, "range": [min(values), max(values)], "values": values, "n": n}
 
 
 def aggregate(rows: list[dict], keys) -> dict:
@@ -123,6 +125,7 @@ def overlap_reason(pairs) -> str:
 
 # ----- Printing ----------------------------------------------------------------------------------
 
+
 def fmt(key: str, x: float) -> str:
   """A value of metric `key`: CLIP scores to 3 decimals, rates in percent to one decimal."""
   return f"{x:.3f}" if key.startswith("clip") else f"{x:.1%}"
@@ -130,8 +133,9 @@ def fmt(key: str, x: float) -> str:
 
 def summary(key: str, agg: dict) -> str:
   """A table cell: mean [interval] (lowest-highest seed); no interval where there is none."""
-  interval = ("" if agg["ci95"] is None
-              else f" [{fmt(key, agg['ci95'][0])}, {fmt(key, agg['ci95'][1])}]")
+  interval = (
+    "" if agg["ci95"] is None else f" [{fmt(key, agg['ci95'][0])}, {fmt(key, agg['ci95'][1])}]"
+  )
   low, high = agg["range"]
   return f"{fmt(key, agg['mean'])}{interval} ({fmt(key, low)}-{fmt(key, high)})"
 

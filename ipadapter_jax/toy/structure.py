@@ -21,7 +21,6 @@ same compiled program): there the colour should stay the init image's.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ipadapter_jax import evaluate
@@ -62,8 +61,9 @@ def blob_centre(image_u8: np.ndarray) -> tuple[float, float] | None:
 
 def near(centre, ex: shapes.Example, tolerance: float = CENTRE_TOLERANCE) -> bool:
   """Whether a blob centre (or None) lies within `tolerance` pixels of the example's."""
-  return centre is not None and bool(np.hypot(centre[0] - ex.centre[0],
-                                              centre[1] - ex.centre[1]) <= tolerance)
+  return centre is not None and bool(
+    np.hypot(centre[0] - ex.centre[0], centre[1] - ex.centre[1]) <= tolerance
+  )
 
 
 def img2img_scores(generated, examples, pairs) -> dict:
@@ -77,16 +77,18 @@ def img2img_scores(generated, examples, pairs) -> dict:
   colour = [g["colour"] == p.colour for g, p in zip(judged, prompt)]
   shape = [g["shape"] == e.shape for g, e in zip(judged, init)]
   centre = [near(c, e) for c, e in zip(centres, init)]
-  return {"colour = prompt image's": evaluate.rate(colour),
-          "colour = init image's": evaluate.rate([g["colour"] == e.colour
-                                                   for g, e in zip(judged, init)]),
-          "shape = init image's": evaluate.rate(shape),
-          "shape = prompt image's": evaluate.rate([g["shape"] == p.shape
-                                                    for g, p in zip(judged, prompt)]),
-          "centre = init image's": evaluate.rate(centre),
-          "centre = prompt image's": evaluate.rate([near(c, p) for c, p in zip(centres, prompt)]),
-          "prompt's colour, init's shape": evaluate.rate(np.logical_and(colour, shape)),
-          "prompt's colour, init's centre": evaluate.rate(np.logical_and(colour, centre))}
+  return {
+    "colour = prompt image's": evaluate.rate(colour),
+    "colour = init image's": evaluate.rate([g["colour"] == e.colour for g, e in zip(judged, init)]),
+    "shape = init image's": evaluate.rate(shape),
+    "shape = prompt image's": evaluate.rate(
+      [g["shape"] == p.shape for g, p in zip(judged, prompt)]
+    ),
+    "centre = init image's": evaluate.rate(centre),
+    "centre = prompt image's": evaluate.rate([near(c, p) for c, p in zip(centres, prompt)]),
+    "prompt's colour, init's shape": evaluate.rate(np.logical_and(colour, shape)),
+    "prompt's colour, init's centre": evaluate.rate(np.logical_and(colour, centre)),
+  }
 
 
 def inpaint_scores(generated, examples, pairs, inits, size: int) -> dict:
@@ -104,15 +106,27 @@ def inpaint_scores(generated, examples, pairs, inits, size: int) -> dict:
     kept.append(got[1 - half] == toy_composition.half_colours(init)[1 - half])
     columns = slice(size // 2, None) if half == 0 else slice(0, size // 2)
     diffs.append(float(np.abs(image[:, columns].astype(float) - init[:, columns]).mean()))
-  return {"repainted half: prompt image's colour": evaluate.rate(to_prompt),
-          "repainted half: init image's colour": evaluate.rate(to_init),
-          "repainted halves with foreground: prompt image's colour": stats.rate(drawn),
-          "kept half: init image's colour": evaluate.rate(kept),
-          "kept half: mean abs difference": round(float(np.mean(diffs)), 2)}
+  return {
+    "repainted half: prompt image's colour": evaluate.rate(to_prompt),
+    "repainted half: init image's colour": evaluate.rate(to_init),
+    "repainted halves with foreground: prompt image's colour": stats.rate(drawn),
+    "kept half: init image's colour": evaluate.rate(kept),
+    "kept half: mean abs difference": round(float(np.mean(diffs)), 2),
+  }
 
 
-def structure(pipe, examples, images, *, count: int, sampling_steps: int, guidance_scale: float,
-              batch_size: int, strength: float, strengths=STRENGTHS) -> dict:
+def structure(
+  pipe,
+  examples,
+  images,
+  *,
+  count: int,
+  sampling_steps: int,
+  guidance_scale: float,
+  batch_size: int,
+  strength: float,
+  strengths=STRENGTHS,
+) -> dict:
   """{"img2img": {setting: rates}, "inpainting": {setting: rates}, "strength", "pairs"} for the
   first `count` contrast pairs; both scales of a setting see the same noise (seeds per batch),
   so the rows differ by the image prompt alone."""
@@ -120,36 +134,64 @@ def structure(pipe, examples, images, *, count: int, sampling_steps: int, guidan
   pairs = contrast_pairs(examples)[:count]
   inits = [images[i] for i, _ in pairs]
   prompts = [images[j] for _, j in pairs]
-  common = dict(batch_size=batch_size, num_inference_steps=sampling_steps,
-                guidance_scale=guidance_scale)
+  common = dict(
+    batch_size=batch_size, num_inference_steps=sampling_steps, guidance_scale=guidance_scale
+  )
   settings = (("image prompt (scale 1.0)", 1.0), ("no image prompt (scale 0)", 0.0))
   out = {"img2img": {}, "inpainting": {}, "strength": strength, "pairs": len(pairs)}
   for level in strengths:
     for name, scale in settings:
-      generated = evaluate.generate(pipe, [""] * len(pairs), prompts, strength=level,
-                                    scale=scale, per_request={"init_image": inits}, **common)
+      generated = evaluate.generate(
+        pipe,
+        [""] * len(pairs),
+        prompts,
+        strength=level,
+        scale=scale,
+        per_request={"init_image": inits},
+        **common,
+      )
       out["img2img"][f"strength {level}, {name}"] = img2img_scores(generated, examples, pairs)
   left, right = toy_composition.half_masks(size)
   masks = [(left, right)[masked_half(examples[i], size)] for i, _ in pairs]
   for name, scale in settings:
-    generated = evaluate.generate(pipe, [""] * len(pairs), prompts, strength=1.0, scale=scale,
-                                  per_request={"init_image": inits, "mask_image": masks},
-                                  **common)
+    generated = evaluate.generate(
+      pipe,
+      [""] * len(pairs),
+      prompts,
+      strength=1.0,
+      scale=scale,
+      per_request={"init_image": inits, "mask_image": masks},
+      **common,
+    )
     out["inpainting"][f"shape's half repainted, {name}"] = inpaint_scores(
-        generated, examples, pairs, inits, size)
+      generated, examples, pairs, inits, size
+    )
   return out
 
 
 def pick_strength(rates: dict) -> float:
   """choose_strength's rule on {strength: img2img_scores}."""
-  keeps_init = [s for s, r in rates.items()
-                if r["shape = init image's"]["ci95"][0] > r["shape = prompt image's"]["ci95"][1]]
-  return max(keeps_init or rates,
-             key=lambda s: (rates[s]["prompt's colour, init's shape"]["rate"], -s))
+  keeps_init = [
+    s
+    for s, r in rates.items()
+    if r["shape = init image's"]["ci95"][0] > r["shape = prompt image's"]["ci95"][1]
+  ]
+  return max(
+    keeps_init or rates, key=lambda s: (rates[s]["prompt's colour, init's shape"]["rate"], -s)
+  )
 
 
-def choose_strength(pipe, examples, images, *, count: int, sampling_steps: int,
-                    guidance_scale: float, batch_size: int, strengths=STRENGTHS) -> dict:
+def choose_strength(
+  pipe,
+  examples,
+  images,
+  *,
+  count: int,
+  sampling_steps: int,
+  guidance_scale: float,
+  batch_size: int,
+  strengths=STRENGTHS,
+) -> dict:
   """{"strength", "img2img": {setting: rates}, "pairs"}: the img2img strength with the most pairs
   that take the prompt's colour and keep the init's shape, among the strengths whose outputs keep
   the init's shape more often than the prompt's (95% intervals apart; ties: the lower strength),
@@ -158,14 +200,23 @@ def choose_strength(pipe, examples, images, *, count: int, sampling_steps: int,
   pairs = contrast_pairs(examples)[:count]
   rates = {}
   for level in strengths:
-    generated = evaluate.generate(pipe, [""] * len(pairs), [images[j] for _, j in pairs],
-                                  strength=level, scale=1.0, batch_size=batch_size,
-                                  per_request={"init_image": [images[i] for i, _ in pairs]},
-                                  num_inference_steps=sampling_steps,
-                                  guidance_scale=guidance_scale)
+    generated = evaluate.generate(
+      pipe,
+      [""] * len(pairs),
+      [images[j] for _, j in pairs],
+      strength=level,
+      scale=1.0,
+      batch_size=batch_size,
+      per_request={"init_image": [images[i] for i, _ in pairs]},
+      num_inference_steps=sampling_steps,
+      guidance_scale=guidance_scale,
+    )
     rates[level] = img2img_scores(generated, examples, pairs)
-  return {"strength": pick_strength(rates), "pairs": len(pairs),
-          "img2img": {f"strength {s}, image prompt (scale 1.0)": r for s, r in rates.items()}}
+  return {
+    "strength": pick_strength(rates),
+    "pairs": len(pairs),
+    "img2img": {f"strength {s}, image prompt (scale 1.0)": r for s, r in rates.items()},
+  }
 
 
 def _markdown(title: str, rows: dict) -> list[str]:
@@ -184,8 +235,10 @@ def table(result: dict) -> str:
   choice = result.get("strength_choice")
   if choice:
     lines += _markdown(f"img2img, {choice['pairs']} validation pairs", choice["img2img"])
-  lines.append(f"{result['pairs']} pairs of held-out images (init image, image prompt of another "
-               f"colour), empty text; the structure claim's img2img strength, "
-               f"{result['strength']}, was chosen on the validation pairs; "
-               f"[95% Wilson interval].")
+  lines.append(
+    f"{result['pairs']} pairs of held-out images (init image, image prompt of another "
+    f"colour), empty text; the structure claim's img2img strength, "
+    f"{result['strength']}, was chosen on the validation pairs; "
+    f"[95% Wilson interval]."
+  )
   return "\n".join(lines)

@@ -51,12 +51,16 @@ def _split(state):
 class Checkpoints:
   """Saves asynchronously; keeps the last `keep_last` and every `keep_every`-th step."""
 
-  def __init__(self, directory: str, *, keep_last: int, keep_every: int = 0,
-               asynchronous: bool = True):
+  def __init__(
+    self, directory: str, *, keep_last: int, keep_every: int = 0, asynchronous: bool = True
+  ):
     directory = storage.resolve(directory)  # Orbax wants absolute local paths or URIs
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep_last, keep_period=keep_every or None,
-        enable_async_checkpointing=asynchronous, create=True)
+      max_to_keep=keep_last,
+      keep_period=keep_every or None,
+      enable_async_checkpointing=asynchronous,
+      create=True,
+    )
     self.manager = ocp.CheckpointManager(directory, options=options)
     self.directory = directory
 
@@ -65,28 +69,45 @@ class Checkpoints:
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
     params, rest = _split(state)
-    return self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(rest),
-        data=ocp.args.JsonSave(data_state)), force=force)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        state=ocp.args.StandardSave(rest),
+        data=ocp.args.JsonSave(data_state),
+      ),
+      force=force,
+    )
 
   def restore(self, step: int, abstract_state):
     """(state, data_state) of `step`, laid out as `abstract_state`'s leaves (with shardings)."""
     params, rest = _split(abstract_state)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(params), state=ocp.args.StandardRestore(rest),
-          data=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(params),
+          state=ocp.args.StandardRestore(rest),
+          data=ocp.args.JsonRestore(),
+        ),
+      )
     except Exception as e:  # orbax raises many types; a failed restore must never pass silently
       reason = " ".join(str(e).split())[:500]
       earlier = [s for s in self.manager.all_steps() if s < step]
-      hint = (f"; to resume from step {max(earlier)} before it, move "
-              f"{storage.join(self.directory, str(step))} out of {self.directory} and run again"
-              if earlier else "")
-      raise CheckpointError(f"{self.directory}: cannot restore step {step} onto this run "
-                            f"({type(e).__name__}: {reason}){hint}") from None
+      hint = (
+        f"; to resume from step {max(earlier)} before it, move "
+        f"{storage.join(self.directory, str(step))} out of {self.directory} and run again"
+        if earlier
+        else ""
+      )
+      raise CheckpointError(
+        f"{self.directory}: cannot restore step {step} onto this run "
+        f"({type(e).__name__}: {reason}){hint}"
+      ) from None
     state = from_flat(restored.state, abstract_state._replace(params=None))
-    return state._replace(params=from_flat(restored.params, abstract_state.params,
-                                           drop_prefix=1)), restored.data
+    return state._replace(
+      params=from_flat(restored.params, abstract_state.params, drop_prefix=1)
+    ), restored.data
 
   def wait(self):
     self.manager.wait_until_finished()

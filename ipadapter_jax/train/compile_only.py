@@ -18,24 +18,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax.diffusion.samplers import DDIM
-from ipadapter_jax.diffusion.schedule import NoiseSchedule
+from ipadapter_jax.diffusion.schedule import STABLE_DIFFUSION
 from ipadapter_jax.generation.image_prompts import AdapterInputs, AdapterPlan
+from ipadapter_jax.generation.pipeline import generate, latents_sharding
+from ipadapter_jax.generation.request import Inputs, Plan
 from ipadapter_jax.models.attention_kernels import LONG
-from ipadapter_jax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
-                                       CLIPVisionModelWithProjection)
+from ipadapter_jax.models.clip import (
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPVisionConfig,
+  CLIPVisionModelWithProjection,
+)
 from ipadapter_jax.models.image_proj import AdapterConfig
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.networks import Networks
 from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.generation.pipeline import generate, latents_sharding
-from ipadapter_jax.generation.request import Inputs, Plan
 from ipadapter_jax.train import sharding
+from ipadapter_jax.train.loading import denoising_spec
 from ipadapter_jax.train.program import program_from_config
-from ipadapter_jax.train.step import StepSpec
 
 # The Mosaic custom call a compiled Pallas TPU kernel becomes.
 MOSAIC_CALL = 'custom_call_target="tpu_custom_call"'
@@ -47,18 +52,20 @@ _MEGACORE = ("v4", "v5p")
 def tpu_devices(topology: str, chips_per_host: tuple[int, int, int] | None = None) -> list:
   """The compile-only devices of a TPU topology such as "v5e:2x4" or "v4:2x2x1" (libtpu)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   kw: dict[str, Any] = {}
   if topology.split(":")[0] in _MEGACORE:
     kw["chip_config_name"] = "megacore"
   if chips_per_host is not None:
     kw["chips_per_host_bounds"] = chips_per_host
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                             **kw).devices)
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices)
   except (RuntimeError, ValueError) as e:  # no libtpu, or a name it does not know
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise RuntimeError(f"cannot compile for TPU topology {topology!r} ({first}); the TPU "
-                       "compiler comes with libtpu: pip install -e '.[tpu]'") from None
+    raise RuntimeError(
+      f"cannot compile for TPU topology {topology!r} ({first}); the TPU "
+      "compiler comes with libtpu: pip install -e '.[tpu]'"
+    ) from None
 
 
 def tpu_mesh(topology: str, fsdp: int = 1, chips_per_host=None) -> jax.sharding.Mesh:
@@ -71,26 +78,28 @@ def abstract(build):
   return nnx.eval_shape(build)
 
 
-def abstract_unet(raw_config: dict, adapter: AdapterConfig | None, *, dtype=jnp.bfloat16,
-                  param_dtype=jnp.bfloat16, remat: str = "none",
-                  attention_implementation: str | None = None) -> UNet2DConditionModel:
+def abstract_unet(
+  raw_config: dict,
+  adapter: AdapterConfig | None,
+  *,
+  dtype=jnp.bfloat16,
+  param_dtype=jnp.bfloat16,
+  remat: str = "none",
+  attention_implementation: str | None = None,
+) -> UNet2DConditionModel:
   """A UNet (with its adapter) by shape, from a diffusers unet/config.json."""
-  unet = abstract(lambda: UNet2DConditionModel(
-      UNetConfig.from_diffusers(raw_config), adapter=adapter, dtype=dtype,
-      param_dtype=param_dtype, attention_implementation=attention_implementation,
-      rngs=nnx.Rngs(0)))
+  unet = abstract(
+    lambda: UNet2DConditionModel(
+      UNetConfig.from_diffusers(raw_config),
+      adapter=adapter,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      attention_implementation=attention_implementation,
+      rngs=nnx.Rngs(0),
+    )
+  )
   unet.remat = remat
   return unet
-
-
-def adapter_step_spec(unet, cfg) -> StepSpec:
-  """A run config's adapter step on an embedding cache, for the SD noise schedule."""
-  overrides = {"prediction_type": cfg.noise.prediction_type} if cfg.noise.prediction_type else {}
-  return StepSpec(schedule=NoiseSchedule.stable_diffusion(**overrides),
-                  image_features=unet.adapter_config.image_features,
-                  drop_image=cfg.dropout.image, drop_text=cfg.dropout.text,
-                  drop_both=cfg.dropout.both, cached=True, latents=VAEConfig(),
-                  snr_gamma=cfg.noise.snr_gamma, ema_decay=cfg.optimizer.ema_decay)
 
 
 def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77):
@@ -99,11 +108,16 @@ def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77)
   f32, context_dim = jnp.float32, cfg.cross_attention_dim[0]
   embed = unet.adapter_config.embed_dim
   latents = jax.ShapeDtypeStruct((batch_size, latent_size, latent_size, cfg.in_channels), f32)
-  batch = {"text_context": jax.ShapeDtypeStruct((batch_size, text_tokens, context_dim), f32),
-           "image_embeds": jax.ShapeDtypeStruct((batch_size, embed), f32),
-           "latent_mean": latents, "latent_logvar": latents}
-  empty = {"text_context": jax.ShapeDtypeStruct((1, text_tokens, context_dim), f32),
-           "image_features": jax.ShapeDtypeStruct((embed,), f32)}
+  batch = {
+    "text_context": jax.ShapeDtypeStruct((batch_size, text_tokens, context_dim), f32),
+    "image_embeds": jax.ShapeDtypeStruct((batch_size, embed), f32),
+    "latent_mean": latents,
+    "latent_logvar": latents,
+  }
+  empty = {
+    "text_context": jax.ShapeDtypeStruct((1, text_tokens, context_dim), f32),
+    "image_features": jax.ShapeDtypeStruct((embed,), f32),
+  }
   if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and size conditioning
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     batch["text_pooled"] = jax.ShapeDtypeStruct((batch_size, pooled), f32)
@@ -112,30 +126,50 @@ def cached_batch(unet, batch_size: int, latent_size: int, text_tokens: int = 77)
   return batch, empty
 
 
-def train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
-               optimizer: optax.GradientTransformation | None = None):
+def train_step(
+  unet,
+  mesh,
+  cfg,
+  *,
+  batch_size: int,
+  latent_size: int,
+  optimizer: optax.GradientTransformation | None = None,
+):
   """(step, abstract arguments): the adapter train step of a run with config `cfg` on `mesh`,
   built as the loop builds it (`program_from_config`: the configured optimizer, the
   trainable/frozen split, the mesh's shardings, donation), for a global batch of cached encoder
   outputs."""
-  spec = adapter_step_spec(unet, cfg)
-  program, params, frozen = program_from_config(cfg, Networks(unet=unet), spec, mesh,
-                                                optimizer=optimizer)
+  spec = denoising_spec(cfg, STABLE_DIFFUSION, unet.adapter_config, VAEConfig(), cached=True)
+  program, params, frozen = program_from_config(
+    cfg, Networks(unet=unet), spec, mesh, optimizer=optimizer
+  )
   state = jax.eval_shape(program.init_state, params)
   batch, empty = cached_batch(unet, batch_size, latent_size)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  placed = [(state, program.state_shardings), (frozen, program.frozen_shardings),
-            (batch, sharding.batch_sharding(mesh)), (empty, program.replicated),
-            (key, program.replicated)]
+  placed = [
+    (state, program.state_shardings),
+    (frozen, program.frozen_shardings),
+    (batch, sharding.batch_sharding(mesh)),
+    (empty, program.replicated),
+    (key, program.replicated),
+  ]
   args = tuple(sharding.abstract(tree, shardings) for tree, shardings in placed)
   return program.step(batch), args
 
 
-def compile_train_step(unet, mesh, cfg, *, batch_size: int, latent_size: int,
-                       optimizer: optax.GradientTransformation | None = None):
+def compile_train_step(
+  unet,
+  mesh,
+  cfg,
+  *,
+  batch_size: int,
+  latent_size: int,
+  optimizer: optax.GradientTransformation | None = None,
+):
   """The compiled `train_step`."""
-  step, args = train_step(unet, mesh, cfg, batch_size=batch_size, latent_size=latent_size,
-                          optimizer=optimizer)
+  step, args = train_step(
+    unet, mesh, cfg, batch_size=batch_size, latent_size=latent_size, optimizer=optimizer
+  )
   return step.lower(*args).compile()
 
 
@@ -151,8 +185,10 @@ def matmul_flops(jaxpr) -> int:
   for eqn in jaxpr.eqns:
     name, params = eqn.primitive.name, eqn.params
     if name == "pallas_call":
-      raise ValueError("cannot count the FLOPs inside a Pallas kernel: trace the program with "
-                       "attention_implementation='xla'")
+      raise ValueError(
+        "cannot count the FLOPs inside a Pallas kernel: trace the program with "
+        "attention_implementation='xla'"
+      )
     out = eqn.outvars[0].aval.shape if eqn.outvars else ()
     if name == "dot_general":
       (contract, _), _ = params["dimension_numbers"]
@@ -181,36 +217,47 @@ def blocked_attention_flops(unet, latent_size: int, batch: int) -> int:
   call: the two matmuls, 4 B T^2 C per transformer block at T tokens and C channels. A train
   step does about 3x this (the backward's four matmuls, without the kernel's recomputation)."""
   n = len(unet.down_blocks)
-  levels = ([(block, i) for i, block in enumerate(unet.down_blocks)] + [(unet.mid_block, n - 1)]
-            + [(block, n - 1 - i) for i, block in enumerate(unet.up_blocks)])
+  levels = (
+    [(block, i) for i, block in enumerate(unet.down_blocks)]
+    + [(unet.mid_block, n - 1)]
+    + [(block, n - 1 - i) for i, block in enumerate(unet.up_blocks)]
+  )
   total = 0
   for block, level in levels:
-    tokens = (latent_size // 2 ** level) ** 2
+    tokens = (latent_size // 2**level) ** 2
     if block.attentions is None or tokens < LONG:
       continue
     for transformer in block.attentions:
       for layer in transformer.transformer_blocks:
-        total += 4 * batch * tokens ** 2 * layer.attn1.to_q.kernel.shape[-1]
+        total += 4 * batch * tokens**2 * layer.attn1.to_q.kernel.shape[-1]
   return total
 
 
-def abstract_networks(unet, vae: dict, text: dict, vision: dict, text_2: dict | None = None,
-                      *, dtype=jnp.bfloat16) -> Networks:
+def abstract_networks(
+  unet, vae: dict, text: dict, vision: dict, text_2: dict | None = None, *, dtype=jnp.bfloat16
+) -> Networks:
   """A whole Stable Diffusion model with its image encoder, by shape."""
   kw = lambda: dict(dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))  # Rngs of its own trace
   return Networks(
-      unet=unet,
-      vae=abstract(lambda: AutoencoderKL(VAEConfig.from_diffusers(vae), **kw())),
-      text_encoder=abstract(lambda: CLIPTextModel(
-          CLIPTextConfig.from_transformers(text, with_projection=False), **kw())),
-      text_encoder_2=None if text_2 is None else abstract(lambda: CLIPTextModel(
-          CLIPTextConfig.from_transformers(text_2, with_projection=True), **kw())),
-      image_encoder=abstract(lambda: CLIPVisionModelWithProjection(
-          CLIPVisionConfig.from_transformers(vision), **kw())))
+    unet=unet,
+    vae=abstract(lambda: AutoencoderKL(VAEConfig.from_diffusers(vae), **kw())),
+    text_encoder=abstract(
+      lambda: CLIPTextModel(CLIPTextConfig.from_transformers(text, with_projection=False), **kw())
+    ),
+    text_encoder_2=None
+    if text_2 is None
+    else abstract(
+      lambda: CLIPTextModel(CLIPTextConfig.from_transformers(text_2, with_projection=True), **kw())
+    ),
+    image_encoder=abstract(
+      lambda: CLIPVisionModelWithProjection(CLIPVisionConfig.from_transformers(vision), **kw())
+    ),
+  )
 
 
-def sampling_request(networks: Networks, *, num_samples: int, size: int, steps: int = 50,
-                     guidance: bool = True) -> tuple[Plan, Inputs]:
+def sampling_request(
+  networks: Networks, *, num_samples: int, size: int, steps: int = 50, guidance: bool = True
+) -> tuple[Plan, Inputs]:
   """The plan and abstract inputs of text + one image prompt, with CFG and DDIM."""
   unet, vae = networks.unet, networks.vae
   f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -220,22 +267,39 @@ def sampling_request(networks: Networks, *, num_samples: int, size: int, steps: 
   s = jax.ShapeDtypeStruct
   rows = 2 * num_samples if guidance else num_samples
   adapter = AdapterInputs(
-      scale=s((len(unet.decoupled_layers()),), jnp.float32), window=s((steps,), jnp.float32),
-      pixels=s((1, 1, vision.image_size, vision.image_size, vision.num_channels), jnp.float32))
+    scale=s((len(unet.decoupled_layers()),), jnp.float32),
+    window=s((steps,), jnp.float32),
+    pixels=s((1, 1, vision.image_size, vision.image_size, vision.num_channels), jnp.float32),
+  )
   sdxl = networks.text_encoder_2 is not None
-  inputs = Inputs(ids=s((2, tokens), jnp.int32),
-                  latents=s((num_samples, latent, latent, vae.config.latent_channels), jnp.float32),
-                  key=jax.eval_shape(lambda: jax.random.key(0)),
-                  guidance_scale=s((), jnp.float32), eta=s((), jnp.float32),
-                  ids_2=s((2, tokens), jnp.int32) if sdxl else None,
-                  time_ids=s((rows, 6), jnp.float32) if sdxl else None,
-                  adapters=(adapter,))
-  plan = Plan(sampler=DDIM.stable_diffusion(), num_inference_steps=steps,
-              num_samples=num_samples, guidance=guidance, stochastic=False,
-              adapters=(AdapterPlan(image_features=unet.adapter_config.image_features,
-                                    num_images=1, masked=False, weighted=False,
-                                    precomputed=False, negative_image=False),),
-              sdxl_zero_negative=False)
+  inputs = Inputs(
+    ids=s((2, tokens), jnp.int32),
+    latents=s((num_samples, latent, latent, vae.config.latent_channels), jnp.float32),
+    key=jax.eval_shape(lambda: jax.random.key(0)),
+    guidance_scale=s((), jnp.float32),
+    eta=s((), jnp.float32),
+    ids_2=s((2, tokens), jnp.int32) if sdxl else None,
+    time_ids=s((rows, 6), jnp.float32) if sdxl else None,
+    adapters=(adapter,),
+  )
+  plan = Plan(
+    sampler=DDIM.stable_diffusion(),
+    num_inference_steps=steps,
+    num_samples=num_samples,
+    guidance=guidance,
+    stochastic=False,
+    adapters=(
+      AdapterPlan(
+        image_features=unet.adapter_config.image_features,
+        num_images=1,
+        masked=False,
+        weighted=False,
+        precomputed=False,
+        negative_image=False,
+      ),
+    ),
+    sdxl_zero_negative=False,
+  )
   return plan, inputs
 
 
@@ -246,11 +310,13 @@ def sampling_program(networks: Networks, mesh, plan: Plan, inputs: Inputs):
   graphdef, state = nnx.split(networks)
   replicated = NamedSharding(mesh, P())
   input_shardings = jax.tree.map(lambda _: replicated, inputs).replace(
-      latents=latents_sharding(mesh, inputs.latents.shape[0]))
+    latents=latents_sharding(mesh, inputs.latents.shape[0])
+  )
   program = lambda state, inputs: generate(graphdef, state, inputs, plan=plan)
-  return (jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state),
-                                         input_shardings)),
-          (sharding.abstract(state, replicated), sharding.abstract(inputs, input_shardings)))
+  return (
+    jax.jit(program, in_shardings=(jax.tree.map(lambda _: replicated, state), input_shardings)),
+    (sharding.abstract(state, replicated), sharding.abstract(inputs, input_shardings)),
+  )
 
 
 def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):
@@ -262,13 +328,28 @@ def compile_sampling(networks: Networks, mesh, plan: Plan, inputs: Inputs):
 def data_mesh(devices) -> jax.sharding.Mesh:
   """The sampling pipeline's one-axis mesh over `devices`."""
   devices = list(devices)
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh(
+    (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 _SHAPE = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u8|u16|u32|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+  "pred": 1,
+  "s4": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 # `%name = SHAPE op(` or `op-start(`; SHAPE is one array or a tuple (with layouts and comments).
 _OP = re.compile(r"= (\(.*?\)|\w+\[[0-9,]*\]\S*) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
@@ -290,7 +371,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   for shape, op, start in _OP.findall(hlo_text):
     arrays = _arrays(shape)
     if start and op in ("all-gather", "collective-permute", "all-to-all") and len(arrays) > 1:
-      arrays = arrays[len(arrays) // 2:]  # (operands..., results...): the results
+      arrays = arrays[len(arrays) // 2 :]  # (operands..., results...): the results
     entry = out.setdefault(op, {"count": 0, "elements": 0, "bytes": 0})
     entry["count"] += 1
     entry["elements"] += sum(e for e, _ in arrays)
@@ -306,23 +387,46 @@ def report(compiled) -> dict:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   text = compiled.as_text()
-  figures = {name: int(getattr(memory, f"{name}_size_in_bytes"))
-             for name in ("argument", "output", "alias", "temp", "generated_code")}
-  figures["total"] = (figures["argument"] + figures["output"] - figures["alias"]
-                      + figures["temp"])
-  return {"memory": figures, "flops": float(cost.get("flops", float("nan"))),
-          "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-          "collectives": collectives(text), "mosaic_kernels": text.count(MOSAIC_CALL)}
+  figures = {
+    name: int(getattr(memory, f"{name}_size_in_bytes"))
+    for name in ("argument", "output", "alias", "temp", "generated_code")
+  }
+  figures["total"] = figures["argument"] + figures["output"] - figures["alias"] + figures["temp"]
+  return {
+    "memory": figures,
+    "flops": float(cost.get("flops", float("nan"))),
+    "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+    "collectives": collectives(text),
+    "mosaic_kernels": text.count(MOSAIC_CALL),
+  }
 
 
 def adapter_size(unet) -> tuple[int, int]:
   """(parameters, bytes) of the adapter's weights: what its gradient all-reduce carries."""
   leaves = jax.tree.leaves(nnx.state(unet, AdapterParam))
-  return (int(sum(np.prod(x.shape) for x in leaves)),
-          int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)))
+  return (
+    int(sum(np.prod(x.shape) for x in leaves)),
+    int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)),
+  )
 
 
-__all__ = ["COLLECTIVES", "MOSAIC_CALL", "abstract_networks", "abstract_unet", "adapter_size",
-           "adapter_step_spec", "blocked_attention_flops", "cached_batch", "collectives",
-           "compile_sampling", "compile_train_step", "data_mesh", "matmul_flops", "report",
-           "sampling_program", "sampling_request", "tpu_devices", "tpu_mesh", "train_step"]
+__all__ = [
+  "COLLECTIVES",
+  "MOSAIC_CALL",
+  "abstract_networks",
+  "abstract_unet",
+  "adapter_size",
+  "blocked_attention_flops",
+  "cached_batch",
+  "collectives",
+  "compile_sampling",
+  "compile_train_step",
+  "data_mesh",
+  "matmul_flops",
+  "report",
+  "sampling_program",
+  "sampling_request",
+  "tpu_devices",
+  "tpu_mesh",
+  "train_step",
+]

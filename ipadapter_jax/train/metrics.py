@@ -39,6 +39,7 @@ class MetricsWriter:
 
   def _summary_writer(self, **kwargs):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
     if self._local_tb_dir is None:
       return SummaryWriter(self._tb_dir, **kwargs)
     # Names hold only the second and the host: a suffix keeps a restarted run's file from
@@ -60,10 +61,13 @@ class MetricsWriter:
         record = json.loads(line)
       except json.JSONDecodeError:
         if number < len(lines):
-          raise TrainingError(f"{self.path}: line {number} is not a metrics record; move the "
-                              "file aside to resume") from None
-        print(f"warning: {self.path}: dropped its last line, cut short ({line.strip()[:60]!r})",
-              file=sys.stderr)
+          raise TrainingError(
+            f"{self.path}: line {number} is not a metrics record; move the file aside to resume"
+          ) from None
+        print(
+          f"warning: {self.path}: dropped its last line, cut short ({line.strip()[:60]!r})",
+          file=sys.stderr,
+        )
         continue
       if record["step"] <= step:
         kept.append(line)

@@ -13,9 +13,13 @@ import numpy as np
 from ipadapter_jax import storage
 from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.preprocessing import image_grid, load_image
-from ipadapter_jax.weights import (StableDiffusion, save_clip_model, save_ip_adapter,
-                                   save_stable_diffusion)
-from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, adapter_metadata
+from ipadapter_jax.weights import (
+  StableDiffusion,
+  save_clip_model,
+  save_ip_adapter,
+  save_stable_diffusion,
+)
+from ipadapter_jax.weights.adapter_checkpoint import CONFIG_NAME, EXPORT_DTYPE, adapter_metadata
 from ipadapter_jax.weights.diffusers import save_vae
 
 
@@ -23,8 +27,9 @@ def write_run_files(cfg, sd: StableDiffusion, workdir: str):
   """The resolved config, and what `convert to-official` needs to read the checkpoints."""
   storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   if sd.unet is not None and sd.unet.adapter_config is not None:
-    storage.write_text(storage.join(workdir, CONFIG_NAME),
-                       json.dumps(adapter_metadata(sd.unet), indent=2))
+    storage.write_text(
+      storage.join(workdir, CONFIG_NAME), json.dumps(adapter_metadata(sd.unet), indent=2)
+    )
 
 
 # What the run's export folders' markers name: a run replaces only an earlier export of a run.
@@ -37,16 +42,33 @@ def _exports(cfg, sd: StableDiffusion, workdir: str) -> list:
     return [(storage.join(workdir, "vae"), True, lambda local: save_vae(sd.vae, local))]
   if sd.unet is None:  # the contrastive stage
     logit_scale = float(np.log(1.0 / cfg.contrastive_temperature))
-    return [(storage.join(workdir, "clip"), True, lambda local: save_clip_model(
-        sd.text_encoder, sd.image_encoder, local, tokenizer=sd.tokenizer,
-        processor=sd.image_processor, logit_scale=logit_scale))]
+    return [
+      (
+        storage.join(workdir, "clip"),
+        True,
+        lambda local: save_clip_model(
+          sd.text_encoder,
+          sd.image_encoder,
+          local,
+          tokenizer=sd.tokenizer,
+          processor=sd.image_processor,
+          logit_scale=logit_scale,
+        ),
+      )
+    ]
   exports = []
   if sd.unet.adapter_config is not None and cfg.export_adapter:
-    exports.append((storage.join(workdir, "ip_adapter.safetensors"), False,
-                    lambda local: save_ip_adapter(sd.unet, local, dtype=np.float32)))
+    exports.append(
+      (
+        storage.join(workdir, "ip_adapter.safetensors"),
+        False,
+        lambda local: save_ip_adapter(sd.unet, local, dtype=np.dtype(EXPORT_DTYPE)),
+      )
+    )
   if cfg.model.trainable in ("unet", "all"):
-    exports.append((storage.join(workdir, "pipeline"), True,
-                    lambda local: save_stable_diffusion(sd, local)))
+    exports.append(
+      (storage.join(workdir, "pipeline"), True, lambda local: save_stable_diffusion(sd, local))
+    )
   return exports
 
 
@@ -65,8 +87,9 @@ def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
   of an empty folder or of an earlier export (`check_export`)."""
   written = []
   for path, folder, write in _exports(cfg, sd, workdir):
-    with storage.staged(path, EXPORTED_BY, folder=folder, flag="--workdir",
-                        overwrite=True) as local:
+    with storage.staged(
+      path, EXPORTED_BY, folder=folder, flag="--workdir", overwrite=True
+    ) as local:
       write(local)
     written.append(path)
   return written
@@ -74,15 +97,25 @@ def export(cfg, sd: StableDiffusion, workdir: str) -> list[str]:
 
 class SampleGrids:
   """Periodic samples from fixed prompts (columns) and images (rows) with the run's current
-  weights: one pipeline (shared with the validation) and one compiled program for the run."""
+  weights: one pipeline (shared with the validation) and one compiled program for the run.
+
+  An adapter run given no `sample_images` takes its rows from the held-out set: the first
+  HELD_OUT_ROWS images of `eval_annotations`. Without either its grids show no image prompt,
+  and `description` says so."""
+
+  HELD_OUT_ROWS = 2
 
   def __init__(self, cfg, pipe: IPAdapterPipeline, workdir: str, metrics):
     self.pipe = pipe
-    self.images = ([load_image(p, f"sample_images: {p}") for p in cfg.sample_images]
-                   if pipe.models.unet.image_proj is not None else [])
+    adapter = pipe.models.unet.image_proj is not None
+    self.images, self.description = self._image_prompts(cfg, adapter)
     self.prompts = list(cfg.sample_prompts)
-    self.request = dict(num_inference_steps=cfg.sample_steps, seed=cfg.seed,
-                        height=cfg.data.resolution, width=cfg.data.resolution)
+    self.request = dict(
+      num_inference_steps=cfg.sample_steps,
+      seed=cfg.seed,
+      height=cfg.data.resolution,
+      width=cfg.data.resolution,
+    )
     self.workdir, self.metrics = workdir, metrics
 
   def __call__(self, step: int, weights):
@@ -91,9 +124,39 @@ class SampleGrids:
     self.pipe.update_weights(weights)
     prompts = self.prompts * max(1, len(self.images))  # one batched call: row by row
     images = [image for image in self.images for _ in self.prompts] or None
-    grid = image_grid(self.pipe(prompts, images, **self.request), cols=len(self.prompts))
+    grid = image_grid(
+      self.pipe(prompts, images, output_type="np", **self.request).images, cols=len(self.prompts)
+    )
     png = io.BytesIO()
     grid.save(png, format="PNG")
-    storage.write_bytes(storage.join(self.workdir, "samples", f"step_{step:07d}.png"),
-                        png.getvalue())
+    storage.write_bytes(
+      storage.join(self.workdir, "samples", f"step_{step:07d}.png"), png.getvalue()
+    )
     self.metrics.write_image(step, "samples", np.asarray(grid))
+
+  @classmethod
+  def _image_prompts(cls, cfg, adapter: bool) -> tuple[list, str | None]:
+    """(the grids' image prompts, a startup line on where they come from; None for a run
+    without an adapter)."""
+    if not adapter:
+      return [], None
+    if cfg.sample_images:
+      return (
+        [load_image(p, f"sample_images: {p}") for p in cfg.sample_images],
+        f"sample grids: {len(cfg.sample_images)} image prompts from sample_images",
+      )
+    if cfg.eval_annotations:
+      from ipadapter_jax import evaluate  # pylint: disable=import-outside-toplevel
+
+      try:
+        images, _ = evaluate.load_annotated_images(cfg.eval_annotations, cls.HELD_OUT_ROWS)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"eval_annotations (the sample grids' image prompts): {e}") from None
+      return images, (
+        f"sample grids: the first {len(images)} image prompts of eval_annotations "
+        f"({cfg.eval_annotations}, held out)"
+      )
+    return [], (
+      "warning: the sample grids show no image prompt (the adapter is unused in them): "
+      "set sample_images=('a.png', ...) or eval_annotations"
+    )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
-MIN_SHARDED_SIZE = 2 ** 16  # smaller weights are replicated: sharding them only costs gathers
+MIN_SHARDED_SIZE = 2**16  # smaller weights are replicated: sharding them only costs gathers
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -22,8 +23,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
   if data * fsdp != n or data < 1 or fsdp < 1:
     raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not use the {n} devices")
   kw = {} if devices is None else {"devices": devices}
-  return jax.make_mesh((data, fsdp), ("data", "fsdp"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2, **kw)
+  return jax.make_mesh(
+    (data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, **kw
+  )
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -59,5 +61,6 @@ def abstract(tree, shardings):
   attention kernels read the mesh from their inputs' type)."""
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

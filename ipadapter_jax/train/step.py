@@ -17,10 +17,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ipadapter_jax.generation.conditioning import CACHE_KEYS, encode_image_or_null, encode_text, where_batch
+from ipadapter_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from ipadapter_jax.generation.conditioning import (
+  CACHE_KEYS,
+  encode_image_or_null,
+  encode_text,
+  where_batch,
+)
 from ipadapter_jax.models.layers import AdapterParam
 from ipadapter_jax.models.vae import VAEConfig, sample_posterior, scale_latents
-from ipadapter_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 
 TRAINABLE = ("adapter", "unet", "all", "clip", "vae")
 
@@ -32,8 +37,9 @@ def trainable_filter(trainable: str):
   if trainable == "adapter":
     return AdapterParam
   if trainable == "clip":
-    return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] in ("text_encoder",
-                                                                         "image_encoder"))
+    return nnx.All(
+      nnx.Param, lambda path, _: bool(path) and path[0] in ("text_encoder", "image_encoder")
+    )
   if trainable == "vae":
     return nnx.All(nnx.Param, lambda path, _: bool(path) and path[0] == "vae")
   in_unet = lambda path, _: bool(path) and path[0] == "unet"
@@ -44,9 +50,9 @@ def trainable_filter(trainable: str):
 
 class TrainState(NamedTuple):
   step: jax.Array
-  params: Any      # the trainable nnx.State
+  params: Any  # the trainable nnx.State
   opt_state: Any
-  ema: Any         # an EMA of params, or None
+  ema: Any  # an EMA of params, or None
 
 
 def init_state(params, *, optimizer: optax.GradientTransformation, ema: bool) -> TrainState:
@@ -55,8 +61,12 @@ def init_state(params, *, optimizer: optax.GradientTransformation, ema: bool) ->
   Meant for `jax.jit(..., out_shardings=...)`, so every leaf is created in place on its devices.
   """
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
-                    jax.tree.map(jnp.copy, params) if ema else None)
+  return TrainState(
+    jnp.zeros((), jnp.int32),
+    params,
+    optimizer.init(params),
+    jax.tree.map(jnp.copy, params) if ema else None,
+  )
 
 
 def make_schedule(cfg, num_steps: int) -> optax.Schedule:
@@ -69,16 +79,24 @@ def make_schedule(cfg, num_steps: int) -> optax.Schedule:
     raise ValueError(f"optimizer.schedule must be constant or cosine, got {cfg.schedule!r}")
   if cfg.warmup_steps:
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), schedule],
-        [cfg.warmup_steps])
+      [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), schedule],
+      [cfg.warmup_steps],
+    )
   return schedule
 
 
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   """AdamW with the configured schedule, clipping and gradient accumulation."""
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  chain.append(optax.adamw(make_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay))
+  chain.append(
+    optax.adamw(
+      make_schedule(cfg, num_steps),
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+    )
+  )
   tx = optax.chain(*chain)
   if cfg.accumulate_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps)
@@ -88,18 +106,19 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
   """The static choices of a train step."""
+
   schedule: NoiseSchedule | None  # None for the contrastive objective
-  image_features: str | None    # the adapter's (AdapterConfig.image_features); None: no adapter
+  image_features: str | None  # the adapter's (AdapterConfig.image_features); None: no adapter
   drop_image: float
   drop_text: float
   drop_both: float
-  cached: bool                  # batches hold encoder outputs (data.cache), not pixels/ids
-  latents: VAEConfig | None     # how latents are scaled; None for a pixel-space model
+  cached: bool  # batches hold encoder outputs (data.cache), not pixels/ids
+  latents: VAEConfig | None  # how latents are scaled; None for a pixel-space model
   snr_gamma: float = 0.0
   ema_decay: float = 0.0
-  objective: str = "denoise"    # or "contrastive" (the CLIP towers) or "autoencode" (the VAE)
-  temperature: float = 0.07     # contrastive: the fixed softmax temperature
-  kl_weight: float = 1e-6       # autoencode: the KL term's weight against the pixel MSE
+  objective: str = "denoise"  # or "contrastive" (the CLIP towers) or "autoencode" (the VAE)
+  temperature: float = 0.07  # contrastive: the fixed softmax temperature
+  kl_weight: float = 1e-6  # autoencode: the KL term's weight against the pixel MSE
 
 
 def drop_masks(key, batch_size: int, spec: StepSpec):
@@ -107,8 +126,9 @@ def drop_masks(key, batch_size: int, spec: StepSpec):
   r = jax.random.uniform(key, (batch_size,))
   image_only = r < spec.drop_image
   text_only = (r >= spec.drop_image) & (r < spec.drop_image + spec.drop_text)
-  both = ((r >= spec.drop_image + spec.drop_text)
-          & (r < spec.drop_image + spec.drop_text + spec.drop_both))
+  both = (r >= spec.drop_image + spec.drop_text) & (
+    r < spec.drop_image + spec.drop_text + spec.drop_both
+  )
   return image_only | both, text_only | both
 
 
@@ -118,24 +138,30 @@ def conditions(models, batch, empty, drop_image_B, drop_text_B, spec: StepSpec):
   if spec.cached:
     context = where_batch(drop_text_B, empty["text_context"], batch["text_context"])
     if "text_pooled" in batch:
-      added = dict(text_embeds=where_batch(drop_text_B, empty["text_pooled"],
-                                           batch["text_pooled"]),
-                   time_ids=batch["time_ids"])
+      added = dict(
+        text_embeds=where_batch(drop_text_B, empty["text_pooled"], batch["text_pooled"]),
+        time_ids=batch["time_ids"],
+      )
   else:
     ids = where_batch(drop_text_B, empty["input_ids"], batch["input_ids"])
-    ids_2 = (None if models.text_encoder_2 is None else
-             where_batch(drop_text_B, empty["input_ids_2"], batch["input_ids_2"]))
+    ids_2 = (
+      None
+      if models.text_encoder_2 is None
+      else where_batch(drop_text_B, empty["input_ids_2"], batch["input_ids_2"])
+    )
     context, pooled = encode_text(models.text_encoder, models.text_encoder_2, ids, ids_2)
     if pooled is not None:
       added = dict(text_embeds=pooled, time_ids=batch["time_ids"])
 
   features = None
   if spec.image_features is not None and spec.cached:
-    features = where_batch(drop_image_B, empty["image_features"],
-                           batch[CACHE_KEYS[spec.image_features]])
+    features = where_batch(
+      drop_image_B, empty["image_features"], batch[CACHE_KEYS[spec.image_features]]
+    )
   elif spec.image_features is not None:
-    features = encode_image_or_null(models.image_encoder, batch["clip_pixels"], drop_image_B,
-                                    spec.image_features)
+    features = encode_image_or_null(
+      models.image_encoder, batch["clip_pixels"], drop_image_B, spec.image_features
+    )
   return jax.lax.stop_gradient(context), features, added
 
 
@@ -174,8 +200,10 @@ def contrastive_loss(models, batch, temperature: float):
   logits = image @ text.T / temperature
   same = jnp.all(ids[:, None] == ids[None], axis=-1).astype(jnp.float32)  # symmetric
   targets = same / jnp.sum(same, axis=-1, keepdims=True)
-  return 0.5 * (jnp.mean(optax.softmax_cross_entropy(logits, targets))
-                + jnp.mean(optax.softmax_cross_entropy(logits.T, targets)))
+  return 0.5 * (
+    jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    + jnp.mean(optax.softmax_cross_entropy(logits.T, targets))
+  )
 
 
 def autoencoder_loss(vae, pixels, key, kl_weight: float):
@@ -214,8 +242,9 @@ def denoising_loss(models, batch, empty, key, spec: StepSpec):
   return denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_text_B, spec)
 
 
-def denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_text_B,
-                    spec: StepSpec):
+def denoising_error(
+  models, batch, empty, x0, noise, t_B, drop_image_B, drop_text_B, spec: StepSpec
+):
   """Mean squared error of the noise (or v / x0) prediction, for given draws."""
   context, features, added = conditions(models, batch, empty, drop_image_B, drop_text_B, spec)
   alphas_cumprod = jnp.asarray(spec.schedule.alphas_cumprod())
@@ -225,8 +254,7 @@ def denoising_error(models, batch, empty, x0, noise, t_B, drop_image_B, drop_tex
   per_example = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
   if spec.snr_gamma > 0:
     snr_B = alphas_cumprod[t_B] / (1.0 - alphas_cumprod[t_B])
-    per_example = per_example * min_snr_weight(snr_B, spec.snr_gamma,
-                                               spec.schedule.prediction_type)
+    per_example = per_example * min_snr_weight(snr_B, spec.snr_gamma, spec.schedule.prediction_type)
   return jnp.mean(per_example)
 
 
@@ -238,8 +266,17 @@ def ema_decay_at(step, decay: float):
   return jnp.where(s <= 0, 0.0, jnp.minimum(decay, (1 + s) / (10 + s)))
 
 
-def train_step(state: TrainState, frozen, batch, empty, key, *, graphdef, spec: StepSpec,
-               optimizer: optax.GradientTransformation):
+def train_step(
+  state: TrainState,
+  frozen,
+  batch,
+  empty,
+  key,
+  *,
+  graphdef,
+  spec: StepSpec,
+  optimizer: optax.GradientTransformation,
+):
   """One optimizer step; returns the new state and {loss, grad_norm, param_norm}.
 
   A non-finite loss, gradient or updated parameter leaves the state unchanged (the loop then

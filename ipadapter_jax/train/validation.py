@@ -26,28 +26,41 @@ class Validation:
   def __init__(self, cfg, pipe):
     self.pipe = pipe
     try:
-      self.images, self.records = evaluate.load_annotated_images(cfg.eval_annotations,
-                                                                 cfg.eval_limit)
+      self.images, self.records = evaluate.load_annotated_images(
+        cfg.eval_annotations, cfg.eval_limit
+      )
     except (OSError, ValueError) as e:
       raise TrainingError(f"eval_annotations: {e}") from None
     self.scorer = evaluate.CLIPScorer.load(cfg.eval_clip)
     self.image_prompt = pipe.models.unet.image_proj is not None
     self.judge = load_judge(cfg.eval_judge) if cfg.eval_judge else None
-    self.attributes = self.judge is not None and all(key in r for r in self.records
-                                                     for key in ATTRIBUTES)
+    self.attributes = self.judge is not None and all(
+      key in r for r in self.records for key in ATTRIBUTES
+    )
     self.batch_size = min(cfg.eval_batch_size, len(self.records))
-    self.request = dict(num_inference_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance_scale,
-                        seed=cfg.seed, height=cfg.data.resolution, width=cfg.data.resolution)
+    self.request = dict(
+      num_inference_steps=cfg.eval_steps,
+      guidance_scale=cfg.eval_guidance_scale,
+      seed=cfg.seed,
+      height=cfg.data.resolution,
+      width=cfg.data.resolution,
+    )
 
   def __call__(self, weights) -> dict[str, float]:
     """Scores of images made with `weights` (the trainable nnx.State, on the host)."""
     self.pipe.update_weights(weights)
     captions = [r["text"] for r in self.records]
     prompts = [""] * len(captions) if self.image_prompt else captions
-    generated = evaluate.generate(self.pipe, prompts, self.images if self.image_prompt else None,
-                                  batch_size=self.batch_size, **self.request)
-    scores = {f"eval/{k}": v for k, v in self.scorer.score(generated, self.images,
-                                                             captions).items()}
+    generated = evaluate.generate(
+      self.pipe,
+      prompts,
+      self.images if self.image_prompt else None,
+      batch_size=self.batch_size,
+      **self.request,
+    )
+    scores = {
+      f"eval/{k}": v for k, v in self.scorer.score(generated, self.images, captions).items()
+    }
     if self.attributes:
       matches = evaluate.attribute_matches(generated, self.records, self.judge)
       scores.update({f"eval/{key}": float(np.mean(matches[key])) for key in ATTRIBUTES})
@@ -61,5 +74,6 @@ def load_judge(name: str):
   try:
     return getattr(importlib.import_module(module), function)
   except (ImportError, AttributeError) as e:
-    raise TrainingError(f"eval_judge: {name!r} is not an importable 'module:function' "
-                        f"({e})") from None
+    raise TrainingError(
+      f"eval_judge: {name!r} is not an importable 'module:function' ({e})"
+    ) from None

@@ -51,11 +51,14 @@ class SafetensorsFile(Mapping):
     try:
       return self._file.get_tensor(name)
     except safetensors.SafetensorError as e:
-      raise CheckpointError(f"{self.path}: tensor '{name}' cannot be read "
-                            f"({_one_line(str(e))})") from None
+      raise CheckpointError(
+        f"{self.path}: tensor '{name}' cannot be read ({_one_line(str(e))})"
+      ) from None
     except (AttributeError, TypeError, ValueError):  # a dtype numpy lacks (e.g. F8_E4M3)
-      raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype "
-                            f"{self._file.get_slice(name).get_dtype()}") from None
+      raise CheckpointError(
+        f"{self.path}: tensor '{name}' has unsupported dtype "
+        f"{self._file.get_slice(name).get_dtype()}"
+      ) from None
 
   def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
     return name in self._known
@@ -81,8 +84,9 @@ def _open_problem(path: str, error: Exception) -> str:
   if reason.startswith("header too small"):
     return f"not a safetensors file (only {size} bytes)"
   if reason.startswith(("header too large", "invalid header length")):
-    return (f"truncated or not a safetensors file (its header length does not fit a file of "
-            f"{size} bytes)")
+    return (
+      f"truncated or not a safetensors file (its header length does not fit a file of {size} bytes)"
+    )
   if reason.startswith("incomplete metadata"):
     return _uncovered(path, size)
   unknown = re.search(r"unknown variant `([^`]*)`", reason)
@@ -116,6 +120,7 @@ def read_safetensors(path: str) -> SafetensorsFile:
 def torch_to_numpy(tensor) -> np.ndarray:
   """A torch tensor as numpy (bfloat16 through ml_dtypes)."""
   import torch  # pylint: disable=import-outside-toplevel
+
   tensor = tensor.detach().cpu()
   if tensor.dtype == torch.bfloat16:
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -131,8 +136,10 @@ def _pickle_problem(error: Exception) -> str:
   text = str(error)
   refused = _REFUSED_GLOBAL.search(text)
   if refused:
-    return (f"holds objects other than tensors ({refused.group(1)}), which unpickling could "
-            "run as code; it was not loaded")
+    return (
+      f"holds objects other than tensors ({refused.group(1)}), which unpickling could "
+      "run as code; it was not loaded"
+    )
   # torch wraps the unpickler's own reason (e.g. an unknown opcode) in that advice
   _, marker, after = text.partition("WeightsUnpickler error:")
   reason = _one_line((after if marker else text).strip().split("\n\n")[0])
@@ -157,14 +164,16 @@ def read_torch_pickle(path: str) -> dict:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise CheckpointError(f"{path}: reading .bin files needs torch; install it or use a "
-                          ".safetensors file") from None
+    raise CheckpointError(
+      f"{path}: reading .bin files needs torch; install it or use a .safetensors file"
+    ) from None
   release = _torch_release(str(torch.__version__))
   if release is None or release < SAFE_TORCH_LOAD:
     raise CheckpointError(
-        f"{path}: not read: torch {torch.__version__} cannot load .bin files safely (its "
-        "weights_only guard has published bypasses before 2.10); use the .safetensors version of "
-        "this checkpoint, or upgrade torch to 2.10 or newer")
+      f"{path}: not read: torch {torch.__version__} cannot load .bin files safely (its "
+      "weights_only guard has published bypasses before 2.10); use the .safetensors version of "
+      "this checkpoint, or upgrade torch to 2.10 or newer"
+    )
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -181,6 +190,7 @@ def read_torch_pickle(path: str) -> dict:
     if isinstance(value, torch.Tensor):
       return torch_to_numpy(value)
     raise CheckpointError(f"{path}: unexpected {type(value).__name__} in the checkpoint")
+
   return convert(obj)
 
 
@@ -214,42 +224,51 @@ class _Shards(Mapping):
     return len(self._owner)
 
 
-def _with_variant(filename: str, variant: str | None) -> str:
-  if not variant:
-    return filename
-  stem, ext = filename.rsplit(".", 1)
-  return f"{stem}.{variant}.{ext}"
+def weight_file_names(stem: str, variant: str | None, *, torch_pickles: bool = True) -> list[str]:
+  """The files `read_model_folder` looks for, in order: `{stem}.safetensors` and its shard index,
+  then (with `torch_pickles`) `{stem}.bin` and its index. A variant goes before the extension
+  (`.fp16.safetensors`, `.safetensors.index.fp16.json`; the older `.safetensors.fp16.index.json`
+  is read as well)."""
+  names = []
+  for ext in ("safetensors", "bin") if torch_pickles else ("safetensors",):
+    if variant:
+      names += [
+        f"{stem}.{variant}.{ext}",
+        f"{stem}.{ext}.index.{variant}.json",
+        f"{stem}.{ext}.{variant}.index.json",
+      ]
+    else:
+      names += [f"{stem}.{ext}", f"{stem}.{ext}.index.json"]
+  return names
 
 
-def read_model_folder(folder: str, weights_name: str,
-                      variant: str | None = None) -> tuple[Mapping, str]:
-  """The state dict of a diffusers/transformers model folder, and the file it came from.
-
-  Looks for `{weights_name}.safetensors`, its sharded index, then `{weights_name}.bin` and its
-  index, each with the variant inserted before the extension (`.fp16.safetensors`).
-  """
-  candidates = [f"{weights_name}.safetensors", f"{weights_name}.safetensors.index.json",
-                f"{weights_name}.bin", f"{weights_name}.bin.index.json"]
+def read_model_folder(
+  folder: str, weights_name: str, variant: str | None = None
+) -> tuple[Mapping, str]:
+  """The state dict of a diffusers/transformers model folder, and the file it came from: the
+  first of `weight_file_names` that is there (an index reads the shards it lists)."""
+  candidates = weight_file_names(weights_name, variant)
   for name in candidates:
-    path = os.path.join(folder, _with_variant(name, variant))
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
       continue
     if not path.endswith(".json"):
       return read_weight_file(path), path
     with open(path) as f:
       weight_map = json.load(f)["weight_map"]
-    state = _Shards([read_weight_file(os.path.join(folder, shard))
-                     for shard in sorted(set(weight_map.values()))])
+    state = _Shards(
+      [read_weight_file(os.path.join(folder, shard)) for shard in sorted(set(weight_map.values()))]
+    )
     missing = sorted(set(weight_map) - set(state))
     if missing:
       raise CheckpointError(f"{path}: key '{missing[0]}' listed in the index is in no shard")
     return state, path
-  tried = ", ".join(_with_variant(c, variant) for c in candidates)
-  raise CheckpointError(f"{folder}: no weights found (looked for {tried})")
+  raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(candidates)})")
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
-                      metadata: dict[str, str] | None = None):
+def write_safetensors(
+  path: str, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None
+):
   """Writes numpy arrays (bfloat16 included) as a .safetensors file, atomically."""
   # The library writes each array's buffer as it lies in memory, so make every one C-ordered
   # (asarray rather than ascontiguousarray, which would turn a scalar into a 1-d array).
@@ -273,6 +292,7 @@ def _write_problem(arrays: dict[str, np.ndarray], error: Exception) -> str:
 def numpy_to_torch(array: np.ndarray):
   """A numpy array (bfloat16 through ml_dtypes) as a torch tensor."""
   import torch  # pylint: disable=import-outside-toplevel
+
   array = np.ascontiguousarray(array)
   if array.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -284,11 +304,16 @@ def write_torch_pickle(path: str, nested: dict):
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise CheckpointError(f"{path}: writing .bin files needs torch; write .safetensors "
-                          "instead") from None
+    raise CheckpointError(
+      f"{path}: writing .bin files needs torch; write .safetensors instead"
+    ) from None
 
   def convert(value):
-    return ({k: convert(v) for k, v in value.items()} if isinstance(value, dict)
-            else numpy_to_torch(value))
+    return (
+      {k: convert(v) for k, v in value.items()}
+      if isinstance(value, dict)
+      else numpy_to_torch(value)
+    )
+
   with atomic_path(path) as tmp:
     torch.save(convert(nested), tmp)

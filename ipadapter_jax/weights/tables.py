@@ -2,7 +2,8 @@
 
 A model's key table is a function from a Flax parameter path to the PyTorch name; the layout of
 each tensor follows from its Flax leaf name and rank: Linear kernels [in, out] <-> weight
-[out, in]; convolution kernels HWIO <-> OIHW; LayerNorm/GroupNorm `scale` and Embed `embedding` <-> `weight`.
+[out, in]; convolution kernels HWIO <-> OIHW; LayerNorm/GroupNorm `scale` and Embed `embedding`
+<-> `weight`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def torch_name(path: tuple, renames: Iterable[tuple[str, str]] = ()) -> str:
-  """`('down_blocks', 0, 'attentions', 1, ..., 'kernel')` -> 'down_blocks.0.attentions.1....weight'."""
+  """`('down_blocks', 0, 'attentions', 1, ..., 'kernel')` ->
+  'down_blocks.0.attentions.1....weight'."""
   *modules, leaf = (str(p) for p in path)
   name = ".".join(modules)
   for flax_part, torch_part in renames:
@@ -54,8 +56,13 @@ def _fmt_list(names: list[str]) -> str:
   return first if len(names) == 1 else f"{first} (and {len(names) - 1} more)"
 
 
-def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarray], *,
-           source: str, ignore: Iterable[str] = ()):
+def assign(
+  variables: dict[str, "NamedVariable"],
+  state_dict: dict[str, np.ndarray],
+  *,
+  source: str,
+  ignore: Iterable[str] = (),
+):
   """Sets each variable from the PyTorch tensor of the same name, strictly.
 
   `variables` maps PyTorch names to the model's variables (whose leaf names say the layout).
@@ -66,18 +73,23 @@ def assign(variables: dict[str, "NamedVariable"], state_dict: dict[str, np.ndarr
   missing = sorted(name for name in variables if name not in state_dict)
   if missing:
     name = missing[0]
-    raise CheckpointError(f"{source}: missing key {_fmt_list(missing)} "
-                          f"(expected shape {_torch_shape(variables[name])})")
+    raise CheckpointError(
+      f"{source}: missing key {_fmt_list(missing)} (expected shape {_torch_shape(variables[name])})"
+    )
   unused = sorted(set(state_dict) - set(variables) - set(ignore))
   if unused:
-    raise CheckpointError(f"{source}: unexpected key {_fmt_list(unused)} "
-                          f"(shape {list(state_dict[unused[0]].shape)}); it has no place in the model")
+    raise CheckpointError(
+      f"{source}: unexpected key {_fmt_list(unused)} "
+      f"(shape {list(state_dict[unused[0]].shape)}); it has no place in the model"
+    )
   converted = {}
   for name, variable in variables.items():
     array = to_flax_layout(variable.leaf, np.asarray(state_dict[name]))
     if tuple(array.shape) != _shape_of(variable):
-      raise CheckpointError(f"{source}: key '{name}' has shape {list(state_dict[name].shape)}, "
-                            f"expected {_torch_shape(variable)}")
+      raise CheckpointError(
+        f"{source}: key '{name}' has shape {list(state_dict[name].shape)}, "
+        f"expected {_torch_shape(variable)}"
+      )
     converted[name] = array
   for name, variable in variables.items():
     variable.set_value(jnp.asarray(converted[name], dtype=variable.get_value().dtype))
@@ -93,8 +105,9 @@ def _torch_shape(variable) -> list[int]:
   return list(shape)
 
 
-def named_variables(model: nnx.Module, name_fn: Callable[[tuple], str],
-                    variable_filter=nnx.Param) -> dict[str, "NamedVariable"]:
+def named_variables(
+  model: nnx.Module, name_fn: Callable[[tuple], str], variable_filter=nnx.Param
+) -> dict[str, "NamedVariable"]:
   """{PyTorch name: variable} over the model's variables matching `variable_filter`."""
   out = {}
   for path, variable in nnx.to_flat_state(nnx.state(model, variable_filter)):

@@ -16,8 +16,9 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_device
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
+from ipadapter_jax.cli.common import run_command  # noqa: E402
+from ipadapter_jax.cli.train import train_command  # noqa: E402
 from ipadapter_jax.data import input_pipeline  # noqa: E402
-from ipadapter_jax.train.loop import train_command  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 cfg = ml_collections.ConfigDict(json.loads(open(config_json).read()))
@@ -38,8 +39,10 @@ if delay:
       def __next__(self):
         time.sleep(delay)
         return fast_next(self)
+
     iterator.__class__ = Slow
     return iterator
+
   input_pipeline.make_train_iterator = slow_iterator
 
-sys.exit(train_command(cfg, workdir))
+sys.exit(run_command(lambda: train_command(cfg, workdir)))

@@ -26,31 +26,45 @@ sharding.MIN_SHARDED_SIZE = 0  # the tiny weights would all be replicated otherw
 
 
 def _flat(tree) -> dict:
-  return {".".join(map(str, p)): np.asarray(v.get_value()).tolist()
-          for p, v in nnx.to_flat_state(tree)}
+  return {
+    ".".join(map(str, p)): np.asarray(v.get_value()).tolist() for p, v in nnx.to_flat_state(tree)
+  }
 
 
 def run(cfg, mesh, batch):
   sd = load_models(cfg)
   spec = step_spec(cfg, sd, cached=False)
   program, params, frozen = program_from_config(
-      cfg, sd.networks(), spec, mesh, optimizer=optax.sgd(cfg.optimizer.learning_rate))
+    cfg, sd.networks(), spec, mesh, optimizer=optax.sgd(cfg.optimizer.learning_rate)
+  )
   state, frozen = program.init_state(params), program.place_frozen(frozen)
   state_sh, frozen_sh = program.state_shardings, program.frozen_shardings
   batch_sh, replicated = sharding.batch_sharding(mesh), program.replicated
   batch = jax.device_put(batch, batch_sh)
   empty = jax.device_put(empty_conditions(cfg, sd, spec), replicated)
   key = jax.random.key(0)
-  split = sorted(".".join(map(str, p)) for p, v in nnx.to_flat_state(state.params)
-                 if v.get_value().addressable_shards[0].data.shape != v.get_value().shape)
-  grad = jax.jit(jax.grad(loss_fn), static_argnums=(2, 6),
-                 in_shardings=(state_sh.params, frozen_sh, batch_sh, replicated, replicated),
-                 out_shardings=state_sh.params)
-  grads = grad(state.params, frozen, program.graphdef, batch, empty, jax.random.fold_in(key, 0),
-               spec)
+  split = sorted(
+    ".".join(map(str, p))
+    for p, v in nnx.to_flat_state(state.params)
+    if v.get_value().addressable_shards[0].data.shape != v.get_value().shape
+  )
+  grad = jax.jit(
+    jax.grad(loss_fn),
+    static_argnums=(2, 6),
+    in_shardings=(state_sh.params, frozen_sh, batch_sh, replicated, replicated),
+    out_shardings=state_sh.params,
+  )
+  grads = grad(
+    state.params, frozen, program.graphdef, batch, empty, jax.random.fold_in(key, 0), spec
+  )
   state, out = program.step(batch, donate=False)(state, frozen, batch, empty, key)
-  return {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
-          "grads": _flat(grads), "params": _flat(state.params), "split": split}
+  return {
+    "loss": float(out["loss"]),
+    "grad_norm": float(out["grad_norm"]),
+    "grads": _flat(grads),
+    "params": _flat(state.params),
+    "split": split,
+  }
 
 
 def main(config_json, batch_npz, out_json):

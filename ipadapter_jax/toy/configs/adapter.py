@@ -21,5 +21,5 @@ def get_config():
   c.dropout.image = 0.05
   c.dropout.text = 0.4
   c.dropout.both = 0.05
-  c.eval_every = 250       # the prompt image alone: does it come back?
+  c.eval_every = 250  # the prompt image alone: does it come back?
   return c

@@ -22,8 +22,8 @@ def get_config():
   c.optimizer.ema_decay = 0.999
   c.noise.snr_gamma = 5.0  # min-SNR weighting: the nearly clean steps stop dominating the loss
   c.dropout.image = 0.0
-  c.dropout.text = 0.1     # unconditional examples for classifier-free guidance
+  c.dropout.text = 0.1  # unconditional examples for classifier-free guidance
   c.dropout.both = 0.0
-  c.eval_every = 500       # the caption alone: does the base draw what it names?
+  c.eval_every = 500  # the caption alone: does the base draw what it names?
   c.eval_clip = f"{toy_world.WORKDIR}/clip/clip"
   return c

@@ -1,4 +1,5 @@
-r"""Toy world, pretraining stage 1: a tiny CLIP (text + vision towers) trained contrastively on the shapes.
+r"""Toy world, pretraining stage 1: a tiny CLIP (text + vision towers) trained contrastively on
+the shapes.
 
   python train.py --config configs/toy_clip.py --workdir runs/toy/clip
 Exports runs/toy/clip/clip, a transformers CLIPModel folder.

@@ -6,7 +6,8 @@ trained on the base is applied to it unchanged (the paper's claim of transfer).
 Exports runs/toy/community/pipeline.
 """
 
-from ipadapter_jax.toy.configs import base as toy_base, world as toy_world
+from ipadapter_jax.toy.configs import base as toy_base
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def get_config():

@@ -8,7 +8,8 @@ adapter's image encoder and the evaluation's scorer. The base keeps the text tow
 Stable Diffusion's text encoder and IP-Adapter's image encoder are different CLIPs.
 """
 
-from ipadapter_jax.toy.configs import clip as toy_clip, world as toy_world
+from ipadapter_jax.toy.configs import clip as toy_clip
+from ipadapter_jax.toy.configs import world as toy_world
 
 
 def get_config():

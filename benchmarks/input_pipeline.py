@@ -30,9 +30,10 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ipadapter_jax.data.batches import make_train_iterator
 from ipadapter_jax.data.cache_files import example_bytes, write_examples
 from ipadapter_jax.data.image_text import build_image_text_dataset
-from ipadapter_jax.data.input_pipeline import DataSpec, make_train_iterator, open_source
+from ipadapter_jax.data.input_pipeline import DataSpec, open_source
 from ipadapter_jax.preprocessing import CLIPImageConfig
 from ipadapter_jax.tokenizer import load_tokenizer, write_word_tokenizer
 

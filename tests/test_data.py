@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from ipadapter_jax.data.batches import make_train_iterator
 from ipadapter_jax.data.cache import build_embedding_cache, load_empty_text
 from ipadapter_jax.data.image_text import build_image_text_dataset, read_annotations
 from ipadapter_jax.data.input_pipeline import (
@@ -25,7 +26,6 @@ from ipadapter_jax.data.input_pipeline import (
   crop_pixels,
   decode_image,
   decode_text,
-  make_train_iterator,
   open_source,
 )
 from ipadapter_jax.preprocessing import (
@@ -316,7 +316,8 @@ MESH_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ipadapter_jax.data.input_pipeline import DataSpec, make_train_iterator, open_source
+    from ipadapter_jax.data.batches import make_train_iterator
+from ipadapter_jax.data.input_pipeline import DataSpec, open_source
     from ipadapter_jax.preprocessing import CLIPImageConfig
     from ipadapter_jax.tokenizer import load_tokenizer
     assert jax.device_count() == 8, jax.devices()

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from ipadapter_jax.data import streaming, tar_shards
+from ipadapter_jax.data.batches import make_train_iterator
 from ipadapter_jax.data.image_text import build_image_text_dataset
 from ipadapter_jax.data.input_pipeline import (
   DataSpec,
-  make_train_iterator,
   open_source,
   source_format,
 )
@@ -417,7 +417,8 @@ def test_a_stream_position_survives_an_orbax_checkpoint(shards, tokenizer, tmp_p
 PROCESS_SCRIPT = """
 import json, sys
 import jax
-from ipadapter_jax.data.input_pipeline import DataSpec, make_train_iterator, open_source
+from ipadapter_jax.data.batches import make_train_iterator
+from ipadapter_jax.data.input_pipeline import DataSpec, open_source
 from ipadapter_jax.tokenizer import load_tokenizer
 folder, words, port, process = sys.argv[1:]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")

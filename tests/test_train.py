@@ -220,9 +220,9 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(
 ):
   import jax
 
-  from ipadapter_jax.data import input_pipeline
+  from ipadapter_jax.data import batches
 
-  original = input_pipeline.make_train_iterator
+  original = batches.make_train_iterator
 
   def poisoned(*args, **kwargs):
     iterator = original(*args, **kwargs)
@@ -239,7 +239,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(
     iterator.__class__ = Poisoned
     return iterator
 
-  monkeypatch.setattr(input_pipeline, "make_train_iterator", poisoned)
+  monkeypatch.setattr(batches, "make_train_iterator", poisoned)
   workdir = str(tmp_path / "run")
   with pytest.raises(
     TrainingError,

@@ -16,7 +16,7 @@ _EXPORTS = {
   "read_annotations": "image_text",
   "DataSpec": "input_pipeline",
   "TrainIterator": "input_pipeline",
-  "make_train_iterator": "input_pipeline",
+  "make_train_iterator": "batches",
   "open_source": "input_pipeline",
   "source_format": "input_pipeline",
   "CacheReport": "cache",

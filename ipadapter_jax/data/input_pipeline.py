@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from PIL import Image
 
 from ipadapter_jax import storage
@@ -560,70 +559,22 @@ def mesh_batch_axes(mesh: jax.sharding.Mesh, batch_axes: Sequence[str]) -> tuple
   return axes
 
 
-def make_train_iterator(
+def grain_iterator(
   source,
   spec: DataSpec,
   *,
   global_batch_size: int,
-  mesh: jax.sharding.Mesh,
+  sharding: NamedSharding,
   seed: int,
-  batch_axes: Sequence[str] = ("data", "fsdp"),
-  num_epochs: int | None = None,
-  worker_count: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  num_threads: int | None = None,
-  max_bad_records: int = 0,
-  shuffle_buffer: int = 1000,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None,
+  worker_count: int,
+  num_threads: int,
+  max_bad_records: int,
 ) -> TrainIterator:
-  """Shuffled (seed), per-process sharded global batches of a source from `open_source`.
-
-  Raw sources give pixels, time_ids, input_ids (and input_ids_2, clip_pixels); an embedding
-  cache gives its stored arrays. `num_epochs=None` repeats forever; with a number, the stream
-  ends after the last whole global batch. `worker_count` > 0 preprocesses in that many
-  processes (same batches). Up to `max_bad_records` undecodable records are skipped (replaced by
-  the next record of the stream); one more stops the iteration with a ValueError naming it.
-  Webdataset shards are streamed instead (streaming.py: each process reads its own shards
-  through a `shuffle_buffer`-record shuffle buffer).
-  """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-  if max_bad_records < 0:
-    raise ValueError(f"max_bad_records must be 0 or more, got {max_bad_records}")
-  axes = mesh_batch_axes(mesh, batch_axes)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if global_batch_size % process_count or global_batch_size % shards:
-    raise ValueError(
-      f"global_batch_size {global_batch_size} must divide evenly over "
-      f"{process_count} processes and the {shards} devices of the batch axes "
-      f"{axes}"
-    )
-  # Reading from an object store is latency bound: more requests in flight.
-  remote = isinstance(source, _OWN_SOURCES) and source.remote
-  num_threads = num_threads or (32 if remote else min(8, os.cpu_count() or 1))
-  if isinstance(source, tar_shards.WebDatasetSource):
-    from ipadapter_jax.data import streaming  # pylint: disable=import-outside-toplevel
-
-    return streaming.make_stream_iterator(
-      source,
-      spec,
-      global_batch_size=global_batch_size,
-      sharding=NamedSharding(mesh, PartitionSpec(axes)),
-      seed=seed,
-      process_index=process_index,
-      process_count=process_count,
-      num_epochs=num_epochs,
-      worker_count=worker_count,
-      num_threads=num_threads,
-      max_bad_records=max_bad_records,
-      shuffle_buffer=shuffle_buffer,
-    )
+  """The grain pipeline of a random-access source (arguments checked by
+  `batches.make_train_iterator`)."""
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError("the source has no examples")
@@ -645,7 +596,7 @@ def make_train_iterator(
   )
   return TrainIterator(
     batches,
-    sharding=NamedSharding(mesh, PartitionSpec(axes)),
+    sharding=sharding,
     global_batch_size=global_batch_size,
     worker_count=worker_count,
     num_threads=num_threads,

@@ -11,6 +11,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ipadapter_jax import storage
+from ipadapter_jax.data import batches as data_batches
 from ipadapter_jax.data import input_pipeline
 from ipadapter_jax.generation.pipeline import IPAdapterPipeline
 from ipadapter_jax.train import sharding
@@ -180,7 +181,7 @@ def train(cfg, workdir: str) -> dict:
     image_key=cfg.data.image_key,
     caption_key=cfg.data.caption_key,
   )
-  batches = input_pipeline.make_train_iterator(
+  batches = data_batches.make_train_iterator(
     source,
     data_spec,
     global_batch_size=cfg.batch_size,

@@ -18,7 +18,7 @@ import ml_collections  # noqa: E402
 
 from ipadapter_jax.cli.common import run_command  # noqa: E402
 from ipadapter_jax.cli.train import train_command  # noqa: E402
-from ipadapter_jax.data import input_pipeline  # noqa: E402
+from ipadapter_jax.data import batches  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 cfg = ml_collections.ConfigDict(json.loads(open(config_json).read()))
@@ -29,7 +29,7 @@ if int(num_processes) > 1:
 
 delay = float(os.environ.get("STEP_DELAY", "0"))
 if delay:
-  make_iterator = input_pipeline.make_train_iterator
+  make_iterator = batches.make_train_iterator
 
   def slow_iterator(*args, **kwargs):
     iterator = make_iterator(*args, **kwargs)
@@ -43,6 +43,6 @@ if delay:
     iterator.__class__ = Slow
     return iterator
 
-  input_pipeline.make_train_iterator = slow_iterator
+  batches.make_train_iterator = slow_iterator
 
 sys.exit(run_command(lambda: train_command(cfg, workdir)))

@@ -1,6 +1,6 @@
 r"""Toy world: the IP-Adapter on the frozen, pretrained toy base, with the toy CLIP's image tower.
 
-  python train.py --config configs/toy_adapter.py --workdir runs/toy/adapter
+  ipadapter-jax train --config toy_adapter --workdir runs/toy/adapter
 Exports runs/toy/adapter/ip_adapter.safetensors in the official format.
 
 Captions often name the shape and colour already; dropping the text more often than the paper's

@@ -2,7 +2,7 @@ r"""Toy world, pretraining stage 3: the text-to-image base model, a latent UNet 
 8x8x4 latents) conditioned on the toy CLIP's text tower, trained from scratch on an embedding
 cache of its data (VAE moments and text states computed once, as for a real run).
 
-  python train.py --config configs/toy_base.py --workdir runs/toy/base
+  ipadapter-jax train --config toy_base --workdir runs/toy/base
 Exports runs/toy/base/pipeline, a diffusers pipeline folder (sampled with its EMA weights).
 """
 

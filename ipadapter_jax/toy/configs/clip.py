@@ -1,7 +1,7 @@
 r"""Toy world, pretraining stage 1: a tiny CLIP (text + vision towers) trained contrastively on
 the shapes.
 
-  python train.py --config configs/toy_clip.py --workdir runs/toy/clip
+  ipadapter-jax train --config toy_clip --workdir runs/toy/clip
 Exports runs/toy/clip/clip, a transformers CLIPModel folder.
 """
 

@@ -2,7 +2,7 @@ r"""Toy world, pretraining stage 4: a "community model", the base fine-tuned on 
 (backgrounds from another part of the palette), as users fine-tune Stable Diffusion. An adapter
 trained on the base is applied to it unchanged (the paper's claim of transfer).
 
-  python train.py --config configs/toy_community.py --workdir runs/toy/community
+  ipadapter-jax train --config toy_community --workdir runs/toy/community
 Exports runs/toy/community/pipeline.
 """
 

@@ -2,7 +2,7 @@ r"""Toy world: the fully fine-tuned baseline the paper compares adapters with. T
 projection and decoupled attention as the adapter, but the whole UNet trains with it on the
 image embeddings (trainable=all), with the adapter's data, steps and settings.
 
-  python train.py --config configs/toy_finetune.py --workdir runs/toy/finetune
+  ipadapter-jax train --config toy_finetune --workdir runs/toy/finetune
 Exports runs/toy/finetune/pipeline and runs/toy/finetune/ip_adapter.safetensors.
 """
 

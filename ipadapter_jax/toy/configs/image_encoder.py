@@ -2,7 +2,7 @@ r"""Toy world, pretraining stage 5: the adapter's image encoder, the toy CLIP tr
 larger batches, until its image embedding tells the shapes apart (after stage 1 it told the
 colours apart but the shapes no better than chance, docs/toy_world.md).
 
-  python train.py --config configs/toy_image_encoder.py --workdir runs/toy/image_encoder
+  ipadapter-jax train --config toy_image_encoder --workdir runs/toy/image_encoder
 Exports runs/toy/image_encoder/clip, the CLIPModel folder the package ships as `clip/`: the
 adapter's image encoder and the evaluation's scorer. The base keeps the text tower of stage 1, as
 Stable Diffusion's text encoder and IP-Adapter's image encoder are different CLIPs.

@@ -1,7 +1,7 @@
 r"""Toy world, pretraining stage 2: the VAE, a tiny AutoencoderKL (f=4, 4 latent channels) trained
 from scratch to reconstruct the shapes (pixel MSE plus a small KL term).
 
-  python train.py --config configs/toy_vae.py --workdir runs/toy/vae
+  ipadapter-jax train --config toy_vae --workdir runs/toy/vae
 Exports runs/toy/vae/vae, a diffusers AutoencoderKL folder.
 """
 

@@ -2,13 +2,13 @@ r"""The toy world's training settings, shared by its stages (`ipadapter-jax toy`
 them; each also runs alone once what it starts from exists):
 
   ipadapter-jax toy pretrain        # CLIP, VAE, base, community model, image encoder
-  python train.py --config configs/toy_clip.py --workdir runs/toy/clip
-  python train.py --config configs/toy_vae.py --workdir runs/toy/vae
-  python train.py --config configs/toy_base.py --workdir runs/toy/base
-  python train.py --config configs/toy_community.py --workdir runs/toy/community
-  python train.py --config configs/toy_image_encoder.py --workdir runs/toy/image_encoder
-  python train.py --config configs/toy_adapter.py --workdir runs/toy/adapter
-  python train.py --config configs/toy_finetune.py --workdir runs/toy/finetune
+  ipadapter-jax train --config toy_clip --workdir runs/toy/clip
+  ipadapter-jax train --config toy_vae --workdir runs/toy/vae
+  ipadapter-jax train --config toy_base --workdir runs/toy/base
+  ipadapter-jax train --config toy_community --workdir runs/toy/community
+  ipadapter-jax train --config toy_image_encoder --workdir runs/toy/image_encoder
+  ipadapter-jax train --config toy_adapter --workdir runs/toy/adapter
+  ipadapter-jax train --config toy_finetune --workdir runs/toy/finetune
 
 The adapter and the fine-tuned baseline start from the pretrained toy weights the package ships
 (`SHIPPED`); paths under `WORKDIR` are the toy world's default directory, runs/toy. The toy

@@ -317,7 +317,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from ipadapter_jax.data.batches import make_train_iterator
-from ipadapter_jax.data.input_pipeline import DataSpec, open_source
+    from ipadapter_jax.data.input_pipeline import DataSpec, open_source
     from ipadapter_jax.preprocessing import CLIPImageConfig
     from ipadapter_jax.tokenizer import load_tokenizer
     assert jax.device_count() == 8, jax.devices()

@@ -423,8 +423,11 @@ def checked_flags(args):
   """(adapters, latents, conditions) from the flags, every file and number checked."""
   from ipadapter_jax.generation.image_prompts import open_image
   from ipadapter_jax.generation.structure import finite
+  from ipadapter_jax.weights.folders import parse_hub_id
 
   check_outputs(args)
+  if not os.path.exists(args.pretrained):
+    parse_hub_id(args.pretrained)  # a hub id's form, or one line: no such folder
   for flag in (
     "guidance_scale",
     "eta",
@@ -500,7 +503,10 @@ def sample_from_flags(args) -> dict:
     width=args.width,
     **conditions,
   )
-  _, inputs = pipe.prepare(args.prompt, **request)  # every check before anything is written
+  try:  # the request checked against the model, before anything is written
+    _, inputs = pipe.prepare(args.prompt, **request)
+  except ValueError as e:  # flags this model cannot run: a usage error too
+    raise UsageError(str(e)) from e
   steps = args.num_inference_steps - int(inputs.start)
   if args.save_image_embeds:
     if adapters is None:
